@@ -1,0 +1,30 @@
+# `make test` builds .venv from the pinned requirements (torch comes from the wheels on this machine's disk)
+# and runs the test suite. `make bench` runs the benchmarks.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test bench freeze clean
+
+$(STAMP): requirements/dev.txt requirements/constraints.txt setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==26.0"
+	$(PY) -m pip install --quiet -r requirements/dev.txt -c requirements/constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_model.py
+
+freeze: $(STAMP)
+	{ echo "# Full, exact dev/CI environment (pip freeze of requirements/dev.txt). Regenerate with 'make freeze'."; \
+	  $(PY) -m pip freeze --exclude-editable; } > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,56 @@
+"""hf_clip: CLIP as a native Hugging Face Transformers model.
+
+Importing the package registers it with `AutoConfig`, `AutoModel`, `AutoModelForZeroShotImageClassification`
+and `AutoProcessor`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
+
+from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
+from .loss import contrastive_loss, gather_features
+from .modeling_hf_clip import (
+    HFClipModel,
+    HFClipOutput,
+    HFClipPreTrainedModel,
+    HFClipTextModel,
+    HFClipTextModelWithProjection,
+    HFClipVisionModel,
+    HFClipVisionModelWithProjection,
+)
+from .processing_hf_clip import HFClipProcessor, to_rgb_image
+from .tokenization import train_clip_tokenizer
+
+__version__ = "0.1.0"
+
+AutoConfig.register(HFClipConfig.model_type, HFClipConfig, exist_ok=True)
+AutoConfig.register(HFClipTextConfig.model_type, HFClipTextConfig, exist_ok=True)
+AutoConfig.register(HFClipVisionConfig.model_type, HFClipVisionConfig, exist_ok=True)
+AutoModel.register(HFClipConfig, HFClipModel, exist_ok=True)
+AutoModel.register(HFClipTextConfig, HFClipTextModel, exist_ok=True)
+AutoModel.register(HFClipVisionConfig, HFClipVisionModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(HFClipConfig, HFClipModel, exist_ok=True)
+AutoProcessor.register(HFClipConfig, HFClipProcessor, exist_ok=True)
+
+# Saved checkpoints also carry these modules and an `auto_map`, so they load with `trust_remote_code=True`
+# where hf_clip is not installed.
+HFClipConfig.register_for_auto_class()
+HFClipModel.register_for_auto_class("AutoModel")
+HFClipProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "HFClipConfig",
+    "HFClipModel",
+    "HFClipOutput",
+    "HFClipPreTrainedModel",
+    "HFClipProcessor",
+    "HFClipTextConfig",
+    "HFClipTextModel",
+    "HFClipTextModelWithProjection",
+    "HFClipVisionConfig",
+    "HFClipVisionModel",
+    "HFClipVisionModelWithProjection",
+    "contrastive_loss",
+    "gather_features",
+    "to_rgb_image",
+    "train_clip_tokenizer",
+]

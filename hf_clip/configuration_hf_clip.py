@@ -1,0 +1,234 @@
+"""Configuration of hf_clip models.
+
+Field names follow Transformers' `CLIPTextConfig`, `CLIPVisionConfig` and `CLIPConfig`, so a CLIP
+`config.json` maps onto these classes field for field (see `HFClipConfig.get_config_dict`).
+"""
+
+import copy
+import math
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+
+
+def _check_width_and_heads(config: PreTrainedConfig) -> None:
+    if config.hidden_size % config.num_attention_heads != 0:
+        raise ValueError(
+            f"{type(config).__name__}: `hidden_size` ({config.hidden_size}) must be divisible by "
+            f"`num_attention_heads` ({config.num_attention_heads})."
+        )
+
+
+def _check_activation(config: PreTrainedConfig) -> None:
+    if config.hidden_act not in ACT2FN:
+        raise ValueError(
+            f"{type(config).__name__}: unknown `hidden_act` {config.hidden_act!r}; "
+            f"use one of {sorted(ACT2FN)} (CLIP uses 'quick_gelu', open_clip's non-OpenAI models 'gelu')."
+        )
+
+
+@strict
+class HFClipTextConfig(PreTrainedConfig):
+    """Causal text Transformer. Pools the final hidden state at the first `eos_token_id` of each row."""
+
+    model_type = "hf_clip_text_model"
+    base_config_key = "text_config"
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int | None = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: int | float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int = 49407
+
+    def validate_architecture(self) -> None:
+        _check_width_and_heads(self)
+
+    def validate_activation(self) -> None:
+        _check_activation(self)
+
+    def validate_special_token_ids(self) -> None:
+        for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"HFClipTextConfig: `{name}` ({value}) is outside the vocabulary (0..{self.vocab_size - 1}). "
+                    "Derive the ids from the tokenizer with `HFClipConfig.from_preset(..., tokenizer=tokenizer)`."
+                )
+
+
+@strict
+class HFClipVisionConfig(PreTrainedConfig):
+    """ViT image encoder: patch conv, class token, position embeddings, pre-LN blocks, post-LN on the class token."""
+
+    model_type = "hf_clip_vision_model"
+    base_config_key = "vision_config"
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int | None = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: int | float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+
+    def validate_architecture(self) -> None:
+        _check_width_and_heads(self)
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(
+                f"HFClipVisionConfig: `image_size` ({self.image_size}) must be divisible by "
+                f"`patch_size` ({self.patch_size})."
+            )
+
+    def validate_activation(self) -> None:
+        _check_activation(self)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough to train in minutes on a laptop CPU; used by the tests and the embedded demo.
+    "tiny": {
+        "projection_dim": 256,
+        "text_config": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                        "num_attention_heads": 4, "max_position_embeddings": 32},
+        "vision_config": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                          "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
+    },
+    # The published OpenAI CLIP dimensions (Radford et al., 2021, Table 20).
+    "ViT-B-32": {
+        "projection_dim": 512,
+        "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                        "num_attention_heads": 8, "max_position_embeddings": 77},
+        "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
+    },
+    "ViT-B-16": {
+        "projection_dim": 512,
+        "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                        "num_attention_heads": 8, "max_position_embeddings": 77},
+        "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "image_size": 224, "patch_size": 16},
+    },
+    "ViT-L-14": {
+        "projection_dim": 768,
+        "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                        "num_attention_heads": 12, "max_position_embeddings": 77},
+        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                          "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
+    },
+}
+
+_CLIP_MODEL_TYPES = {"clip": "hf_clip", "clip_text_model": "hf_clip_text_model", "clip_vision_model": "hf_clip_vision_model"}
+
+
+@strict
+class HFClipConfig(PreTrainedConfig):
+    """Both towers plus the shared embedding size, the temperature and the loss settings.
+
+    `logit_scale_init_value` is ln(1/0.07); the model clamps exp(logit_scale) to at most `logit_scale_max`.
+    `label_smoothing` is applied to both cross-entropies of the contrastive loss.
+    """
+
+    model_type = "hf_clip"
+    sub_configs_defaults = {"text_config": HFClipTextConfig, "vision_config": HFClipVisionConfig}
+
+    text_config: dict | HFClipTextConfig | None = None
+    vision_config: dict | HFClipVisionConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float | int = math.log(1 / 0.07)
+    logit_scale_max: float | int = 100.0
+    label_smoothing: float = 0.0
+    initializer_factor: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The towers' projections always map to the shared embedding size.
+        self.text_config.projection_dim = self.projection_dim
+        self.vision_config.projection_dim = self.projection_dim
+
+    def validate_label_smoothing(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"HFClipConfig: `label_smoothing` must be in [0, 1), got {self.label_smoothing}.")
+
+    def validate_logit_scale(self) -> None:
+        if not 0 < self.logit_scale_max:
+            raise ValueError(f"HFClipConfig: `logit_scale_max` must be positive, got {self.logit_scale_max}.")
+        if math.exp(self.logit_scale_init_value) > self.logit_scale_max:
+            raise ValueError(
+                f"HFClipConfig: exp(`logit_scale_init_value`) = {math.exp(self.logit_scale_init_value):.4g} exceeds "
+                f"`logit_scale_max` ({self.logit_scale_max})."
+            )
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        return list(_PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, *, tokenizer=None, **overrides) -> "HFClipConfig":
+        """Build a config from a named preset (`tiny`, `ViT-B-32`, `ViT-B-16`, `ViT-L-14`).
+
+        With `tokenizer`, the text tower's `vocab_size`, `max_position_embeddings` and bos/eos/pad ids are taken
+        from it, so the pooling token can never disagree with what the tokenizer emits. `overrides` may set
+        top-level fields or partial `text_config` / `vision_config` dicts.
+        """
+        if name not in _PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; available presets: {', '.join(_PRESETS)}.")
+        preset = copy.deepcopy(_PRESETS[name])
+        text_config = {**preset.pop("text_config"), **overrides.pop("text_config", {})}
+        vision_config = {**preset.pop("vision_config"), **overrides.pop("vision_config", {})}
+        if tokenizer is not None:
+            text_config.update(text_config_kwargs_from_tokenizer(tokenizer))
+        return cls(text_config=text_config, vision_config=vision_config, **{**preset, **overrides})
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Reads `config.json`; a Transformers CLIP config (`model_type: "clip"`) is mapped onto hf_clip's."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return clip_config_dict_to_hf_clip(config_dict), kwargs
+
+
+def clip_config_dict_to_hf_clip(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Map a Transformers CLIP config dict onto hf_clip's. Every field keeps its name; only model types change."""
+    if config_dict.get("model_type") not in _CLIP_MODEL_TYPES:
+        return config_dict
+    config_dict = copy.deepcopy(config_dict)
+    config_dict["model_type"] = _CLIP_MODEL_TYPES[config_dict["model_type"]]
+    for key in ("text_config", "vision_config"):
+        sub_config = config_dict.get(key)
+        if isinstance(sub_config, dict) and sub_config.get("model_type") in _CLIP_MODEL_TYPES:
+            sub_config["model_type"] = _CLIP_MODEL_TYPES[sub_config["model_type"]]
+    for key in ("architectures", "text_config_dict", "vision_config_dict", "auto_map"):
+        config_dict.pop(key, None)
+    return config_dict
+
+
+def text_config_kwargs_from_tokenizer(tokenizer) -> dict[str, int]:
+    """Text-config fields that must agree with `tokenizer`: vocab size, context length, bos/eos/pad ids."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token; the text tower pools at the end-of-text token.")
+    return {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": int(tokenizer.model_max_length),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+__all__ = ["HFClipConfig", "HFClipTextConfig", "HFClipVisionConfig"]

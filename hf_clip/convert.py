@@ -1,0 +1,192 @@
+"""Weight conversion between hf_clip, Transformers' CLIP and OpenAI / open_clip state dicts.
+
+hf_clip shares `CLIPModel`'s state-dict layout, so Transformers conversions only translate the config. OpenAI's
+layout (also used by open_clip's `CLIP` class) fuses q/k/v into `in_proj_weight` and stores the projections as
+(width, embed_dim) matrices used as `x @ proj`, which are transposed into `nn.Linear` weights here.
+"""
+
+import re
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from .configuration_hf_clip import HFClipConfig, clip_config_dict_to_hf_clip
+from .modeling_hf_clip import HFClipModel
+
+_HF_CLIP_ONLY_FIELDS = ("logit_scale_max", "label_smoothing")
+
+
+def hf_clip_config_from_clip_config(clip_config: CLIPConfig) -> HFClipConfig:
+    """Field-for-field copy of a Transformers `CLIPConfig` as an `HFClipConfig`."""
+    return HFClipConfig.from_dict(clip_config_dict_to_hf_clip(clip_config.to_dict()))
+
+
+def clip_config_from_hf_clip_config(config: HFClipConfig) -> CLIPConfig:
+    """Field-for-field copy of an `HFClipConfig` as a Transformers `CLIPConfig`."""
+    config_dict = config.to_dict()
+    for key in ("model_type", "auto_map", "architectures", *_HF_CLIP_ONLY_FIELDS):
+        config_dict.pop(key, None)
+    for key in ("text_config", "vision_config"):
+        config_dict[key].pop("model_type", None)
+    return CLIPConfig.from_dict(config_dict)
+
+
+def hf_clip_from_transformers(clip_model: CLIPModel) -> HFClipModel:
+    """An `HFClipModel` with the same config and weights as `clip_model`."""
+    model = HFClipModel(hf_clip_config_from_clip_config(clip_model.config))
+    model.load_state_dict(clip_model.state_dict(), strict=True)
+    return model
+
+
+def transformers_from_hf_clip(model: HFClipModel) -> CLIPModel:
+    """A Transformers `CLIPModel` with the same config and weights as `model`."""
+    clip_model = CLIPModel(clip_config_from_hf_clip_config(model.config))
+    clip_model.load_state_dict(model.state_dict(), strict=True)
+    return clip_model
+
+
+_OPENAI_IGNORED_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
+_OPENAI_BLOCK_KEYS = {
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_OPENAI_TOP_KEYS = {
+    "logit_scale": "logit_scale",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+}
+_OPENAI_BLOCK_PATTERN = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
+
+
+def convert_openai_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an OpenAI / open_clip CLIP state dict (`visual.conv1.weight`, `transformer.resblocks.N.attn.
+    in_proj_weight`, `positional_embedding`, `ln_final`, `text_projection`, ...) into hf_clip's layout.
+
+    Raises `ValueError` naming every key it does not understand, e.g. open_clip variants hf_clip does not implement
+    (attention pooling, SigLIP's `logit_bias`, custom text towers).
+    """
+    converted: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key in _OPENAI_IGNORED_KEYS:
+            continue
+        if key in _OPENAI_TOP_KEYS:
+            converted[_OPENAI_TOP_KEYS[key]] = value
+        elif key == "text_projection":
+            converted["text_projection.weight"] = value.T.contiguous()
+        elif key == "visual.proj":
+            converted["visual_projection.weight"] = value.T.contiguous()
+        elif match := _OPENAI_BLOCK_PATTERN.match(key):
+            tower = "vision_model" if match.group(1) else "text_model"
+            prefix = f"{tower}.encoder.layers.{match.group(2)}."
+            name = match.group(3)
+            if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                suffix = name.rsplit("_", 1)[1]
+                for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    converted[f"{prefix}self_attn.{proj}.{suffix}"] = chunk.contiguous()
+            elif name in _OPENAI_BLOCK_KEYS:
+                converted[prefix + _OPENAI_BLOCK_KEYS[name]] = value
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"Cannot convert {len(unknown)} key(s) of this OpenAI/open_clip state dict: {sorted(unknown)[:10]}. "
+            "hf_clip supports the standard CLIP ViT layout (no attention pooling, no logit_bias, no custom text tower)."
+        )
+    return converted
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+    return len({m.group(1) for key in state_dict if (m := pattern.match(key))})
+
+
+def config_from_openai_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    text_head_width: int = 64,
+    vision_head_width: int = 64,
+    hidden_act: str = "quick_gelu",
+    **overrides,
+) -> HFClipConfig:
+    """Infer an `HFClipConfig` from the tensor shapes of an OpenAI / open_clip state dict.
+
+    Head counts are not stored in the weights: they are width // head_width (64 in OpenAI's and open_clip's models).
+    OpenAI's BPE puts end-of-text at the last vocabulary id, which is where the text tower pools.
+    Use hidden_act="gelu" for open_clip models trained without QuickGELU.
+    """
+    required = ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight", "text_projection")
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ValueError(f"Not an OpenAI/open_clip CLIP state dict: missing {missing}.")
+    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
+    grid_size = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vocab_size, text_width = state_dict["token_embedding.weight"].shape
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": text_width,
+        "intermediate_size": state_dict["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        "num_hidden_layers": _count_blocks(state_dict, ""),
+        "num_attention_heads": text_width // text_head_width,
+        "max_position_embeddings": state_dict["positional_embedding"].shape[0],
+        "hidden_act": hidden_act,
+        "eos_token_id": vocab_size - 1,
+        "bos_token_id": vocab_size - 2,
+        "pad_token_id": 0,
+    }
+    vision_config = {
+        "hidden_size": vision_width,
+        "intermediate_size": state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        "num_hidden_layers": _count_blocks(state_dict, "visual."),
+        "num_attention_heads": vision_width // vision_head_width,
+        "image_size": grid_size * patch_size,
+        "patch_size": patch_size,
+        "hidden_act": hidden_act,
+    }
+    text_config.update(overrides.pop("text_config", {}))
+    vision_config.update(overrides.pop("vision_config", {}))
+    projection_dim = state_dict["text_projection"].shape[1]
+    return HFClipConfig(
+        text_config=text_config, vision_config=vision_config, projection_dim=projection_dim, **overrides
+    )
+
+
+def hf_clip_from_openai_state_dict(
+    state_dict: dict[str, torch.Tensor], config: HFClipConfig | None = None, **config_kwargs
+) -> HFClipModel:
+    """Build an `HFClipModel` from an OpenAI / open_clip state dict; the config is inferred unless given."""
+    if config is None:
+        config = config_from_openai_state_dict(state_dict, **config_kwargs)
+    model = HFClipModel(config)
+    model.load_state_dict(convert_openai_state_dict(state_dict), strict=True)
+    return model
+
+
+__all__ = [
+    "clip_config_from_hf_clip_config",
+    "config_from_openai_state_dict",
+    "convert_openai_state_dict",
+    "hf_clip_config_from_clip_config",
+    "hf_clip_from_openai_state_dict",
+    "hf_clip_from_transformers",
+    "transformers_from_hf_clip",
+]

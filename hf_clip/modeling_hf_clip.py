@@ -1,0 +1,625 @@
+"""hf_clip: CLIP as a native Transformers model.
+
+The state-dict layout is that of Transformers' `CLIPModel` (including its `pre_layrnorm` spelling), so CLIP
+checkpoints load directly and converted weights round-trip without renaming.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
+from .loss import contrastive_loss
+
+
+@dataclass
+class HFClipOutput(ModelOutput):
+    """Output of `HFClipModel.forward`.
+
+    loss: scalar contrastive loss, only when `return_loss=True`.
+    logits_per_image: (n_images, n_texts) scaled cosine similarities.
+    logits_per_text: (n_texts, n_images), the transpose.
+    text_embeds, image_embeds: (n, projection_dim) L2-normalised embeddings.
+    text_model_output, vision_model_output: the towers' `BaseModelOutputWithPooling` (pooler_output unprojected).
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+@dataclass
+class HFClipTextModelOutput(ModelOutput):
+    """text_embeds: (batch, projection_dim) projected, not normalised; last_hidden_state: (batch, seq, width)."""
+
+    text_embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class HFClipVisionModelOutput(ModelOutput):
+    """image_embeds: (batch, projection_dim) projected, not normalised; last_hidden_state: (batch, 1+patches, width)."""
+
+    image_embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query/key/value: (batch, heads, seq, head_dim); returns (batch, seq, heads, head_dim) and the weights."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class HFClipAttention(nn.Module):
+    """Multi-head self-attention through Transformers' attention interface (eager, sdpa, flex, ...)."""
+
+    def __init__(self, config: HFClipTextConfig | HFClipVisionConfig, is_causal: bool):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = is_causal
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states: (batch, seq, width) -> (batch, seq, width), attention weights (eager only)."""
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            queries,
+            keys,
+            values,
+            attention_mask,
+            scaling=self.scale,
+            dropout=self.dropout if self.training else 0.0,
+            is_causal=self.is_causal,
+            **kwargs,
+        )
+        attn_output = self.out_proj(attn_output.reshape(*input_shape, -1))
+        return attn_output, attn_weights
+
+
+class HFClipMLP(nn.Module):
+    def __init__(self, config: HFClipTextConfig | HFClipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class HFClipEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: HFClipTextConfig | HFClipVisionConfig, is_causal: bool):
+        super().__init__()
+        self.self_attn = HFClipAttention(config, is_causal=is_causal)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = HFClipMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs)
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        return hidden_states, attn_weights
+
+
+class HFClipEncoder(nn.Module):
+    """A stack of `HFClipEncoderLayer`s, optionally recording every hidden state and attention map."""
+
+    def __init__(self, config: HFClipTextConfig | HFClipVisionConfig, is_causal: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [HFClipEncoderLayer(config, is_causal=is_causal) for _ in range(config.num_hidden_layers)]
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions=output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+class HFClipVisionEmbeddings(nn.Module):
+    """Patch conv + class token + learned position embeddings: (batch, C, H, W) -> (batch, 1+patches, width)."""
+
+    def __init__(self, config: HFClipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.num_positions = (config.image_size // config.patch_size) ** 2 + 1
+        self.class_embedding = nn.Parameter(torch.zeros(self.embed_dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Bicubically resize the patch position grid to (height/patch, width/patch): (1, 1+patches, width)."""
+        position_embedding = self.position_embedding.weight.unsqueeze(0)
+        class_pos_embed, patch_pos_embed = position_embedding[:, :1], position_embedding[:, 1:]
+        grid = int(math.sqrt(self.num_positions - 1))
+        patch_pos_embed = patch_pos_embed.reshape(1, grid, grid, self.embed_dim).permute(0, 3, 1, 2)
+        patch_pos_embed = F.interpolate(
+            patch_pos_embed,
+            size=(height // self.patch_size, width // self.patch_size),
+            mode="bicubic",
+            align_corners=False,
+        )
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)
+        return torch.cat((class_pos_embed, patch_pos_embed), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        batch_size, _, height, width = pixel_values.shape
+        resized = height != self.image_size or width != self.image_size
+        if resized and not interpolate_pos_encoding:
+            raise ValueError(
+                f"Input image size ({height}x{width}) doesn't match the model's `image_size` "
+                f"({self.image_size}x{self.image_size}); pass `interpolate_pos_encoding=True` to run at another size."
+            )
+        patch_embeds = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        patch_embeds = patch_embeds.flatten(2).transpose(1, 2)  # (batch, patches, width)
+        class_embeds = self.class_embedding.expand(batch_size, 1, -1)
+        embeddings = torch.cat([class_embeds, patch_embeds], dim=1)
+        if resized:
+            return embeddings + self.interpolate_pos_encoding(height, width)
+        return embeddings + self.position_embedding.weight.unsqueeze(0)
+
+
+class HFClipTextEmbeddings(nn.Module):
+    """Token + learned position embeddings: (batch, seq) -> (batch, seq, width)."""
+
+    def __init__(self, config: HFClipTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        seq_length = input_ids.shape[-1]
+        max_positions = self.position_embedding.num_embeddings
+        if seq_length > max_positions:
+            raise ValueError(
+                f"Text of {seq_length} tokens is longer than the model's context (`max_position_embeddings` = "
+                f"{max_positions}); tokenize with `truncation=True`."
+            )
+        if position_ids is None:
+            position_embeds = self.position_embedding.weight[:seq_length].unsqueeze(0)
+        else:
+            position_embeds = self.position_embedding(position_ids)
+        return self.token_embedding(input_ids) + position_embeds
+
+
+def _check_right_padded(attention_mask: torch.Tensor) -> None:
+    """The text tower is causal, so right padding cannot reach the end-of-text token; left padding could.
+
+    `torch._assert_async` raises at once on the CPU and asynchronously on accelerators, so it never stalls the host.
+    """
+    is_right_padded = (attention_mask[:, 1:] <= attention_mask[:, :-1]).all()
+    torch._assert_async(is_right_padded, "hf_clip expects right-padded text: each attention_mask row is 1s then 0s.")
+
+
+class HFClipPreTrainedModel(PreTrainedModel):
+    """Weight init follows OpenAI CLIP: std width^-0.5 for attention inputs and projections,
+    width^-0.5·(2·layers)^-0.5 for residual outputs, (2·width)^-0.5 for the MLP input, 0.02 for token
+    embeddings and 0.01 for text positions; all scaled by `initializer_factor`."""
+
+    config: HFClipConfig
+    base_model_prefix = "hf_clip"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HFClipTextEmbeddings", "HFClipEncoderLayer", "HFClipVisionEmbeddings"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = [r"position_ids"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed, so a
+        checkpoint is never unpickled by default. A truncated or corrupt weights file raises `OSError` naming it."""
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"The safetensors weights of {pretrained_model_name_or_path!r} are truncated or corrupt ({error}). "
+                "Re-download or re-save the checkpoint."
+            ) from error
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        factor = self.config.initializer_factor
+        if isinstance(module, HFClipTextEmbeddings):
+            init.normal_(module.token_embedding.weight, std=0.02 * factor)
+            init.normal_(module.position_embedding.weight, std=0.01 * factor)
+        elif isinstance(module, HFClipVisionEmbeddings):
+            scale = module.embed_dim**-0.5 * factor
+            init.normal_(module.class_embedding, std=scale)
+            init.normal_(module.position_embedding.weight, std=scale)
+            init.normal_(module.patch_embedding.weight, std=module.config.initializer_range * factor)
+        elif isinstance(module, HFClipAttention):
+            attn_std = module.embed_dim**-0.5 * factor
+            proj_std = attn_std * (2 * module.config.num_hidden_layers) ** -0.5
+            for linear in (module.q_proj, module.k_proj, module.v_proj):
+                init.normal_(linear.weight, std=attn_std)
+            init.normal_(module.out_proj.weight, std=proj_std)
+        elif isinstance(module, HFClipMLP):
+            width = module.config.hidden_size
+            init.normal_(module.fc1.weight, std=(2 * width) ** -0.5 * factor)
+            init.normal_(module.fc2.weight, std=width**-0.5 * (2 * module.config.num_hidden_layers) ** -0.5 * factor)
+        elif isinstance(module, HFClipModel):
+            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+        elif isinstance(module, HFClipTextModelWithProjection):
+            init.normal_(module.text_projection.weight, std=module.config.hidden_size**-0.5 * factor)
+        elif isinstance(module, HFClipVisionModelWithProjection):
+            init.normal_(module.visual_projection.weight, std=module.config.hidden_size**-0.5 * factor)
+
+
+class HFClipTextModel(HFClipPreTrainedModel):
+    """Causal text Transformer pooled at the first end-of-text token: (batch, seq) -> pooled (batch, width).
+
+    Because attention is causal and pooling happens at the end-of-text token, right padding after it cannot change
+    the pooled output. The padding mask is therefore only checked, never materialised, and SDPA runs its fast
+    `is_causal` path. Hidden states at padded positions are unspecified.
+    """
+
+    config: HFClipTextConfig
+    input_modalities = ("text",)
+
+    def __init__(self, config: HFClipTextConfig):
+        super().__init__(config)
+        self.embeddings = HFClipTextEmbeddings(config)
+        self.encoder = HFClipEncoder(config, is_causal=True)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.token_embedding = value
+
+    def pooling_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) -> (batch,) index of the first `eos_token_id`, computed on device with no host sync."""
+        if self.config.eos_token_id == 2:  # legacy CLIP configs pooled at the highest token id
+            return input_ids.argmax(dim=-1)
+        return (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        if attention_mask is not None:
+            _check_right_padded(attention_mask)
+        hidden_states = self.embeddings(input_ids, position_ids)
+        causal_mask = create_causal_mask(self.config, hidden_states, attention_mask=None, cache=None)
+        hidden_states, all_hidden_states, all_attentions = self.encoder(
+            hidden_states, causal_mask, output_hidden_states, output_attentions
+        )
+        last_hidden_state = self.final_layer_norm(hidden_states)
+        batch_index = torch.arange(input_ids.shape[0], device=input_ids.device)
+        pooled_output = last_hidden_state[batch_index, self.pooling_positions(input_ids)]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class HFClipVisionModel(HFClipPreTrainedModel):
+    """ViT: embeddings, pre-LN, blocks, post-LN on the class token: (batch, C, H, W) -> pooled (batch, width)."""
+
+    config: HFClipVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: HFClipVisionConfig):
+        super().__init__(config)
+        self.embeddings = HFClipVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = HFClipEncoder(config, is_causal=False)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        last_hidden_state, all_hidden_states, all_attentions = self.encoder(
+            hidden_states, None, output_hidden_states, output_attentions
+        )
+        pooled_output = self.post_layernorm(last_hidden_state[:, 0])
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class HFClipModel(HFClipPreTrainedModel):
+    """Both towers, their projections, the learned temperature and the contrastive loss.
+
+    The temperature is stored as `logit_scale` = log(scale). The forward uses min(exp(logit_scale),
+    `config.logit_scale_max`) (default 100); training loops should also call `clamp_logit_scale_()` after each
+    optimiser step, so the parameter itself never drifts above the bound, where the clamp zeroes its gradient.
+    """
+
+    def __init__(self, config: HFClipConfig):
+        super().__init__(config)
+        self.text_embed_dim = config.text_config.hidden_size
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.text_model = HFClipTextModel._from_config(config.text_config)
+        self.vision_model = HFClipVisionModel._from_config(config.vision_config)
+        self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        # Remote code: the zero-shot pipeline resolves this key when hf_clip is not installed.
+        config.auto_map = {
+            **(getattr(config, "auto_map", None) or {}),
+            "AutoModelForZeroShotImageClassification": "modeling_hf_clip.HFClipModel",
+        }
+        self.post_init()
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Text tower output whose `pooler_output` is the projected (unnormalised) embedding (batch, proj_dim)."""
+        text_outputs = self.text_model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            output_hidden_states=bool(output_hidden_states or self.config.output_hidden_states),
+            output_attentions=bool(output_attentions or self.config.output_attentions),
+        )
+        text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
+        return text_outputs
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Vision tower output whose `pooler_output` is the projected (unnormalised) embedding (batch, proj_dim)."""
+        vision_outputs = self.vision_model(
+            pixel_values,
+            interpolate_pos_encoding,
+            output_hidden_states=bool(output_hidden_states or self.config.output_hidden_states),
+            output_attentions=bool(output_attentions or self.config.output_attentions),
+        )
+        vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
+        return vision_outputs
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped to at most `config.logit_scale_max` (scalar tensor)."""
+        return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the stored log temperature to [0, log(logit_scale_max)] in place (call after optimiser steps)."""
+        self.logit_scale.clamp_(0, math.log(self.config.logit_scale_max))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> HFClipOutput | tuple:
+        """input_ids: (n_texts, seq); pixel_values: (n_images, C, H, W).
+
+        Returns logits_per_image (n_images, n_texts) and, with `return_loss=True`, the contrastive loss, which
+        needs n_images == n_texts (caption i belongs to image i) and is distributed-correct under DDP.
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError("HFClipModel.forward needs both `input_ids` and `pixel_values`.")
+        if return_loss and input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"return_loss=True needs one caption per image, got {pixel_values.shape[0]} images and "
+                f"{input_ids.shape[0]} texts. Leave return_loss unset to only score images against texts."
+            )
+        vision_outputs = self.get_image_features(
+            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
+        )
+        text_outputs = self.get_text_features(
+            input_ids, attention_mask, position_ids, output_hidden_states, output_attentions
+        )
+        image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
+        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+        logit_scale = self.clamped_logit_scale()
+        logits_per_text = logit_scale * text_embeds @ image_embeds.T
+        logits_per_image = logits_per_text.T
+
+        loss = None
+        if return_loss:
+            loss = contrastive_loss(image_embeds, text_embeds, logit_scale, label_smoothing=self.config.label_smoothing)
+
+        output = HFClipOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+        use_return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if use_return_dict else output.to_tuple()
+
+
+class HFClipTextModelWithProjection(HFClipPreTrainedModel):
+    """The text tower and its projection alone, for text embeddings (e.g. as a diffusion text encoder)."""
+
+    config: HFClipTextConfig
+    input_modalities = ("text",)
+
+    def __init__(self, config: HFClipTextConfig):
+        super().__init__(config)
+        self.text_model = HFClipTextModel._from_config(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> HFClipTextModelOutput:
+        text_outputs = self.text_model(input_ids, attention_mask, position_ids, output_hidden_states, output_attentions)
+        return HFClipTextModelOutput(
+            text_embeds=self.text_projection(text_outputs.pooler_output),
+            last_hidden_state=text_outputs.last_hidden_state,
+            hidden_states=text_outputs.hidden_states,
+            attentions=text_outputs.attentions,
+        )
+
+
+class HFClipVisionModelWithProjection(HFClipPreTrainedModel):
+    """The image tower and its projection alone, for image embeddings."""
+
+    config: HFClipVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: HFClipVisionConfig):
+        super().__init__(config)
+        self.vision_model = HFClipVisionModel._from_config(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> HFClipVisionModelOutput:
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions)
+        return HFClipVisionModelOutput(
+            image_embeds=self.visual_projection(vision_outputs.pooler_output),
+            last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+        )
+
+
+__all__ = [
+    "HFClipModel",
+    "HFClipOutput",
+    "HFClipPreTrainedModel",
+    "HFClipTextModel",
+    "HFClipTextModelWithProjection",
+    "HFClipVisionModel",
+    "HFClipVisionModelWithProjection",
+]

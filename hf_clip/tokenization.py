@@ -1,0 +1,76 @@
+"""Train a CLIP-style byte-level BPE tokenizer from captions, for models trained from scratch."""
+
+import json
+from collections.abc import Iterable, Iterator
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTokenizer
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+
+
+def _strings(captions: Iterable[str]) -> Iterator[str]:
+    for index, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise TypeError(f"Caption {index} is a {type(caption).__name__}, not a str.")
+        yield caption
+
+
+def train_clip_tokenizer(
+    captions: Iterable[str],
+    vocab_size: int = 8192,
+    model_max_length: int = 77,
+    min_frequency: int = 2,
+) -> CLIPTokenizer:
+    """Train a `CLIPTokenizer` (lowercasing, byte-level BPE with `</w>` word ends, start/end tokens) on `captions`.
+
+    The vocabulary is laid out as OpenAI's: the 256 byte symbols, the same with `</w>`, one token per learned
+    merge, then `<|startoftext|>` and `<|endoftext|>` last, so end-of-text is the highest id. Padding uses
+    end-of-text and is on the right. `vocab_size` is an upper bound: a small corpus may learn fewer merges.
+    Derive the model's text config from the result with `HFClipConfig.from_preset(..., tokenizer=tokenizer)`.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    min_vocab_size = 2 * len(alphabet) + 2
+    if vocab_size < min_vocab_size:
+        raise ValueError(f"vocab_size must be at least {min_vocab_size} (byte symbols, word ends and 2 specials).")
+    if model_max_length < 2:
+        raise ValueError("model_max_length must leave room for the start and end tokens (>= 2).")
+
+    # Reuse CLIPTokenizer's own normaliser and pre-tokeniser, so training splits text exactly as inference will.
+    reference = CLIPTokenizer().backend_tokenizer
+    backend = Tokenizer(models.BPE(unk_token=EOS_TOKEN, end_of_word_suffix=END_OF_WORD, continuing_subword_prefix=""))
+    backend.normalizer = reference.normalizer
+    backend.pre_tokenizer = reference.pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 2,
+        min_frequency=min_frequency,
+        initial_alphabet=alphabet,
+        end_of_word_suffix=END_OF_WORD,
+        show_progress=False,
+    )
+    backend.train_from_iterator(_strings(captions), trainer=trainer)
+    merges = [tuple(merge) for merge in json.loads(backend.to_str())["model"]["merges"]]
+    if not merges and backend.get_vocab_size() == 0:
+        raise ValueError("No captions to train the tokenizer on.")
+
+    byte_symbols = sorted(alphabet, key=lambda symbol: ord(symbol))
+    vocab_tokens = byte_symbols + [symbol + END_OF_WORD for symbol in byte_symbols]
+    merges = merges[: vocab_size - len(vocab_tokens) - 2]
+    seen = set(vocab_tokens)
+    for left, right in merges:
+        if (merged := left + right) not in seen:
+            seen.add(merged)
+            vocab_tokens.append(merged)
+    vocab_tokens += [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(vocab_tokens)}
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+
+
+__all__ = ["train_clip_tokenizer"]
