@@ -156,12 +156,6 @@ class HFClipConfig(PreTrainedConfig):
     label_smoothing: float = 0.0
     initializer_factor: float = 1.0
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        # The towers' projections always map to the shared embedding size.
-        self.text_config.projection_dim = self.projection_dim
-        self.vision_config.projection_dim = self.projection_dim
-
     def validate_label_smoothing(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"HFClipConfig: `label_smoothing` must be in [0, 1), got {self.label_smoothing}.")
@@ -194,7 +188,9 @@ class HFClipConfig(PreTrainedConfig):
         vision_config = {**preset.pop("vision_config"), **overrides.pop("vision_config", {})}
         if tokenizer is not None:
             text_config.update(text_config_kwargs_from_tokenizer(tokenizer))
-        return cls(text_config=text_config, vision_config=vision_config, **{**preset, **overrides})
+        top_level = {**preset, **overrides}
+        text_config["projection_dim"] = vision_config["projection_dim"] = top_level["projection_dim"]
+        return cls(text_config=text_config, vision_config=vision_config, **top_level)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -299,6 +299,12 @@ class HFClipPreTrainedModel(PreTrainedModel):
                 "Re-download or re-save the checkpoint."
             ) from error
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # Transformers skips modules without direct parameters in code outside its own package, guarding remote code
+        # that writes weights in place. `_init_weights` below only uses `transformers.initialization`, which already
+        # leaves loaded weights alone, so the per-module scheme must run for every module.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

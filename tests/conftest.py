@@ -1,0 +1,76 @@
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network: the Hub client is pointed at nothing it could reach.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+CAPTIONS = [
+    f"{prefix} {size} {color} {shape} {where}"
+    for prefix in ("a", "this is a photo of a", "a photo of a")
+    for size in ("small", "big")
+    for color in ("red", "green", "blue", "yellow")
+    for shape in ("circle", "square", "triangle")
+    for where in ("on the left", "on the right", "at the top", "at the bottom")
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from hf_clip import train_clip_tokenizer
+
+    return train_clip_tokenizer(CAPTIONS, vocab_size=600, model_max_length=24)
+
+
+@pytest.fixture
+def tiny_config(tokenizer):
+    """Odd, non-default sizes so shape bugs cannot hide behind equal dimensions."""
+    from hf_clip import HFClipConfig
+
+    return HFClipConfig.from_preset(
+        "tiny",
+        tokenizer=tokenizer,
+        projection_dim=40,
+        text_config={"hidden_size": 96, "intermediate_size": 200, "num_hidden_layers": 2, "num_attention_heads": 3},
+        vision_config={"hidden_size": 80, "intermediate_size": 176, "num_hidden_layers": 2,
+                       "num_attention_heads": 5, "image_size": 36, "patch_size": 12},
+    )
+
+
+@pytest.fixture(scope="session")
+def saved_checkpoint(tmp_path_factory, tokenizer):
+    """A tiny hf_clip model and processor saved with `save_pretrained`."""
+    from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor
+
+    torch.manual_seed(0)
+    config = HFClipConfig.from_preset(
+        "tiny",
+        tokenizer=tokenizer,
+        projection_dim=32,
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    )
+    path = tmp_path_factory.mktemp("checkpoint")
+    HFClipModel(config).eval().save_pretrained(path)
+    HFClipProcessor.from_tokenizer(tokenizer, image_size=32).save_pretrained(path)
+    return path
+
+
+def text_batch(config, batch_size: int, seq_len: int, generator: torch.Generator | None = None):
+    """Right-padded token ids ending in eos at varied lengths, and the matching attention mask."""
+    text = config.text_config
+    special = {text.eos_token_id, text.bos_token_id, text.pad_token_id}
+    ordinary = torch.tensor([i for i in range(text.vocab_size) if i not in special])
+    ids = ordinary[torch.randint(len(ordinary), (batch_size, seq_len), generator=generator)]
+    ids[:, 0] = text.bos_token_id
+    mask = torch.ones_like(ids)
+    lengths = torch.linspace(3, seq_len, batch_size).long()
+    for row, length in enumerate(lengths.tolist()):
+        ids[row, length - 1] = text.eos_token_id
+        ids[row, length:] = text.pad_token_id
+        mask[row, length:] = 0
+    return ids, mask

@@ -1,0 +1,102 @@
+import math
+
+import pytest
+from huggingface_hub.errors import StrictDataclassError
+from transformers import CLIPConfig
+
+from hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
+from hf_clip.configuration_hf_clip import clip_config_dict_to_hf_clip
+
+PUBLISHED = {
+    # preset: (embed, vision width, layers, heads, patch, image, text width, layers, heads, context)
+    "ViT-B-32": (512, 768, 12, 12, 32, 224, 512, 12, 8, 77),
+    "ViT-B-16": (512, 768, 12, 12, 16, 224, 512, 12, 8, 77),
+    "ViT-L-14": (768, 1024, 24, 16, 14, 224, 768, 12, 12, 77),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_have_published_dimensions(name):
+    config = HFClipConfig.from_preset(name)
+    vision, text = config.vision_config, config.text_config
+    got = (config.projection_dim, vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads,
+           vision.patch_size, vision.image_size, text.hidden_size, text.num_hidden_layers,
+           text.num_attention_heads, text.max_position_embeddings)
+    assert got == PUBLISHED[name]
+    assert vision.intermediate_size == 4 * vision.hidden_size and text.intermediate_size == 4 * text.hidden_size
+    assert text.vocab_size == 49408 and text.eos_token_id == 49407
+    assert text.projection_dim == vision.projection_dim == config.projection_dim
+
+
+def test_tiny_preset_and_unknown_preset():
+    assert "tiny" in HFClipConfig.presets()
+    with pytest.raises(ValueError, match="Unknown preset 'ViT-Z'.*tiny"):
+        HFClipConfig.from_preset("ViT-Z")
+
+
+def test_defaults_match_clip():
+    config = HFClipConfig()
+    assert math.isclose(config.logit_scale_init_value, math.log(1 / 0.07))
+    assert config.text_config.hidden_act == config.vision_config.hidden_act == "quick_gelu"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"text_config": {"hidden_size": 100, "num_attention_heads": 3}}, "num_attention_heads"),
+        ({"vision_config": {"hidden_size": 100, "num_attention_heads": 3}}, "num_attention_heads"),
+        ({"vision_config": {"image_size": 225, "patch_size": 32}}, "patch_size"),
+        ({"text_config": {"vocab_size": 100, "eos_token_id": 100}}, "eos_token_id"),
+        ({"text_config": {"hidden_act": "swishy"}}, "hidden_act"),
+        ({"vision_config": {"hidden_act": "swishy"}}, "hidden_act"),
+        ({"logit_scale_init_value": 5.0}, "logit_scale_max"),
+        ({"label_smoothing": 1.5}, "label_smoothing"),
+    ],
+)
+def test_invalid_config_names_the_field(kwargs, field):
+    # huggingface_hub's @strict wraps validator errors (as for Transformers' own configs); the message keeps ours.
+    with pytest.raises(StrictDataclassError, match=field):
+        HFClipConfig(**kwargs)
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(StrictDataclassError, match="hidden_size"):
+        HFClipTextConfig(hidden_size="512")
+
+
+def test_ids_derived_from_tokenizer(tokenizer):
+    config = HFClipConfig.from_preset("tiny", tokenizer=tokenizer)
+    text = config.text_config
+    assert text.vocab_size == len(tokenizer)
+    assert text.max_position_embeddings == tokenizer.model_max_length
+    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def test_clip_config_maps_field_for_field():
+    clip = CLIPConfig(
+        text_config={"vocab_size": 301, "hidden_size": 96, "num_attention_heads": 3, "eos_token_id": 300,
+                     "bos_token_id": 299, "max_position_embeddings": 19},
+        vision_config={"hidden_size": 80, "num_attention_heads": 5, "image_size": 45, "patch_size": 9,
+                       "hidden_act": "gelu"},
+        projection_dim=40,
+        logit_scale_init_value=2.0,
+    )
+    ours = HFClipConfig.from_dict(clip_config_dict_to_hf_clip(clip.to_dict()))
+    assert ours.projection_dim == 40 and ours.logit_scale_init_value == 2.0
+    for name, ref_sub, our_sub in (("text", clip.text_config, ours.text_config),
+                                   ("vision", clip.vision_config, ours.vision_config)):
+        for field, value in ref_sub.to_dict().items():
+            if field in ("model_type", "transformers_version", "architectures"):
+                continue
+            if hasattr(our_sub, field):
+                assert getattr(our_sub, field) == value, (name, field)
+    shared = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
+              "layer_norm_eps", "projection_dim", "initializer_range", "initializer_factor", "attention_dropout"}
+    assert shared <= set(HFClipTextConfig().to_dict()) and shared <= set(HFClipVisionConfig().to_dict())
+
+
+def test_config_round_trip(tmp_path, tiny_config):
+    tiny_config.save_pretrained(tmp_path)
+    loaded = HFClipConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == tiny_config.to_dict()

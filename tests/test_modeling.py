@@ -1,0 +1,312 @@
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from conftest import text_batch
+from transformers import (
+    AutoModel,
+    CLIPModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import logging as transformers_logging
+
+from hf_clip import (
+    HFClipConfig,
+    HFClipModel,
+    HFClipTextModelWithProjection,
+    HFClipVisionModelWithProjection,
+)
+from hf_clip.convert import clip_config_from_hf_clip_config, hf_clip_from_transformers, transformers_from_hf_clip
+
+ATOL = 1e-5
+
+
+@pytest.fixture
+def clip_reference(tmp_path, tiny_config):
+    """A random-weight Transformers `CLIPModel` with odd sizes, saved to disk as a CLIP checkpoint."""
+    torch.manual_seed(1)
+    reference = CLIPModel(clip_config_from_hf_clip_config(tiny_config)).eval()
+    with torch.no_grad():
+        reference.logit_scale.fill_(3.3)  # not the init value, so a wrong copy would show
+    reference.save_pretrained(tmp_path / "clip")
+    return reference, tmp_path / "clip"
+
+
+def _inputs(config, batch_size=6, image_size=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids, mask = text_batch(config, batch_size, config.text_config.max_position_embeddings, generator)
+    size = image_size or config.vision_config.image_size
+    pixels = torch.randn(batch_size, 3, size, size, generator=generator)
+    return ids, mask, pixels
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_loads_transformers_clip_checkpoint_and_matches_outputs(clip_reference, tiny_config, attn_implementation):
+    reference, path = clip_reference
+    assert '"model_type": "clip"' in (path / "config.json").read_text()
+    model = HFClipModel.from_pretrained(path, attn_implementation=attn_implementation).eval()
+    reference.set_attn_implementation(attn_implementation)
+    ids, mask, pixels = _inputs(tiny_config)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True)
+        got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True)
+    torch.testing.assert_close(got.logits_per_image, expected.logits_per_image, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.logits_per_text, expected.logits_per_text, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.image_embeds, expected.image_embeds, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.text_embeds, expected.text_embeds, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        got.vision_model_output.last_hidden_state, expected.vision_model_output.last_hidden_state, atol=ATOL, rtol=0
+    )
+
+
+def test_gradients_match_transformers_clip(clip_reference, tiny_config):
+    reference, _ = clip_reference
+    model = hf_clip_from_transformers(reference)
+    ids, mask, pixels = _inputs(tiny_config)
+    reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss.backward()
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss.backward()
+    expected = dict(reference.named_parameters())
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name].grad, atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_feature_methods_follow_transformers_5_contract(clip_reference, tiny_config):
+    reference, _ = clip_reference
+    model = hf_clip_from_transformers(reference).eval()
+    ids, mask, pixels = _inputs(tiny_config)
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=ids, attention_mask=mask)
+        image = model.get_image_features(pixel_values=pixels)
+        ref_text = reference.get_text_features(input_ids=ids, attention_mask=mask)
+        ref_image = reference.get_image_features(pixel_values=pixels)
+    assert isinstance(text, BaseModelOutputWithPooling) and isinstance(image, BaseModelOutputWithPooling)
+    assert text.pooler_output.shape == (6, tiny_config.projection_dim)
+    torch.testing.assert_close(text.pooler_output, ref_text.pooler_output, atol=ATOL, rtol=0)
+    torch.testing.assert_close(image.pooler_output, ref_image.pooler_output, atol=ATOL, rtol=0)
+
+
+def test_interpolate_pos_encoding_matches_transformers(clip_reference, tiny_config):
+    reference, _ = clip_reference
+    model = hf_clip_from_transformers(reference).eval()
+    ids, mask, pixels = _inputs(tiny_config, image_size=60)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, interpolate_pos_encoding=True)
+        got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, interpolate_pos_encoding=True)
+    torch.testing.assert_close(got.logits_per_image, expected.logits_per_image, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        model(input_ids=ids, pixel_values=pixels)
+
+
+def test_with_projection_models_match_transformers(clip_reference, tiny_config):
+    reference, _ = clip_reference
+    ids, mask, pixels = _inputs(tiny_config)
+    ref_text = CLIPTextModelWithProjection(reference.config.text_config).eval()
+    ref_vision = CLIPVisionModelWithProjection(reference.config.vision_config).eval()
+    text = HFClipTextModelWithProjection(tiny_config.text_config).eval()
+    vision = HFClipVisionModelWithProjection(tiny_config.vision_config).eval()
+    text.load_state_dict(ref_text.state_dict(), strict=True)
+    vision.load_state_dict(ref_vision.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(text(ids, mask).text_embeds, ref_text(ids, mask).text_embeds, atol=ATOL, rtol=0)
+        torch.testing.assert_close(vision(pixels).image_embeds, ref_vision(pixels).image_embeds, atol=ATOL, rtol=0)
+
+
+def test_conversion_round_trip_is_exact(clip_reference):
+    reference, _ = clip_reference
+    back = transformers_from_hf_clip(hf_clip_from_transformers(reference))
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    assert back.config.to_dict()["text_config"]["eos_token_id"] == reference.config.text_config.eos_token_id
+
+
+def test_pooling_at_first_eos_without_host_sync(tiny_config):
+    """`fullgraph=True` fails on any graph break, and `.item()` or a data-dependent branch is one."""
+    model = HFClipModel(tiny_config).eval()
+    ids, mask, _ = _inputs(tiny_config)
+    compiled = torch.compile(model.text_model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(ids, mask)
+        positions = (ids == tiny_config.text_config.eos_token_id).int().argmax(-1)
+        expected = out.last_hidden_state[torch.arange(len(ids)), positions]
+    torch.testing.assert_close(out.pooler_output, expected)
+
+
+def test_right_padding_never_changes_the_pooled_output(tiny_config):
+    model = HFClipModel(tiny_config).eval()
+    ids, mask, _ = _inputs(tiny_config)
+    with torch.no_grad():
+        short = model.get_text_features(ids[:, :12], mask[:, :12]).pooler_output[:2]
+        long = model.get_text_features(ids, mask).pooler_output[:2]
+    assert mask[:2, 12:].sum() == 0
+    torch.testing.assert_close(short, long, atol=ATOL, rtol=0)
+
+
+def test_left_padding_is_rejected(tiny_config):
+    model = HFClipModel(tiny_config).eval()
+    ids, mask, pixels = _inputs(tiny_config)
+    with pytest.raises(RuntimeError, match="right-padded"):
+        model(input_ids=ids, attention_mask=mask.flip(-1), pixel_values=pixels)
+
+
+def test_too_long_text_is_rejected(tiny_config):
+    model = HFClipModel(tiny_config).eval()
+    ids = torch.full((1, tiny_config.text_config.max_position_embeddings + 1), 5)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.get_text_features(ids)
+
+
+def test_logit_scale_init_and_clamp(tiny_config):
+    model = HFClipModel(tiny_config).eval()
+    assert math.isclose(model.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+    ids, mask, pixels = _inputs(tiny_config, batch_size=2)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) ~ 22026
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert model.clamped_logit_scale().item() == pytest.approx(100.0)
+    assert out.logits_per_image.abs().max() <= 100.0 + 1e-4
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_non_square_batch_scores_but_never_reaches_the_loss(tiny_config):
+    model = HFClipModel(tiny_config).eval()
+    ids, mask, pixels = _inputs(tiny_config, batch_size=4)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[:1])
+    assert out.loss is None and out.logits_per_image.shape == (1, 4) and out.logits_per_text.shape == (4, 1)
+    with pytest.raises(ValueError, match="one caption per image"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels[:1], return_loss=True)
+
+
+def test_outputs_tuple_hidden_states_and_attentions(tiny_config):
+    model = HFClipModel(tiny_config).eval()
+    model.set_attn_implementation("eager")
+    ids, mask, pixels = _inputs(tiny_config, batch_size=2)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_hidden_states=True,
+                    output_attentions=True)
+        as_tuple = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_dict=False)
+    layers = tiny_config.text_config.num_hidden_layers
+    assert len(out.text_model_output.hidden_states) == layers + 1
+    assert out.vision_model_output.attentions[0].shape == (2, 5, 10, 10)  # 5 heads, 1 + 3x3 patches
+    torch.testing.assert_close(as_tuple[0], out.logits_per_image)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
+    torch.manual_seed(0)
+    model = HFClipModel(tiny_config).train()
+    checkpointed = HFClipModel(tiny_config).train()
+    checkpointed.load_state_dict(model.state_dict())
+    checkpointed.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in checkpointed.text_model.encoder.layers)
+    ids, mask, pixels = _inputs(tiny_config)
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss.backward()
+    checkpointed(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss.backward()
+    reference = dict(model.named_parameters())
+    for name, parameter in checkpointed.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_activations(tiny_config, activation):
+    tiny_config.text_config.hidden_act = tiny_config.vision_config.hidden_act = activation
+    model = HFClipModel(tiny_config).eval()
+    ids, mask, pixels = _inputs(tiny_config, batch_size=2)
+    reference = CLIPModel(clip_config_from_hf_clip_config(tiny_config)).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image,
+            reference(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image,
+            atol=ATOL, rtol=0,
+        )
+
+
+def test_weight_init_follows_openai_clip_scheme():
+    config = HFClipConfig.from_preset(
+        "tiny", text_config={"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8,
+                             "intermediate_size": 2048, "vocab_size": 4096, "eos_token_id": 4095,
+                             "bos_token_id": 4094, "pad_token_id": 4095},
+    )
+    torch.manual_seed(0)
+    model = HFClipModel(config)
+    text = model.text_model
+    width, layers = 512, 6
+    attn_std, proj_std, fc_std = width**-0.5, width**-0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+    layer = text.encoder.layers[0]
+    expected = {
+        "token_embedding": (text.embeddings.token_embedding.weight, 0.02),
+        "text position": (text.embeddings.position_embedding.weight, 0.01),
+        "q_proj": (layer.self_attn.q_proj.weight, attn_std),
+        "out_proj": (layer.self_attn.out_proj.weight, proj_std),
+        "fc1": (layer.mlp.fc1.weight, fc_std),
+        "fc2": (layer.mlp.fc2.weight, proj_std),
+        "text_projection": (model.text_projection.weight, width**-0.5),
+        "class_embedding": (model.vision_model.embeddings.class_embedding, 256**-0.5),
+    }
+    for name, (tensor, std) in expected.items():
+        assert tensor.float().std().item() == pytest.approx(std, rel=0.15), name
+    assert torch.all(layer.self_attn.q_proj.bias == 0) and torch.all(layer.layer_norm1.weight == 1)
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_save_writes_safetensors_only_and_auto_model_loads(tmp_path, tiny_config):
+    model = HFClipModel(tiny_config).eval()
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is HFClipModel
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+class _PickleBomb:
+    """Unpickling this creates a marker file: proof that a loader executed pickle code."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_never_unpickles(tmp_path, tiny_config):
+    HFClipModel(tiny_config).config.save_pretrained(tmp_path)
+    marker = tmp_path / "UNPICKLED"
+    bomb = _PickleBomb()
+    bomb.marker = str(marker)
+    with open(tmp_path / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({"weights": bomb}, handle)
+    with pytest.raises(OSError, match="model.safetensors"):
+        HFClipModel.from_pretrained(tmp_path)
+    with pytest.raises(OSError):
+        AutoModel.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_names_the_problem(tmp_path, tiny_config):
+    HFClipModel(tiny_config).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    with pytest.raises(OSError, match="truncated or corrupt"):
+        HFClipModel.from_pretrained(tmp_path)
+
+
+def test_mismatched_config_names_the_tensor(tmp_path, tiny_config, caplog):
+    HFClipModel(tiny_config).save_pretrained(tmp_path)
+    other = HFClipConfig.from_dict(tiny_config.to_dict())
+    other.vision_config.intermediate_size = 64
+    transformers_logging.enable_propagation()
+    try:
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            HFClipModel.from_pretrained(tmp_path, config=other)
+    finally:
+        transformers_logging.disable_propagation()
+    report = caplog.text  # Transformers' load report, logged just before it raises
+    assert "mlp.fc1.weight" in report and "MISMATCH" in report and "torch.Size([176, 80])" in report
