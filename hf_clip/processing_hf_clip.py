@@ -14,12 +14,26 @@ if is_torch_available():
     import torch
 
 _BACKGROUND = (255, 255, 255)
+# CLIP preprocessing keeps a centred square of the short side, so beyond this aspect ratio the rest is cut before
+# resizing (a 1x100000 strip would otherwise be upsampled to a multi-gigapixel image first).
+_MAX_ASPECT_RATIO = 16
+
+
+def _crop_extreme_aspect(image: Image.Image) -> Image.Image:
+    width, height = image.size
+    short = min(width, height)
+    if max(width, height) <= _MAX_ASPECT_RATIO * short:
+        return image
+    new_width, new_height = min(width, _MAX_ASPECT_RATIO * short), min(height, _MAX_ASPECT_RATIO * short)
+    left, top = (width - new_width) // 2, (height - new_height) // 2
+    return image.crop((left, top, left + new_width, top + new_height))
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Transparency is composited onto white; 16/32-bit grey is scaled, not clipped."""
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image has no pixels ({image.width}x{image.height}).")
+    image = _crop_extreme_aspect(image)
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):

@@ -25,35 +25,34 @@ def tokenizer():
     return train_clip_tokenizer(CAPTIONS, vocab_size=600, model_max_length=24)
 
 
-@pytest.fixture
-def tiny_config(tokenizer):
-    """Odd, non-default sizes so shape bugs cannot hide behind equal dimensions."""
+def make_config(tokenizer, projection_dim: int, text: dict, vision: dict):
     from hf_clip import HFClipConfig
 
     return HFClipConfig.from_preset(
-        "tiny",
-        tokenizer=tokenizer,
+        "tiny", tokenizer=tokenizer, projection_dim=projection_dim, text_config=text, vision_config=vision
+    )
+
+
+@pytest.fixture
+def tiny_config(tokenizer):
+    """Odd, non-default sizes so shape bugs cannot hide behind equal dimensions."""
+    return make_config(
+        tokenizer,
         projection_dim=40,
-        text_config={"hidden_size": 96, "intermediate_size": 200, "num_hidden_layers": 2, "num_attention_heads": 3},
-        vision_config={"hidden_size": 80, "intermediate_size": 176, "num_hidden_layers": 2,
-                       "num_attention_heads": 5, "image_size": 36, "patch_size": 12},
+        text={"hidden_size": 96, "intermediate_size": 200, "num_hidden_layers": 2, "num_attention_heads": 3},
+        vision={"hidden_size": 80, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 5,
+                "image_size": 36, "patch_size": 12},
     )
 
 
 @pytest.fixture(scope="session")
 def saved_checkpoint(tmp_path_factory, tokenizer):
     """A tiny hf_clip model and processor saved with `save_pretrained`."""
-    from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor
+    from hf_clip import HFClipModel, HFClipProcessor
 
     torch.manual_seed(0)
-    config = HFClipConfig.from_preset(
-        "tiny",
-        tokenizer=tokenizer,
-        projection_dim=32,
-        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2},
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-    )
+    layer = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = make_config(tokenizer, projection_dim=32, text=layer, vision={**layer, "image_size": 32, "patch_size": 8})
     path = tmp_path_factory.mktemp("checkpoint")
     HFClipModel(config).eval().save_pretrained(path)
     HFClipProcessor.from_tokenizer(tokenizer, image_size=32).save_pretrained(path)

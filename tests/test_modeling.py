@@ -14,6 +14,8 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as transformers_logging
 
+from safetensors.torch import load_file, save_file
+
 from hf_clip import (
     HFClipConfig,
     HFClipModel,
@@ -202,7 +204,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
     model = HFClipModel(tiny_config).train()
     checkpointed = HFClipModel(tiny_config).train()
     checkpointed.load_state_dict(model.state_dict())
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in checkpointed.text_model.encoder.layers)
     ids, mask, pixels = _inputs(tiny_config)
     model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss.backward()
@@ -310,3 +312,29 @@ def test_mismatched_config_names_the_tensor(tmp_path, tiny_config, caplog):
         transformers_logging.disable_propagation()
     report = caplog.text  # Transformers' load report, logged just before it raises
     assert "mlp.fc1.weight" in report and "MISMATCH" in report and "torch.Size([176, 80])" in report
+
+
+def test_legacy_checkpoint_with_position_ids_loads_silently(clip_reference, caplog):
+    _, path = clip_reference
+    weights = load_file(path / "model.safetensors")
+    weights["text_model.embeddings.position_ids"] = torch.arange(19)[None]
+    weights["vision_model.embeddings.position_ids"] = torch.arange(10)[None]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    transformers_logging.enable_propagation()
+    try:
+        model = HFClipModel.from_pretrained(path)
+    finally:
+        transformers_logging.disable_propagation()
+    assert "UNEXPECTED" not in caplog.text and "MISSING" not in caplog.text
+    assert torch.equal(model.logit_scale, torch.tensor(3.3))
+
+
+def test_flex_attention_matches_sdpa(clip_reference, tiny_config):
+    _, path = clip_reference
+    ids, mask, pixels = _inputs(tiny_config)
+    outputs = {}
+    for implementation in ("sdpa", "flex_attention"):
+        model = HFClipModel.from_pretrained(path, attn_implementation=implementation).eval()
+        with torch.no_grad():
+            outputs[implementation] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
+    torch.testing.assert_close(outputs["flex_attention"], outputs["sdpa"], atol=ATOL, rtol=0)

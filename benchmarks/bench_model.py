@@ -1,0 +1,151 @@
+"""HFClipModel against Transformers' CLIPModel: same config, same weights, same inputs, same process.
+
+Times a train step (forward with loss, backward, AdamW step) and an inference forward, alternating the two
+models so that machine drift hits both alike, and reports ours/theirs throughput ratios (> 1 means hf_clip is
+faster). Peak memory growth of one step is measured in fresh child processes (one per model and mode), since a
+process's peak RSS cannot be reset.
+
+    python benchmarks/bench_model.py                 # tiny and ViT-B-32, 2 threads
+    python benchmarks/bench_model.py --presets tiny --repeats 5
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import hf_clip  # noqa: F401
+from hf_clip import HFClipConfig, HFClipModel
+from hf_clip.convert import transformers_from_hf_clip
+
+BATCH = {"tiny": {"train": 64, "inference": 64}, "ViT-B-32": {"train": 16, "inference": 32}}
+VOCAB = 49408
+
+
+def make_config(preset: str) -> HFClipConfig:
+    return HFClipConfig.from_preset(
+        preset, text_config={"vocab_size": VOCAB, "eos_token_id": VOCAB - 1, "bos_token_id": VOCAB - 2,
+                             "pad_token_id": VOCAB - 1}
+    )
+
+
+def make_inputs(config: HFClipConfig, batch_size: int) -> dict[str, torch.Tensor]:
+    """Right-padded captions of varied length (as the processor pads them) and random images."""
+    generator = torch.Generator().manual_seed(0)
+    seq_len = config.text_config.max_position_embeddings
+    ids = torch.randint(0, VOCAB - 2, (batch_size, seq_len), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate(torch.randint(5, seq_len, (batch_size,), generator=generator).tolist()):
+        ids[row, length - 1] = VOCAB - 1
+        ids[row, length:] = VOCAB - 1
+        mask[row, length:] = 0
+    size = config.vision_config.image_size
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch_size, 3, size, size,
+                                                                                  generator=generator)}
+
+
+def make_models(preset: str) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    ours = HFClipModel(make_config(preset))
+    return {"hf_clip": ours, "transformers": transformers_from_hf_clip(ours)}
+
+
+def make_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str):
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(**inputs)
+        return step
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**inputs, return_loss=True).loss.backward()
+        optimizer.step()
+    return step
+
+
+def time_steps(preset: str, mode: str, repeats: int) -> dict[str, float]:
+    models = make_models(preset)
+    inputs = make_inputs(models["hf_clip"].config, BATCH[preset][mode])
+    steps = {name: make_step(model, inputs, mode) for name, model in models.items()}
+    for step in steps.values():  # warm-up: allocator, optimizer state, kernels
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    batch_size = BATCH[preset][mode]
+    return {name: batch_size / statistics.median(values) for name, values in times.items()}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_growth_child(preset: str, mode: str, name: str) -> None:
+    """In a child: build one model and its inputs, reset the kernel's peak-RSS mark, and report how far two
+    steps raise it above the resident size before them."""
+    torch.set_num_threads(2)
+    model = make_models(preset)[name]
+    step = make_step(model, make_inputs(model.config, BATCH[preset][mode]), mode)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    baseline = _rss_kib("VmRSS")
+    step()
+    step()
+    print(json.dumps({"peak_growth_mb": (_rss_kib("VmHWM") - baseline) / 1024}))
+
+
+def peak_growth(preset: str, mode: str, name: str) -> float:
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", preset, mode, name], capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_growth_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "ViT-B-32"], choices=sorted(BATCH))
+    parser.add_argument("--modes", nargs="+", default=["train", "inference"], choices=["train", "inference"])
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per model (median is reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--child", nargs=3, metavar=("PRESET", "MODE", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        peak_growth_child(*args.child)
+        return
+
+    torch.set_num_threads(args.threads)
+    header = (f"{'preset':<9} {'mode':<10} {'batch':>5} {'hf_clip/s':>10} {'CLIPModel/s':>12} {'speed ratio':>11} "
+              f"{'hf_clip MB':>10} {'CLIPModel MB':>12} {'mem ratio':>9}")
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} steps; ratios are ours/theirs")
+    print(header)
+    print("-" * len(header))
+    for preset in args.presets:
+        for mode in args.modes:
+            throughput = time_steps(preset, mode, args.repeats)
+            memory = {name: peak_growth(preset, mode, name) for name in ("hf_clip", "transformers")}
+            print(
+                f"{preset:<9} {mode:<10} {BATCH[preset][mode]:>5} {throughput['hf_clip']:>10.1f} "
+                f"{throughput['transformers']:>12.1f} {throughput['hf_clip'] / throughput['transformers']:>11.2f} "
+                f"{memory['hf_clip']:>10.0f} {memory['transformers']:>12.0f} "
+                f"{memory['hf_clip'] / memory['transformers']:>9.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
