@@ -1,11 +1,12 @@
 # `make test` builds .venv from the pinned requirements (torch comes from the wheels on this machine's disk)
-# and runs the test suite. `make bench` runs the benchmarks.
+# and runs the test suite. `make demo` trains, evaluates and saves a model on the embedded dataset.
+# `make bench` runs the benchmarks.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench freeze clean
+.PHONY: install test demo bench freeze clean
 
 $(STAMP): requirements/dev.txt requirements/constraints.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +20,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+demo: $(STAMP)
+	$(PY) -m training.train --output_dir outputs/demo
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_training.py
 
 freeze: $(STAMP)
 	{ echo "# Full, exact dev/CI environment (pip freeze of requirements/dev.txt). Regenerate with 'make freeze'."; \

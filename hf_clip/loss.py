@@ -65,12 +65,14 @@ def contrastive_loss(
     else:
         all_image_embeds, all_text_embeds = image_embeds, text_embeds
 
-    logits_per_image = logit_scale * image_embeds @ all_text_embeds.T  # (n, N)
-    logits_per_text = logit_scale * text_embeds @ all_image_embeds.T  # (n, N)
-    labels = torch.arange(local_batch_size, device=image_embeds.device) + rank * local_batch_size
-
-    image_loss = F.cross_entropy(logits_per_image.float(), labels, label_smoothing=label_smoothing)
-    text_loss = F.cross_entropy(logits_per_text.float(), labels, label_smoothing=label_smoothing)
+    # Logits up to 100 need fp32: in bf16 a logit near 100 is only resolved to ±0.25.
+    with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+        scale = logit_scale.float()
+        logits_per_image = scale * image_embeds.float() @ all_text_embeds.float().T  # (n, N)
+        logits_per_text = scale * text_embeds.float() @ all_image_embeds.float().T  # (n, N)
+        labels = torch.arange(local_batch_size, device=image_embeds.device) + rank * local_batch_size
+        image_loss = F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+        text_loss = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
     return (image_loss + text_loss) / 2
 
 

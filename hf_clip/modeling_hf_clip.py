@@ -500,6 +500,40 @@ class HFClipModel(HFClipPreTrainedModel):
         """Clamp the stored log temperature to [0, log(logit_scale_max)] in place (call after optimiser steps)."""
         self.logit_scale.clamp_(0, math.log(self.config.logit_scale_max))
 
+    def lock_image_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the image tower and its projection, except its last `unlocked_layers` blocks (plus, when any
+        are unlocked, the post-LN and the projection that follow them)."""
+        self._lock_tower(self.vision_model, self.visual_projection, self.vision_model.post_layernorm, unlocked_layers)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower and its projection, except its last `unlocked_layers` blocks (plus, when any
+        are unlocked, the final LN and the projection that follow them)."""
+        self._lock_tower(self.text_model, self.text_projection, self.text_model.final_layer_norm, unlocked_layers)
+
+    @staticmethod
+    def _lock_tower(tower: nn.Module, projection: nn.Module, final_norm: nn.Module, unlocked_layers: int) -> None:
+        layers = tower.encoder.layers
+        if not 0 <= unlocked_layers <= len(layers):
+            raise ValueError(f"unlocked_layers must be in [0, {len(layers)}], got {unlocked_layers}.")
+        for module in (tower, projection):
+            module.requires_grad_(False)
+        if unlocked_layers:
+            for module in (*layers[len(layers) - unlocked_layers :], final_norm, projection):
+                module.requires_grad_(True)
+
+    def no_weight_decay_parameter_names(self) -> set[str]:
+        """Parameters CLIP trains without weight decay: biases, norms, embeddings and the logit scale."""
+        names = {"logit_scale"}
+        for module_name, module in self.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            if isinstance(module, (nn.LayerNorm, nn.Embedding)):
+                names.update(prefix + name for name, _ in module.named_parameters(recurse=False))
+            elif isinstance(module, HFClipVisionEmbeddings):
+                names.add(prefix + "class_embedding")
+            elif getattr(module, "bias", None) is not None and isinstance(module.bias, nn.Parameter):
+                names.add(prefix + "bias")
+        return names
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -530,11 +564,12 @@ class HFClipModel(HFClipPreTrainedModel):
         text_outputs = self.get_text_features(
             input_ids, attention_mask, position_ids, output_hidden_states, output_attentions
         )
-        image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
-        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
-        logit_scale = self.clamped_logit_scale()
-        logits_per_text = logit_scale * text_embeds @ image_embeds.T
-        logits_per_image = logits_per_text.T
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):  # similarities in fp32
+            image_embeds = F.normalize(vision_outputs.pooler_output.float(), dim=-1)
+            text_embeds = F.normalize(text_outputs.pooler_output.float(), dim=-1)
+            logit_scale = self.clamped_logit_scale().float()
+            logits_per_text = logit_scale * text_embeds @ image_embeds.T
+            logits_per_image = logits_per_text.T
 
         loss = None
         if return_loss:

@@ -1,0 +1,124 @@
+"""The real training entry point, run as users run it: `python -m training.train` and `torchrun`."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+# A small, fast run on the embedded dataset: every flag a user could pass.
+FAST = ["--embedded_num_train", "512", "--per_device_train_batch_size", "16", "--max_eval_samples", "48",
+        "--per_device_eval_batch_size", "48", "--num_workers", "0", "--logging_steps", "1", "--warmup_steps", "2",
+        "--learning_rate", "1e-3", "--report_to", "none", "--mixed_precision", "no", "--context_length", "24",
+        "--tokenizer_vocab_size", "700"]
+
+
+def _train(output_dir, *extra, launcher=(sys.executable, "-m", "training.train"), check=True, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, "--output_dir", str(output_dir), *FAST, *extra], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
+def _losses(output_dir) -> dict[int, float]:
+    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+def test_main_job_trains_evaluates_saves_and_runs_the_pipeline(tmp_path):
+    result = _train(tmp_path / "run", "--max_steps", "4", "--checkpointing_steps", "2")
+    out = tmp_path / "run"
+    assert "ZS top1" in result.stdout and "test_unseen" in result.stdout
+    assert "pipeline on one image of a" in result.stdout
+    results = json.loads((out / "eval_results.json").read_text())
+    assert set(results) == {"test", "test_unseen"}
+    assert 0.0 <= results["test"]["zero_shot_top1"] <= 1.0 and "image_to_text_R@10" in results["test"]
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert len(_losses(out)) == 4
+
+    script = (f"import hf_clip; from transformers import AutoModel, AutoProcessor; "
+              f"m = AutoModel.from_pretrained({str(out)!r}); p = AutoProcessor.from_pretrained({str(out)!r}); "
+              f"print(type(m).__name__, type(p).__name__)")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert loaded.stdout.split() == ["HFClipModel", "HFClipProcessor"], loaded.stderr
+
+    evaluated = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(out), "--max_eval_samples",
+                                "48", "--num_workers", "0", "--output_file", str(tmp_path / "eval.json")],
+                               cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    standalone = json.loads((tmp_path / "eval.json").read_text())
+    assert standalone["test"]["zero_shot_top1"] == pytest.approx(results["test"]["zero_shot_top1"], abs=1e-6)
+
+
+def test_resume_continues_with_identical_losses(tmp_path):
+    k = 3
+    straight = tmp_path / "straight"
+    _train(straight, "--max_steps", str(2 * k), "--checkpointing_steps", str(k), "--checkpoints_total_limit", "5")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / f"checkpoint-{k}", resumed / f"checkpoint-{k}")
+    shutil.copytree(straight / ".tokenizer", resumed / ".tokenizer")
+    _train(resumed, "--max_steps", str(2 * k), "--resume_from_checkpoint", "latest")
+    expected, got = _losses(straight), _losses(resumed)
+    assert sorted(got) == list(range(k + 1, 2 * k + 1))
+    for step in got:
+        assert got[step] == expected[step], step  # exactly equal: same data position, RNG and optimizer state
+
+
+def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_usable(tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST, "--max_steps", "1000",
+         "--checkpointing_steps", "2"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while not (out / ".tmp-checkpoint-4").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "training ended before step 4"
+            time.sleep(0.001)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    assert not (out / "checkpoint-4").exists() or (out / "checkpoint-4" / "trainer_state.json").exists()
+    _train(out, "--max_steps", "6", "--resume_from_checkpoint", "latest", "--eval_splits", "test")
+    losses = _losses(out)
+    assert max(losses) == 6 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """2 ranks × 8 rows vs 1 process × 16 rows: different data per rank, same losses and weights."""
+    steps = ["--max_steps", "3", "--log_sample_ids", "--eval_splits", "test"]
+    single = tmp_path / "single"
+    _train(single, *steps, "--per_device_train_batch_size", "16")
+    double = tmp_path / "double"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    _train(double, *steps, "--per_device_train_batch_size", "8",
+           launcher=(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.train"))
+
+    def ids(path):
+        return [json.loads(line)["row_ids"] for line in path.read_text().splitlines()]
+    rank0, rank1 = ids(double / "sample_ids_rank0.jsonl"), ids(double / "sample_ids_rank1.jsonl")
+    reference = ids(single / "sample_ids_rank0.jsonl")
+    for step in range(3):
+        assert set(rank0[step]).isdisjoint(rank1[step])
+        assert rank0[step] + rank1[step] == reference[step]
+
+    single_losses, double_losses = _losses(single), _losses(double)
+    for step in single_losses:
+        assert double_losses[step] == pytest.approx(single_losses[step], abs=1e-5), step
+    single_weights, double_weights = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    for name, tensor in single_weights.items():
+        torch.testing.assert_close(double_weights[name], tensor, atol=2e-5, rtol=1e-4, msg=name)

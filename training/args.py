@@ -1,0 +1,128 @@
+"""Command-line arguments of `training.train`, as `HfArgumentParser` dataclasses.
+
+Arguments may also come from a YAML or JSON file given as the first argument; flags after it override it:
+`python -m training.train recipe.yaml --learning_rate 5e-4`.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id) to start from. "
+                          "Unset: train from scratch from --preset, with a tokenizer trained on the captions."},
+    )
+    preset: str = field(
+        default="tiny", metadata={"help": "Config preset for training from scratch: tiny, ViT-B-32, ViT-B-16, ViT-L-14."}
+    )
+    tokenizer_vocab_size: int = field(
+        default=2048, metadata={"help": "Vocabulary size of the BPE tokenizer trained when starting from scratch."}
+    )
+    context_length: int = field(
+        default=32, metadata={"help": "Text context (tokens) of a model trained from scratch."}
+    )
+    lock_image: bool = field(default=False, metadata={"help": "Freeze the image tower (and its projection)."})
+    lock_image_unlocked_layers: int = field(
+        default=0, metadata={"help": "With --lock_image, keep the last N image blocks (and post-LN) trainable."}
+    )
+    lock_text: bool = field(default=False, metadata={"help": "Freeze the text tower (and its projection)."})
+    lock_text_unlocked_layers: int = field(
+        default=0, metadata={"help": "With --lock_text, keep the last N text blocks (and final LN) trainable."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Any datasets.load_dataset target (Hub id, imagefolder directory, parquet/csv/jsonl "
+                          "file or glob) or a save_to_disk directory. Unset: the embedded shapes dataset."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_splits: list[str] = field(
+        default_factory=lambda: ["test", "test_unseen"],
+        metadata={"help": "Splits to evaluate on; missing ones are skipped with a warning."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Column with images (decoded, paths or bytes)."})
+    caption_column: str = field(
+        default="caption", metadata={"help": "Column with a caption or a list of captions (one is sampled per step)."}
+    )
+    label_column: str = field(
+        default="label",
+        metadata={"help": "ClassLabel column whose class names drive zero-shot evaluation (skipped if absent)."},
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the training split (IterableDataset)."})
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes for decoding/augmentation."})
+    embedded_num_train: int = field(
+        default=24_000, metadata={"help": "Training scenes generated for the embedded dataset."}
+    )
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = field(default="outputs/hf-clip", metadata={"help": "Where checkpoints, logs and the model go."})
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order and augmentation."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch per process."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    max_steps: int = field(default=450, metadata={"help": "Number of optimiser steps."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay (not applied to biases, norms, embeddings, logit scale)."}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
+    warmup_steps: int = field(default=40, metadata={"help": "Linear warm-up steps before the cosine decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 where the hardware runs it natively, else fp32), no, bf16 or fp16."},
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log training metrics every N steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
+    checkpointing_steps: int = field(default=0, metadata={"help": "Save the full training state every N steps."})
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "Keep only the last K checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint directory to resume from."}
+    )
+    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker: tensorboard or none."})
+    log_sample_ids: bool = field(
+        default=False, metadata={"help": "Write the dataset row ids of every step to sample_ids_rank{R}.jsonl."}
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse flags, optionally on top of a YAML/JSON config file given as the first argument."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if argv and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
+        path = Path(argv.pop(0))
+        text = path.read_text()
+        defaults = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(defaults, dict):
+            raise ValueError(f"{path} must hold a mapping of argument names to values.")
+        known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown argument(s) {unknown}.")
+        parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
