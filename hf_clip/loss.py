@@ -13,7 +13,6 @@ concatenated global batch, and the mean of the per-rank losses equals that loss.
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
 
 def _distributed_world() -> tuple[int, int]:
@@ -22,15 +21,34 @@ def _distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGatherWithGradient(torch.autograd.Function):
+    """(n, d) per rank -> (W·n, d) on every rank. Backward sums, over ranks, the gradient each rank's loss sends to
+    a slice and returns this rank's slice. (torch.distributed.nn.functional.all_gather does the same but is
+    deprecated in torch 2.14 in favour of a private module.)"""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.batch_size = dist.get_rank(), features.shape[0]
+        gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, features.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad_output = grad_output.contiguous()
+        dist.all_reduce(grad_output, op=dist.ReduceOp.SUM)
+        return grad_output[ctx.rank * ctx.batch_size : (ctx.rank + 1) * ctx.batch_size]
+
+
 def gather_features(features: torch.Tensor) -> torch.Tensor:
     """All-gather `features` (n, d) from every rank into (W·n, d), keeping gradients to each rank's slice.
 
-    All ranks must call this with the same n (use `drop_last=True` in the data loader).
+    All ranks must call this with the same n (training keeps batches full).
     """
     _, world_size = _distributed_world()
     if world_size == 1:
         return features
-    return torch.cat(all_gather_with_grad(features), dim=0)
+    return _AllGatherWithGradient.apply(features)
 
 
 def contrastive_loss(

@@ -38,6 +38,8 @@ def train_clip_tokenizer(
     if model_max_length < 2:
         raise ValueError("model_max_length must leave room for the start and end tokens (>= 2).")
 
+    byte_symbols = sorted(alphabet, key=lambda symbol: ord(symbol))
+    word_end_symbols = [symbol + END_OF_WORD for symbol in byte_symbols]
     # Reuse CLIPTokenizer's own normaliser and pre-tokeniser, so training splits text exactly as inference will.
     reference = CLIPTokenizer().backend_tokenizer
     backend = Tokenizer(models.BPE(unk_token=EOS_TOKEN, end_of_word_suffix=END_OF_WORD, continuing_subword_prefix=""))
@@ -48,6 +50,10 @@ def train_clip_tokenizer(
         min_frequency=min_frequency,
         initial_alphabet=alphabet,
         end_of_word_suffix=END_OF_WORD,
+        # BpeTrainer otherwise numbers the "x</w>" symbols in hash-map order, and those ids break ties between
+        # equally frequent merges, so two runs on the same captions could learn different vocabularies
+        # (huggingface/tokenizers#1794). Registering them up front fixes their ids; only the merges are kept.
+        special_tokens=word_end_symbols,
         show_progress=False,
     )
     backend.train_from_iterator(_strings(captions), trainer=trainer)
@@ -55,8 +61,7 @@ def train_clip_tokenizer(
     if not merges and backend.get_vocab_size() == 0:
         raise ValueError("No captions to train the tokenizer on.")
 
-    byte_symbols = sorted(alphabet, key=lambda symbol: ord(symbol))
-    vocab_tokens = byte_symbols + [symbol + END_OF_WORD for symbol in byte_symbols]
+    vocab_tokens = byte_symbols + word_end_symbols
     merges = merges[: vocab_size - len(vocab_tokens) - 2]
     seen = set(vocab_tokens)
     for left, right in merges:

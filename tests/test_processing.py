@@ -195,3 +195,18 @@ def test_works_without_torchvision(tokenizer, tmp_path):
     pixels = load_file(out + "HFClipProcessor")["pixels"]
     # Resampling differs slightly between torchvision and PIL; the pictures must still agree closely.
     assert (pixels - expected).abs().mean() < 0.02
+
+
+def test_tokenizer_training_is_deterministic_across_processes():
+    """tokenizers' BpeTrainer breaks merge ties by ids it assigns in hash-map order; ours must not vary."""
+    script = textwrap.dedent("""
+        import hashlib
+        from hf_clip import train_clip_tokenizer
+        captions = [f"a {s} {c} {t} {p}" for s in ("small", "big") for c in ("red", "green", "blue", "white")
+                    for t in ("circle", "square", "cross") for p in ("on the left", "at the top")] * 3
+        tokenizer = train_clip_tokenizer(captions, vocab_size=700, model_max_length=24)
+        print(hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest())
+    """)
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+               for _ in range(6)}
+    assert len(digests) == 1

@@ -151,8 +151,8 @@ def test_no_usable_rows_stops_at_start_up(tmp_path):
 
 def test_bad_rows_are_skipped_counted_and_batches_stay_full(processor):
     rows = _rows(24, bad={3, 4, 10})
-    rows["caption"][7] = ""  # empty caption
-    rows["caption"][15] = [None, 5]  # no string caption in the list
+    rows["caption"][7] = [""]  # empty caption
+    rows["caption"][15] = ["   ", None]  # no usable caption in the list
     split = datasets.Dataset.from_dict(rows)
     dataset = build_train_dataset(split, _data_args(), image_transform_for(processor, train=True), seed=0,
                                   num_processes=1, process_index=0)

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model_args, data_args, args = parse_args(argv)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),  # Accelerate only picks multi-process gloo on CPUs when told
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
