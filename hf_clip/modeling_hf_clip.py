@@ -4,6 +4,7 @@ The state-dict layout is that of Transformers' `CLIPModel` (including its `pre_l
 checkpoints load directly and converted weights round-trip without renaming.
 """
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,17 +118,21 @@ class HFClipAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, attn_weights = attention_interface(
-            self,
-            queries,
-            keys,
-            values,
-            attention_mask,
-            scaling=self.scale,
-            dropout=self.dropout if self.training else 0.0,
-            is_causal=self.is_causal,
-            **kwargs,
-        )
+        # On CPUs, PyTorch's bf16 flash-attention backward is several times slower than its fp32 one, while
+        # attention is a small share of the FLOPs; so under CPU bf16 autocast the attention core runs in fp32.
+        upcast = queries.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=not upcast) if upcast else contextlib.nullcontext():
+            attn_output, attn_weights = attention_interface(
+                self,
+                queries.float() if upcast else queries,
+                keys.float() if upcast else keys,
+                values.float() if upcast else values,
+                attention_mask,
+                scaling=self.scale,
+                dropout=self.dropout if self.training else 0.0,
+                is_causal=self.is_causal,
+                **kwargs,
+            )
         attn_output = self.out_proj(attn_output.reshape(*input_shape, -1))
         return attn_output, attn_weights
 

@@ -122,3 +122,34 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     single_weights, double_weights = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
     for name, tensor in single_weights.items():
         torch.testing.assert_close(double_weights[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_fine_tune_a_transformers_clip_checkpoint_with_locked_towers(tmp_path, tokenizer):
+    """--model_name_or_path with a Transformers CLIP directory; locked weights stay put, unlocked ones move."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    layer = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {**layer, "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    start = tmp_path / "clip"
+    CLIPModel(CLIPConfig(text_config=text, vision_config={**layer, "image_size": 32, "patch_size": 8},
+                         projection_dim=32)).save_pretrained(start)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(start)
+
+    out = tmp_path / "tuned"
+    _train(out, "--model_name_or_path", str(start), "--max_steps", "2", "--lock_image",
+           "--lock_image_unlocked_layers", "1", "--lock_text", "--gradient_checkpointing",
+           "--gradient_accumulation_steps", "2", "--eval_splits", "test")
+    before, after = load_file(start / "model.safetensors"), load_file(out / "model.safetensors")
+    assert torch.equal(before["vision_model.encoder.layers.0.mlp.fc1.weight"],
+                       after["vision_model.encoder.layers.0.mlp.fc1.weight"])
+    assert not torch.equal(before["vision_model.encoder.layers.1.mlp.fc1.weight"],
+                           after["vision_model.encoder.layers.1.mlp.fc1.weight"])
+    assert not torch.equal(before["visual_projection.weight"], after["visual_projection.weight"])
+    for name in ("text_model.encoder.layers.1.mlp.fc1.weight", "text_projection.weight",
+                 "text_model.embeddings.token_embedding.weight"):
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["logit_scale"], after["logit_scale"])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "hf_clip"

@@ -72,6 +72,12 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
     if model_args.model_name_or_path:
         model = HFClipModel.from_pretrained(model_args.model_name_or_path)
         loaded = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        eos_in_config, eos_in_tokenizer = model.config.text_config.eos_token_id, loaded.tokenizer.eos_token_id
+        if eos_in_config not in (eos_in_tokenizer, 2):  # 2: legacy CLIP configs pool at the highest id instead
+            raise ValueError(
+                f"{model_args.model_name_or_path}: the text config pools at eos_token_id {eos_in_config} but the "
+                f"tokenizer ends text with id {eos_in_tokenizer}; fix text_config.eos_token_id in config.json."
+            )
         return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
 
     tokenizer_dir = output_dir / ".tokenizer"
