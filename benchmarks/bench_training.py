@@ -3,13 +3,14 @@
 1. Recipe vs baseline: hf_clip with the default recipe (bf16 autocast where the hardware runs bf16 natively, fused
    AdamW with CLIP's weight-decay groups) against CLIPModel in fp32 with torch's default AdamW. Same weights, same
    batches, same number of steps; reports the samples/s ratio and the relative loss difference after the steps.
-2. fp32 vs fp32: hf_clip in fp32 with the recipe's optimizer against the same baseline.
+2. fp32 vs fp32: hf_clip in fp32 with the recipe's optimizer against the same baseline; and the recipe against
+   this fp32 run, which isolates the effect of mixed precision on the loss.
 3. Data pipeline: samples/s of decoding + augmentation alone (DataLoader workers on the embedded dataset) against
    the recipe's train-step rate, and end-to-end training throughput with real decoding against training on
    pre-decoded tensors.
 
     python benchmarks/bench_training.py                # tiny preset, batch 128, 2 threads
-    python benchmarks/bench_training.py --preset ViT-B-32 --batch_size 16 --steps 12
+    python benchmarks/bench_training.py --preset ViT-B-32 --batch_size 16 --steps 20
 """
 
 import argparse
@@ -60,16 +61,23 @@ def make_trainer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, preci
     return step
 
 
-def compare(config: HFClipConfig, batches: list, steps: int, ours_precision: str) -> dict[str, float]:
-    """Run both models over the same batches from the same weights, alternating step by step."""
+RECIPE = Namespace(weight_decay=0.1, learning_rate=5e-4, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6)
+
+
+def race(config: HFClipConfig, batches: list, steps: int, precision: str) -> dict[str, dict[str, float]]:
+    """Three contenders from the same initial weights over the same batches, alternating step by step:
+    the recipe (hf_clip, `precision`, fused AdamW with CLIP's groups), hf_clip in fp32 with the same optimizer,
+    and Transformers' CLIPModel in fp32 with torch's default AdamW."""
     torch.manual_seed(0)
-    ours = HFClipModel(config).train()
-    baseline = transformers_from_hf_clip(ours).train()
-    recipe = Namespace(weight_decay=0.1, learning_rate=5e-4, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6)
+    recipe_model = HFClipModel(config).train()
+    fp32_model = HFClipModel(config).train()
+    fp32_model.load_state_dict(recipe_model.state_dict())
+    baseline = transformers_from_hf_clip(recipe_model).train()
     trainers = {
-        "ours": make_trainer(ours, build_optimizer(ours, recipe), ours_precision),
-        "baseline": make_trainer(baseline, torch.optim.AdamW(baseline.parameters(), lr=5e-4, weight_decay=0.1),
-                                 "no"),
+        "recipe": make_trainer(recipe_model, build_optimizer(recipe_model, RECIPE), precision),
+        "hf_clip fp32": make_trainer(fp32_model, build_optimizer(fp32_model, RECIPE), "no"),
+        "CLIPModel fp32": make_trainer(baseline, torch.optim.AdamW(baseline.parameters(), lr=5e-4,
+                                                                   weight_decay=0.1), "no"),
     }
     times = {name: [] for name in trainers}
     losses = {name: [] for name in trainers}
@@ -80,12 +88,8 @@ def compare(config: HFClipConfig, batches: list, steps: int, ours_precision: str
             losses[name].append(step(batch))
             times[name].append(time.perf_counter() - start)
     batch_size = len(batches[0]["row_ids"])
-    speed = {name: batch_size / statistics.median(values[2:]) for name, values in times.items()}
-    final = {name: statistics.mean(values[-5:]) for name, values in losses.items()}
-    return {"ours_samples_per_s": speed["ours"], "baseline_samples_per_s": speed["baseline"],
-            "speed_ratio": speed["ours"] / speed["baseline"], "ours_final_loss": final["ours"],
-            "baseline_final_loss": final["baseline"],
-            "loss_difference": abs(final["ours"] - final["baseline"]) / final["baseline"]}
+    return {name: {"samples_per_s": batch_size / statistics.median(times[name][2:]),
+                   "final_loss": statistics.mean(losses[name][-10:])} for name in trainers}
 
 
 def decode_rate(batches: TrainBatches, count: int) -> float:
@@ -99,8 +103,7 @@ def decode_rate(batches: TrainBatches, count: int) -> float:
 def end_to_end_rate(config: HFClipConfig, source, count: int, precision: str) -> float:
     torch.manual_seed(0)
     model = HFClipModel(config).train()
-    recipe = Namespace(weight_decay=0.1, learning_rate=5e-4, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6)
-    step = make_trainer(model, build_optimizer(model, recipe), precision)
+    step = make_trainer(model, build_optimizer(model, RECIPE), precision)
     iterator = iter(source)
     step(next(iterator))
     start, seen = time.perf_counter(), 0
@@ -114,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="model preset for both models")
     parser.add_argument("--batch_size", type=int, default=128, help="images per step")
-    parser.add_argument("--steps", type=int, default=30, help="train steps per model and comparison")
+    parser.add_argument("--steps", type=int, default=60, help="train steps per model in the race")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers for decoding")
     args = parser.parse_args()
@@ -124,17 +127,23 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, preset {args.preset}, batch {args.batch_size}, "
           f"{args.steps} steps; recipe precision on this machine: {precision}")
 
-    for label, ours_precision in ((f"recipe ({precision}) vs CLIPModel fp32", precision),
-                                  ("fp32 vs CLIPModel fp32", "no")):
-        result = compare(config, cached, args.steps, ours_precision)
-        print(f"{label:<36} {result['ours_samples_per_s']:7.1f} vs {result['baseline_samples_per_s']:7.1f} "
-              f"samples/s = {result['speed_ratio']:.2f}x; loss after {args.steps} steps "
-              f"{result['ours_final_loss']:.4f} vs {result['baseline_final_loss']:.4f} "
-              f"({100 * result['loss_difference']:.2f}% apart)", flush=True)
+    results = race(config, cached, args.steps, precision)
+    recipe, fp32, baseline = results["recipe"], results["hf_clip fp32"], results["CLIPModel fp32"]
+    def gap(a, b):
+        return 100 * abs(a["final_loss"] - b["final_loss"]) / b["final_loss"]
+    for name, result in results.items():
+        print(f"{name:<16} {result['samples_per_s']:7.1f} samples/s, mean loss over the last 10 of {args.steps} "
+              f"steps {result['final_loss']:.4f}")
+    print(f"speed: recipe ({precision}) / CLIPModel fp32 = {recipe['samples_per_s'] / baseline['samples_per_s']:.2f}x;"
+          f" hf_clip fp32 / CLIPModel fp32 = {fp32['samples_per_s'] / baseline['samples_per_s']:.2f}x")
+    print(f"loss: recipe vs hf_clip fp32 (same optimizer, precision only) {gap(recipe, fp32):.2f}% apart; "
+          f"recipe vs CLIPModel fp32 (default AdamW) {gap(recipe, baseline):.2f}% apart; "
+          f"hf_clip fp32 vs CLIPModel fp32 {gap(fp32, baseline):.2f}% apart", flush=True)
 
-    step_rate = end_to_end_rate(config, itertools.cycle(cached), args.steps, precision)
-    decoding = decode_rate(batches, args.steps)
-    real = end_to_end_rate(config, (batch for _, batch in batches.iterate()), args.steps, precision)
+    count = min(args.steps, 20)
+    step_rate = end_to_end_rate(config, itertools.cycle(cached), count, precision)
+    decoding = decode_rate(batches, count)
+    real = end_to_end_rate(config, (batch for _, batch in batches.iterate()), count, precision)
     print(f"decoding + augmentation alone ({args.num_workers} workers): {decoding:7.1f} samples/s "
           f"= {decoding / step_rate:.2f}x the recipe's train-step rate ({step_rate:.1f} samples/s on cached tensors)")
     print(f"training with real decoding: {real:7.1f} samples/s = {real / step_rate:.2f}x of training on "

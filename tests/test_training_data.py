@@ -212,3 +212,14 @@ def test_eval_transform_matches_the_image_processor(processor):
     reference = processor(images=image)["pixel_values"][0]
     assert ours.shape == reference.shape
     assert (ours - reference).abs().mean() < 0.05
+
+
+def test_evaluation_drops_and_counts_bad_rows_even_whole_batches(processor):
+    rows = _rows(6, bad={0, 1, 2})
+    dataset = ImageTextDataset(datasets.Dataset.from_dict(rows), "image", "caption",
+                               image_transform_for(processor, train=False), base_directory(None), seed=0,
+                               replace_bad_rows=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=ImageTextCollator(processor.tokenizer))
+    first, second = list(loader)
+    assert first["row_ids"].numel() == 0 and int(first["skipped"]) == 3
+    assert second["row_ids"].tolist() == [3, 4, 5] and second["pixel_values"].shape == (3, 3, 24, 24)

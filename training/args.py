@@ -80,7 +80,7 @@ class TrainingArguments:
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch per process."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
-    max_steps: int = field(default=450, metadata={"help": "Number of optimiser steps."})
+    max_steps: int = field(default=600, metadata={"help": "Number of optimiser steps."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(
         default=0.1, metadata={"help": "AdamW weight decay (not applied to biases, norms, embeddings, logit scale)."}

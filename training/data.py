@@ -276,14 +276,15 @@ class ImageTextCollator:
     def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
         dropped = sum(sample is None for sample in samples)
         samples = [sample for sample in samples if sample is not None]
-        text = self.tokenizer([s["caption"] for s in samples], padding=True, truncation=True, return_tensors="pt")
-        return {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]) if samples else torch.empty(0),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
+        batch = {
             "row_ids": torch.tensor([s["row_id"] for s in samples], dtype=torch.long),
             "skipped": torch.tensor(dropped + sum(s["skipped"] for s in samples)),
         }
+        if not samples:  # an evaluation batch of unusable rows only
+            return batch
+        text = self.tokenizer([s["caption"] for s in samples], padding=True, truncation=True, return_tensors="pt")
+        return {**batch, "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+                "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

@@ -33,6 +33,7 @@ from .data import (
     check_columns,
     check_usable_rows,
     dataset_label,
+    decode_image,
     image_transform_for,
     load_split,
     worker_count,
@@ -159,8 +160,6 @@ class MetricsLog:
 
 def classify_one_image(output_dir: Path, dataset, data_args: DataArguments) -> str:
     """Load the saved model with `pipeline("zero-shot-image-classification")` and classify one eval image."""
-    from .data import decode_image
-
     names = list(CLASS_NAMES) if data_args.dataset_name is None else dataset.features[data_args.label_column].names
     row = dataset[0]
     image = decode_image(row[data_args.image_column], base_directory(data_args.dataset_name))
