@@ -153,3 +153,13 @@ def test_fine_tune_a_transformers_clip_checkpoint_with_locked_towers(tmp_path, t
         assert torch.equal(before[name], after[name]), name
     assert not torch.equal(before["logit_scale"], after["logit_scale"])
     assert json.loads((out / "config.json").read_text())["model_type"] == "hf_clip"
+
+
+def test_streaming_run_is_reproducible_from_its_seed(tmp_path):
+    runs = {}
+    for name, seed in (("first", "7"), ("again", "7"), ("other", "8")):
+        _train(tmp_path / name, "--streaming", "--max_steps", "3", "--seed", seed, "--eval_splits", "test")
+        runs[name] = _losses(tmp_path / name)
+    assert sorted(runs["first"]) == [1, 2, 3]
+    assert runs["first"] == runs["again"]  # same seed: bit-identical losses
+    assert runs["first"] != runs["other"]
