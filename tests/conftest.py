@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-# Tests never touch the network: the Hub client is pointed at nothing it could reach.
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tests never touch the network: huggingface_hub reads these when first imported (test modules import it after
+# this file), and the subprocesses the tests start inherit them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
