@@ -121,12 +121,14 @@ class HFClipAttention(nn.Module):
         # On CPUs, PyTorch's bf16 flash-attention backward is several times slower than its fp32 one, while
         # attention is a small share of the FLOPs; so under CPU bf16 autocast the attention core runs in fp32.
         upcast = queries.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        with torch.autocast("cpu", enabled=not upcast) if upcast else contextlib.nullcontext():
+        if upcast:
+            queries, keys, values = queries.float(), keys.float(), values.float()
+        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             attn_output, attn_weights = attention_interface(
                 self,
-                queries.float() if upcast else queries,
-                keys.float() if upcast else keys,
-                values.float() if upcast else values,
+                queries,
+                keys,
+                values,
                 attention_mask,
                 scaling=self.scale,
                 dropout=self.dropout if self.training else 0.0,

@@ -11,10 +11,12 @@ EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 
 
-def _strings(captions: Iterable[str]) -> Iterator[str]:
+def _strings(captions: Iterable[str], counter: list[int]) -> Iterator[str]:
+    """Yield the captions, checking each is a str; `counter[0]` ends as the number yielded."""
     for index, caption in enumerate(captions):
         if not isinstance(caption, str):
             raise TypeError(f"Caption {index} is a {type(caption).__name__}, not a str.")
+        counter[0] = index + 1
         yield caption
 
 
@@ -56,10 +58,11 @@ def train_clip_tokenizer(
         special_tokens=word_end_symbols,
         show_progress=False,
     )
-    backend.train_from_iterator(_strings(captions), trainer=trainer)
-    merges = [tuple(merge) for merge in json.loads(backend.to_str())["model"]["merges"]]
-    if not merges and backend.get_vocab_size() == 0:
+    seen_captions = [0]
+    backend.train_from_iterator(_strings(captions, seen_captions), trainer=trainer)
+    if seen_captions[0] == 0:
         raise ValueError("No captions to train the tokenizer on.")
+    merges = [tuple(merge) for merge in json.loads(backend.to_str())["model"]["merges"]]
 
     vocab_tokens = byte_symbols + word_end_symbols
     merges = merges[: vocab_size - len(vocab_tokens) - 2]

@@ -135,6 +135,8 @@ def test_tokenizer_training_rejects_bad_input():
         train_clip_tokenizer(["a caption", None])
     with pytest.raises(ValueError, match="vocab_size must be at least"):
         train_clip_tokenizer(["a caption"], vocab_size=10)
+    with pytest.raises(ValueError, match="No captions"):
+        train_clip_tokenizer(iter([]))
 
 
 def test_save_writes_what_auto_classes_need(processor, tmp_path):
