@@ -195,6 +195,13 @@ def image_transform_for(processor, train: bool, crop_scale_min: float = 0.8) -> 
     )
 
 
+def decode_row(row: dict[str, Any], image_column: str, caption_column: str, transform: ImageTransform,
+               base_dir: Path, rng: np.random.Generator | None) -> tuple[torch.Tensor, str]:
+    """One dataset row -> (pixel_values (3, size, size), caption). Raises one of BAD_SAMPLE_ERRORS if unusable."""
+    caption = pick_caption(row[caption_column], rng)
+    return transform(decode_image(row[image_column], base_dir), rng), caption
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style rows -> {"pixel_values", "caption", "row_id", "skipped"}, decoded in the worker.
 
@@ -218,9 +225,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def load(self, row_id: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.epoch, row_id]) if self.transform.train else None
-        row = self.dataset[row_id]
-        caption = pick_caption(row[self.caption_column], rng)
-        pixel_values = self.transform(decode_image(row[self.image_column], self.base_dir), rng)
+        pixel_values, caption = decode_row(self.dataset[row_id], self.image_column, self.caption_column,
+                                           self.transform, self.base_dir, rng)
         return {"pixel_values": pixel_values, "caption": caption, "row_id": row_id}
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
@@ -257,8 +263,8 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
         for position, row in enumerate(self.dataset):
             rng = np.random.default_rng([self.seed, self.epoch, worker_id, position])
             try:
-                caption = pick_caption(row[self.caption_column], rng)
-                pixel_values = self.transform(decode_image(row[self.image_column], self.base_dir), rng)
+                pixel_values, caption = decode_row(row, self.image_column, self.caption_column, self.transform,
+                                                   self.base_dir, rng)
             except BAD_SAMPLE_ERRORS as error:
                 logger.debug("Skipping streamed row %d: %s", position, error)
                 skipped += 1
@@ -334,9 +340,6 @@ class TrainBatches:
             self.loader_kwargs.update(batch_sampler=self.sampler)
         if num_workers > 0:
             self.loader_kwargs["prefetch_factor"] = 4
-
-    def batches_per_epoch(self) -> int | None:
-        return None if self.streaming else len(self.sampler)
 
     def iterate(self, start_micro_batch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yields (epoch, batch) from micro-batch `start_micro_batch` (counted from the start of training) on,

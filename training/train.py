@@ -130,7 +130,8 @@ def load_eval_splits(data_args: DataArguments) -> dict:
 
 
 def run_evaluation(model, processor, eval_splits: dict, data_args: DataArguments, args: TrainingArguments,
-                   accelerator: Accelerator) -> dict[str, dict[str, float]]:
+                   accelerator: Accelerator, metrics_log: "MetricsLog", step: int) -> dict[str, dict[str, float]]:
+    """Evaluate every split (each process embeds a share of the rows) and log the results at `step`."""
     embedded = data_args.dataset_name is None
     results = {}
     with accelerator.autocast():
@@ -142,6 +143,7 @@ def run_evaluation(model, processor, eval_splits: dict, data_args: DataArguments
                 templates=list(SHAPES_TEMPLATES if embedded else GENERIC_TEMPLATES),
                 base_dir=base_directory(data_args.dataset_name), batch_size=args.per_device_eval_batch_size,
                 num_workers=worker_count(data_args.num_workers), state=accelerator.state, description=f"eval {name}")
+            metrics_log.write(step, {f"eval/{name}/{key}": value for key, value in results[name].items()})
     return results
 
 
@@ -276,17 +278,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=metrics["skipped_samples"])
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         if args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
-            for split, results in run_evaluation(model, processor, eval_splits, data_args, args, accelerator).items():
-                metrics_log.write(step, {f"eval/{split}/{k}": v for k, v in results.items()})
+            run_evaluation(model, processor, eval_splits, data_args, args, accelerator, metrics_log, step)
         if args.checkpointing_steps and step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, step, {"step": step, "micro_step": micro_step,
                                                            "skipped_samples": skipped_total, "epoch": epoch},
                             keep=args.checkpoints_total_limit)
     progress.close()
 
-    results = run_evaluation(model, processor, eval_splits, data_args, args, accelerator)
-    for split, split_results in results.items():
-        metrics_log.write(step, {f"eval/{split}/{k}": v for k, v in split_results.items()})
+    results = run_evaluation(model, processor, eval_splits, data_args, args, accelerator, metrics_log, step)
     state_dict = accelerator.get_state_dict(model)
     skipped = int(accelerator.reduce(torch.tensor(float(skipped_total), device=accelerator.device), "sum").item())
     if accelerator.is_main_process:
