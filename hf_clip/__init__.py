@@ -7,6 +7,7 @@ and `AutoProcessor`.
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
+from .hub import push_to_hub, render_model_card
 from .loss import contrastive_loss, gather_features
 from .modeling_hf_clip import (
     HFClipModel,
@@ -51,6 +52,8 @@ __all__ = [
     "HFClipVisionModelWithProjection",
     "contrastive_loss",
     "gather_features",
+    "push_to_hub",
+    "render_model_card",
     "to_rgb_image",
     "train_clip_tokenizer",
 ]

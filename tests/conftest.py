@@ -1,4 +1,5 @@
 import os
+import pickle
 
 import pytest
 import torch
@@ -17,6 +18,14 @@ CAPTIONS = [
     for color in ("red", "green", "blue", "yellow")
     for shape in ("circle", "square", "triangle")
     for where in ("on the left", "on the right", "at the top", "at the bottom")
+]
+
+# A small, fast `training.train` run on the embedded dataset.
+FAST_TRAINING_ARGS = [
+    "--embedded_num_train", "512", "--per_device_train_batch_size", "16", "--max_eval_samples", "48",
+    "--per_device_eval_batch_size", "48", "--num_workers", "0", "--logging_steps", "1", "--warmup_steps", "2",
+    "--learning_rate", "1e-3", "--report_to", "none", "--mixed_precision", "no", "--context_length", "24",
+    "--tokenizer_vocab_size", "700",
 ]
 
 
@@ -75,3 +84,41 @@ def text_batch(config, batch_size: int, seq_len: int, generator: torch.Generator
         ids[row, length:] = text.pad_token_id
         mask[row, length:] = 0
     return ids, mask
+
+
+HUB_TOKENS = {"hf_alice_test_token_0123456789": "alice", "hf_bob_test_token_9876543210": "bob"}
+ALICE_TOKEN, BOB_TOKEN = list(HUB_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def hub_server():
+    """A Hub-protocol server on 127.0.0.1 for this test session (see tests/hub_server.py)."""
+    from hub_server import HubServer
+
+    with HubServer(HUB_TOKENS) as server:
+        yield server
+
+
+def hub_env(server, hf_home, token: str | None = ALICE_TOKEN) -> dict[str, str]:
+    """Environment for a subprocess that talks to `server` (loopback only) with a fresh cache in `hf_home`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=server.url, HF_HOME=str(hf_home), NO_PROXY="127.0.0.1,localhost")
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return env
+
+
+class _PickleBomb:
+    """Unpickling this creates a marker file: proof that a loader executed pickle code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_pickle_bomb(path, marker) -> None:
+    """A `pytorch_model.bin`-style pickle whose unpickling creates `marker`."""
+    with open(path, "wb") as handle:
+        pickle.dump({"weights": _PickleBomb(str(marker))}, handle)

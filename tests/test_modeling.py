@@ -1,10 +1,8 @@
 import math
 import os
-import pickle
-
 import pytest
 import torch
-from conftest import text_batch
+from conftest import text_batch, write_pickle_bomb
 from transformers import (
     AutoModel,
     CLIPModel,
@@ -268,22 +266,10 @@ def test_save_writes_safetensors_only_and_auto_model_loads(tmp_path, tiny_config
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-class _PickleBomb:
-    """Unpickling this creates a marker file: proof that a loader executed pickle code."""
-
-    marker = ""
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_loading_never_unpickles(tmp_path, tiny_config):
     HFClipModel(tiny_config).config.save_pretrained(tmp_path)
     marker = tmp_path / "UNPICKLED"
-    bomb = _PickleBomb()
-    bomb.marker = str(marker)
-    with open(tmp_path / "pytorch_model.bin", "wb") as handle:
-        pickle.dump({"weights": bomb}, handle)
+    write_pickle_bomb(tmp_path / "pytorch_model.bin", marker)
     with pytest.raises(OSError, match="model.safetensors"):
         HFClipModel.from_pretrained(tmp_path)
     with pytest.raises(OSError):

@@ -11,14 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST_TRAINING_ARGS as FAST
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-# A small, fast run on the embedded dataset: every flag a user could pass.
-FAST = ["--embedded_num_train", "512", "--per_device_train_batch_size", "16", "--max_eval_samples", "48",
-        "--per_device_eval_batch_size", "48", "--num_workers", "0", "--logging_steps", "1", "--warmup_steps", "2",
-        "--learning_rate", "1e-3", "--report_to", "none", "--mixed_precision", "no", "--context_length", "24",
-        "--tokenizer_vocab_size", "700"]
+
 
 
 def _train(output_dir, *extra, launcher=(sys.executable, "-m", "training.train"), check=True, timeout=300):
