@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALICE_TOKEN, BOB_TOKEN, hub_env, write_pickle_bomb
+from conftest import ALICE_TOKEN, BOB_TOKEN, FAST_TRAINING_ARGS, hub_env, write_pickle_bomb
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from hub_workers import LABELS, model_outputs
@@ -281,3 +281,26 @@ def test_transformers_clip_repo_loads_into_hf_clip(hub_server, tokenizer, tmp_pa
     for name in ("logits_per_image", "image_embeds", "text_embeds"):
         torch.testing.assert_close(pulled[name], expected[name], rtol=1e-5, atol=1e-5)
     assert not marker.exists()
+
+
+def test_training_run_pushes_model_card_and_results(hub_server, tmp_path):
+    out = tmp_path / "run"
+    env = {**hub_env(hub_server, tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS,
+               "--max_steps", "2", "--eval_splits", "test", "--push_to_hub", "--hub_model_id", "shapes-run",
+               "--hub_private_repo"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Pushed to the Hub: " in result.stdout and ALICE_TOKEN not in result.stdout + result.stderr
+    repo = hub_server.hub.repos["alice/shapes-run"]
+    assert repo.private and len(repo.history("main")) == 2
+    files = repo.history("main")[0].files
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    results = json.loads((out / "eval_results.json").read_text())
+    assert json.loads(files["eval_results.json"]) == results
+    for card in (ModelCard(files["README.md"].decode()), ModelCard.load(out / "README.md")):
+        top1 = [r for r in card.data.eval_results if r.metric_name == "Zero-shot top-1 accuracy"]
+        assert [(r.dataset_split, r.metric_value) for r in top1] == [
+            ("test", round(100 * results["test"]["zero_shot_top1"], 2))]
+        assert "| `max_steps` | 2 |" in card.text and "never appear in training" in card.text
+    assert json.loads(files["training_args.json"])["hub_model_id"] == "shapes-run"

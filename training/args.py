@@ -102,6 +102,17 @@ class TrainingArguments:
         default=None, metadata={"help": "'latest' or a checkpoint directory to resume from."}
     )
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker: tensorboard or none."})
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "At the end, push the model, processor, model card and eval results to the Hub in one "
+                          "commit (token from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks the Hub)."},
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Repo to push to, 'name' or 'namespace/name' (default: output_dir's name)."}
+    )
+    hub_private_repo: bool = field(
+        default=False, metadata={"help": "Create the Hub repo as private (has no effect on an existing repo)."}
+    )
     log_sample_ids: bool = field(
         default=False, metadata={"help": "Write the dataset row ids of every step to sample_ids_rank{R}.jsonl."}
     )

@@ -20,7 +20,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, AutoTokenizer, get_cosine_schedule_with_warmup, pipeline
 
-from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, train_clip_tokenizer
+from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, push_to_hub, render_model_card, train_clip_tokenizer
 
 from .args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint
@@ -41,7 +41,7 @@ from .data import (
 from .evaluate import GENERIC_TEMPLATES, evaluate_split, format_results_table
 from .synthetic import CLASS_NAMES
 from .synthetic import TEMPLATES as SHAPES_TEMPLATES
-from .synthetic import caption_corpus
+from .synthetic import caption_corpus, describe
 
 logger = logging.getLogger("training")
 
@@ -289,16 +289,28 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     state_dict = accelerator.get_state_dict(model)
     skipped = int(accelerator.reduce(torch.tensor(float(skipped_total), device=accelerator.device), "sum").item())
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         processor.save_pretrained(output_dir)
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        card_args = {**run_config, "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
+                     "mixed_precision": accelerator.mixed_precision}
+        description = describe(data_args.embedded_num_train) if data_args.dataset_name is None else None
+        repo_id = args.hub_model_id or output_dir.resolve().name
+        render_model_card(unwrapped, repo_id, metrics=results, training_args=card_args,
+                          dataset_description=description).save(output_dir / "README.md")
         print(f"\nResults after {step} steps ({global_batch} images per step, {skipped} unusable rows skipped):")
         print(format_results_table(results))
         first_split = next(iter(eval_splits.values()), None)
         if first_split is not None and (data_args.dataset_name is None or data_args.label_column in
                                         first_split.column_names):
             print(classify_one_image(output_dir, first_split, data_args))
-        print(f"Saved model and processor to {output_dir}")
+        print(f"Saved model, processor and model card to {output_dir}")
+        if args.push_to_hub:
+            commit = push_to_hub(HFClipModel.from_pretrained(output_dir), processor, repo_id, metrics=results,
+                                 training_args=card_args, private=args.hub_private_repo,
+                                 dataset_description=description)
+            print(f"Pushed to the Hub: {commit.commit_url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
