@@ -42,6 +42,9 @@ def push(job: dict) -> dict:
         with torch.no_grad():
             model.logit_scale.add_(job["logit_scale_shift"])
     processor = hf_clip.HFClipProcessor.from_pretrained(job["checkpoint"])
+    if job.get("transformers_method"):  # PreTrainedModel.push_to_hub / ProcessorMixin.push_to_hub
+        model.push_to_hub(job["repo_id"])
+        return {"oid": processor.push_to_hub(job["repo_id"]).oid}
     commit = hf_clip.push_to_hub(model, processor, job["repo_id"], retry_base_delay=0.05, **job.get("kwargs", {}))
     return {"oid": commit.oid}
 

@@ -304,3 +304,13 @@ def test_training_run_pushes_model_card_and_results(hub_server, tmp_path):
             ("test", round(100 * results["test"]["zero_shot_top1"], 2))]
         assert "| `max_steps` | 2 |" in card.text and "never appear in training" in card.text
     assert json.loads(files["training_args.json"])["hub_model_id"] == "shapes-run"
+
+
+def test_transformers_push_to_hub_method_still_works(hub_server, saved_checkpoint, tmp_path):
+    job = {"checkpoint": str(saved_checkpoint), "repo_id": "alice/method-clip", "transformers_method": True}
+    run_worker("push", job, hub_env(hub_server, tmp_path / "hf_home_push"))
+    files = hub_server.hub.repos["alice/method-clip"].history("main")[0].files
+    assert "modeling_hf_clip.py" in files and not [name for name in files if name.endswith(".bin")]
+    pull(hub_server, tmp_path, "method", {"repo_id": "alice/method-clip", "trust_remote_code": True},
+         "--without-hf-clip")
+    assert_bit_identical(local_outputs(saved_checkpoint), tmp_path / "method.safetensors")
