@@ -1,14 +1,21 @@
 """hf_clip: CLIP as a native Hugging Face Transformers model.
 
-Importing the package registers it with `AutoConfig`, `AutoModel`, `AutoModelForZeroShotImageClassification`
-and `AutoProcessor`.
+Importing the package registers it with `AutoConfig`, `AutoModel`, `AutoModelForZeroShotImageClassification`,
+`AutoModelForImageClassification` and `AutoProcessor`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
 from .loss import contrastive_loss, gather_features
 from .modeling_hf_clip import (
+    HFClipForImageClassification,
     HFClipModel,
     HFClipOutput,
     HFClipPreTrainedModel,
@@ -18,7 +25,9 @@ from .modeling_hf_clip import (
     HFClipVisionModelWithProjection,
 )
 from .processing_hf_clip import HFClipProcessor, to_rgb_image
+from .templates import PHOTO_TEMPLATES, SHAPES_TEMPLATES
 from .tokenization import train_clip_tokenizer
+from .zero_shot import from_zero_shot, weight_space_ensemble, zero_shot_classifier
 
 __version__ = "0.1.0"
 
@@ -29,16 +38,21 @@ AutoModel.register(HFClipConfig, HFClipModel, exist_ok=True)
 AutoModel.register(HFClipTextConfig, HFClipTextModel, exist_ok=True)
 AutoModel.register(HFClipVisionConfig, HFClipVisionModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(HFClipConfig, HFClipModel, exist_ok=True)
+AutoModelForImageClassification.register(HFClipConfig, HFClipForImageClassification, exist_ok=True)
 AutoProcessor.register(HFClipConfig, HFClipProcessor, exist_ok=True)
 
 # Saved checkpoints also carry these modules and an `auto_map`, so they load with `trust_remote_code=True`
 # where hf_clip is not installed.
 HFClipConfig.register_for_auto_class()
 HFClipModel.register_for_auto_class("AutoModel")
+HFClipForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 HFClipProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "PHOTO_TEMPLATES",
+    "SHAPES_TEMPLATES",
     "HFClipConfig",
+    "HFClipForImageClassification",
     "HFClipModel",
     "HFClipOutput",
     "HFClipPreTrainedModel",
@@ -50,7 +64,10 @@ __all__ = [
     "HFClipVisionModel",
     "HFClipVisionModelWithProjection",
     "contrastive_loss",
+    "from_zero_shot",
     "gather_features",
     "to_rgb_image",
     "train_clip_tokenizer",
+    "weight_space_ensemble",
+    "zero_shot_classifier",
 ]

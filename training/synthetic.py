@@ -19,6 +19,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from hf_clip import SHAPES_TEMPLATES as TEMPLATES
+
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -33,17 +35,6 @@ POSITIONS = {"on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the to
              "at the bottom": (0.5, 0.75), "in the middle": (0.5, 0.5)}
 UNSEEN_COMPOSITIONS = (("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"))
 CLASS_NAMES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
-TEMPLATES = (
-    "a {}.",
-    "a photo of a {}.",
-    "a small {}.",
-    "a big {}.",
-    "a {} on the left.",
-    "a {} on the right.",
-    "a {} at the top.",
-    "a {} at the bottom.",
-    "a {} in the middle.",
-)
 IMAGE_SIZE = 64
 
 

@@ -20,7 +20,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, AutoTokenizer, get_cosine_schedule_with_warmup, pipeline
 
-from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, train_clip_tokenizer
+from hf_clip import PHOTO_TEMPLATES, SHAPES_TEMPLATES, HFClipConfig, HFClipModel, HFClipProcessor, train_clip_tokenizer
 
 from .args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint
@@ -38,9 +38,8 @@ from .data import (
     load_split,
     worker_count,
 )
-from .evaluate import GENERIC_TEMPLATES, evaluate_split, format_results_table
+from .evaluate import evaluate_split, format_results_table
 from .synthetic import CLASS_NAMES
-from .synthetic import TEMPLATES as SHAPES_TEMPLATES
 from .synthetic import caption_corpus
 
 logger = logging.getLogger("training")
@@ -87,7 +86,7 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
             corpus = caption_corpus()
         else:
             corpus = [*caption_samples(train_split, data_args.caption_column),
-                      *(template.format("") for template in GENERIC_TEMPLATES)]
+                      *(template.format("") for template in PHOTO_TEMPLATES)]
         tokenizer = train_clip_tokenizer(corpus, vocab_size=model_args.tokenizer_vocab_size,
                                          model_max_length=model_args.context_length)
         tokenizer.save_pretrained(tokenizer_dir)
@@ -140,7 +139,7 @@ def run_evaluation(model, processor, eval_splits: dict, data_args: DataArguments
                 accelerator.unwrap_model(model), processor, dataset, image_column=data_args.image_column,
                 caption_column=data_args.caption_column, label_column=data_args.label_column,
                 class_names=list(CLASS_NAMES) if embedded else None,
-                templates=list(SHAPES_TEMPLATES if embedded else GENERIC_TEMPLATES),
+                templates=list(SHAPES_TEMPLATES if embedded else PHOTO_TEMPLATES),
                 base_dir=base_directory(data_args.dataset_name), batch_size=args.per_device_eval_batch_size,
                 num_workers=worker_count(data_args.num_workers), state=accelerator.state, description=f"eval {name}")
             metrics_log.write(step, {f"eval/{name}/{key}": value for key, value in results[name].items()})
