@@ -13,6 +13,14 @@ from transformers import (
 )
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
+from .finetuning import (
+    ContrastiveDataCollator,
+    ImageClassificationDataCollator,
+    compute_classification_metrics,
+    compute_contrastive_metrics,
+    contrastive_accuracy_flags,
+    match_special_tokens,
+)
 from .loss import contrastive_loss, gather_features
 from .modeling_hf_clip import (
     HFClipForImageClassification,
@@ -51,6 +59,7 @@ HFClipProcessor.register_for_auto_class("AutoProcessor")
 __all__ = [
     "PHOTO_TEMPLATES",
     "SHAPES_TEMPLATES",
+    "ContrastiveDataCollator",
     "HFClipConfig",
     "HFClipForImageClassification",
     "HFClipModel",
@@ -63,9 +72,14 @@ __all__ = [
     "HFClipVisionConfig",
     "HFClipVisionModel",
     "HFClipVisionModelWithProjection",
+    "ImageClassificationDataCollator",
+    "compute_classification_metrics",
+    "compute_contrastive_metrics",
+    "contrastive_accuracy_flags",
     "contrastive_loss",
     "from_zero_shot",
     "gather_features",
+    "match_special_tokens",
     "to_rgb_image",
     "train_clip_tokenizer",
     "weight_space_ensemble",

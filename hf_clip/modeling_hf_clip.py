@@ -696,6 +696,13 @@ class HFClipForImageClassification(HFClipPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.embeddings.patch_embedding
 
+    def lock_image_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the image tower and its projection, except its last `unlocked_layers` blocks (plus, when any
+        are unlocked, the post-LN and the projection that follow them). The head stays trainable."""
+        HFClipModel._lock_tower(
+            self.vision_model, self.visual_projection, self.vision_model.post_layernorm, unlocked_layers
+        )
+
     def forward(
         self,
         pixel_values: torch.Tensor,

@@ -20,9 +20,17 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, AutoTokenizer, get_cosine_schedule_with_warmup, pipeline
 
-from hf_clip import PHOTO_TEMPLATES, SHAPES_TEMPLATES, HFClipConfig, HFClipModel, HFClipProcessor, train_clip_tokenizer
+from hf_clip import (
+    PHOTO_TEMPLATES,
+    SHAPES_TEMPLATES,
+    HFClipConfig,
+    HFClipModel,
+    HFClipProcessor,
+    match_special_tokens,
+    train_clip_tokenizer,
+)
 
-from .args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from .args import DataArguments, DatasetArguments, ModelArguments, TrainingArguments, parse_args
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint
 from .data import (
     ImageTextCollator,
@@ -65,20 +73,21 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
+def load_pretrained(model_name_or_path: str) -> tuple[HFClipModel, HFClipProcessor]:
+    """An hf_clip or Transformers CLIP checkpoint and its processor, with the text config's special token ids
+    matched to the tokenizer's (see `hf_clip.match_special_tokens`)."""
+    model = HFClipModel.from_pretrained(model_name_or_path)
+    loaded = AutoProcessor.from_pretrained(model_name_or_path)
+    match_special_tokens(model, loaded.tokenizer)
+    return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
+
+
 def build_model_and_processor(model_args: ModelArguments, data_args: DataArguments, train_split,
                               accelerator: Accelerator, output_dir: Path, resuming: bool
                               ) -> tuple[HFClipModel, HFClipProcessor]:
     """Load `--model_name_or_path`, or build `--preset` from scratch with a tokenizer trained on the captions."""
     if model_args.model_name_or_path:
-        model = HFClipModel.from_pretrained(model_args.model_name_or_path)
-        loaded = AutoProcessor.from_pretrained(model_args.model_name_or_path)
-        eos_in_config, eos_in_tokenizer = model.config.text_config.eos_token_id, loaded.tokenizer.eos_token_id
-        if eos_in_config not in (eos_in_tokenizer, 2):  # 2: legacy CLIP configs pool at the highest id instead
-            raise ValueError(
-                f"{model_args.model_name_or_path}: the text config pools at eos_token_id {eos_in_config} but the "
-                f"tokenizer ends text with id {eos_in_tokenizer}; fix text_config.eos_token_id in config.json."
-            )
-        return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
+        return load_pretrained(model_args.model_name_or_path)
 
     tokenizer_dir = output_dir / ".tokenizer"
     if accelerator.is_main_process and not (resuming and tokenizer_dir.is_dir()):
@@ -112,7 +121,10 @@ def build_optimizer(model: HFClipModel, args: TrainingArguments) -> torch.optim.
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def load_eval_splits(data_args: DataArguments) -> dict:
+def load_eval_splits(data_args: DatasetArguments, columns: dict[str, str] | None = None) -> dict:
+    """The `--eval_splits` that exist, checked for `columns` (flag -> column; default: the image and caption columns)
+    and cut to `--max_eval_samples`."""
+    columns = columns or {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
     splits = {}
     for name in data_args.eval_splits:
         dataset = load_split(data_args, name)
@@ -120,8 +132,7 @@ def load_eval_splits(data_args: DataArguments) -> dict:
             logger.warning("Dataset %r has no split %r; not evaluating on it.", dataset_label(data_args.dataset_name),
                            name)
             continue
-        check_columns(dataset, data_args.dataset_name, name,
-                      {"image_column": data_args.image_column, "caption_column": data_args.caption_column})
+        check_columns(dataset, data_args.dataset_name, name, columns)
         if data_args.max_eval_samples is not None:
             dataset = dataset.select(range(min(data_args.max_eval_samples, len(dataset))))
         splits[name] = dataset
