@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser, Trainer, TrainingArguments, pipeline
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, pipeline
 
 from hf_clip import (
     PHOTO_TEMPLATES,
@@ -113,8 +113,29 @@ def load_train_split(data_args: DatasetArguments, columns: dict[str, str]):
     return train_split
 
 
-def evaluate_all(trainer: Trainer, eval_splits: dict) -> dict[str, float]:
-    return trainer.evaluate() if eval_splits else {}
+class EvaluationRecorder(TrainerCallback):
+    """Keeps the metrics of every evaluation, in order."""
+
+    def __init__(self):
+        self.results: list[dict[str, float]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.results.append(dict(metrics or {}))
+
+
+def train_and_evaluate(trainer: Trainer, has_eval_splits: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Train, then return the eval metrics before and after training ({} without eval splits).
+
+    The "before" evaluation runs inside `train()` (`eval_on_start`): a `trainer.evaluate()` call before `train()`
+    registers the model with Accelerate unwrapped, and training would then run without DDP's gradient averaging.
+    """
+    recorder = EvaluationRecorder()
+    trainer.add_callback(recorder)
+    trainer.args.eval_on_start = has_eval_splits
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    if not has_eval_splits:
+        return {}, {}
+    return recorder.results[0], trainer.evaluate()
 
 
 def finetune_contrastive(model, processor, lock_args: TowerLockArguments, data_args: DatasetArguments,
@@ -140,9 +161,8 @@ def finetune_contrastive(model, processor, lock_args: TowerLockArguments, data_a
         preprocess_logits_for_metrics=contrastive_accuracy_flags,
         compute_metrics=compute_contrastive_metrics,
     )
-    results = {"before": evaluate_all(trainer, eval_splits)}
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    results["after"] = evaluate_all(trainer, eval_splits)
+    before, after = train_and_evaluate(trainer, bool(eval_splits))
+    results = {"before": before, "after": after}
     trainer.save_model()
     if trainer.is_world_process_zero():
         report(results, training_args)
@@ -184,12 +204,11 @@ def finetune_classifier(model, processor, finetune_args: FinetuneArguments, lock
                        compute_metrics=compute_classification_metrics)
 
     trainer = make_trainer(classifier)
-    results = {"zero_shot": evaluate_all(trainer, eval_splits)}
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    results["fine_tuned"] = evaluate_all(trainer, eval_splits)
+    zero_shot_metrics, fine_tuned_metrics = train_and_evaluate(trainer, bool(eval_splits))
+    results = {"zero_shot": zero_shot_metrics, "fine_tuned": fine_tuned_metrics}
     if finetune_args.wise_ft_alpha is not None:
         trainer = make_trainer(weight_space_ensemble(zero_shot, trainer.model, finetune_args.wise_ft_alpha))
-        results[f"wise_ft_{finetune_args.wise_ft_alpha:g}"] = evaluate_all(trainer, eval_splits)
+        results[f"wise_ft_{finetune_args.wise_ft_alpha:g}"] = trainer.evaluate() if eval_splits else {}
     trainer.save_model()
     if trainer.is_world_process_zero():
         report(results, training_args)
