@@ -196,3 +196,16 @@ def test_collators_read_every_image_form_and_name_missing_columns(tmp_path):
         ContrastiveDataCollator(processor)([{"image": image, "caption": []}])
     with pytest.raises(ValueError, match="integer class ids"):
         ImageClassificationDataCollator(processor)([{"image": image, "label": "red"}])
+
+
+def test_locked_towers_bf16_and_activation_checkpointing(start_checkpoint, tmp_path):
+    out = tmp_path / "locked"
+    _finetune(out, "--model_name_or_path", str(start_checkpoint), *SMALL, "--embedded_num_train", "64",
+              "--max_eval_samples", "16", "--max_steps", "2", "--learning_rate", "1e-3", "--save_strategy", "no",
+              "--lock_image", "--lock_text", "--lock_text_unlocked_layers", "1", "--bf16", "--activation_checkpointing", "--use_cpu")
+    before, after = load_file(start_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in ("vision_model.encoder.layers.1.mlp.fc1.weight", "visual_projection.weight",
+                 "text_model.encoder.layers.0.mlp.fc1.weight"):
+        assert torch.equal(before[name], after[name]), name
+    for name in ("text_model.encoder.layers.1.mlp.fc1.weight", "text_projection.weight", "logit_scale"):
+        assert not torch.equal(before[name], after[name]), name
