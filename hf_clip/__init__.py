@@ -1,15 +1,30 @@
 """hf_clip: CLIP as a native Hugging Face Transformers model.
 
-Importing the package registers it with `AutoConfig`, `AutoModel`, `AutoModelForZeroShotImageClassification`
-and `AutoProcessor`.
+Importing the package registers it with `AutoConfig`, `AutoModel`, `AutoModelForZeroShotImageClassification`,
+`AutoModelForImageClassification` and `AutoProcessor`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
+from .finetuning import (
+    ContrastiveDataCollator,
+    ImageClassificationDataCollator,
+    compute_classification_metrics,
+    compute_contrastive_metrics,
+    contrastive_accuracy_flags,
+    match_special_tokens,
+)
 from .hub import push_to_hub, render_model_card
 from .loss import contrastive_loss, gather_features
 from .modeling_hf_clip import (
+    HFClipForImageClassification,
     HFClipModel,
     HFClipOutput,
     HFClipPreTrainedModel,
@@ -19,7 +34,9 @@ from .modeling_hf_clip import (
     HFClipVisionModelWithProjection,
 )
 from .processing_hf_clip import HFClipProcessor, to_rgb_image
+from .templates import PHOTO_TEMPLATES, SHAPES_TEMPLATES
 from .tokenization import train_clip_tokenizer
+from .zero_shot import from_zero_shot, weight_space_ensemble, zero_shot_classifier
 
 __version__ = "0.1.0"
 
@@ -30,16 +47,22 @@ AutoModel.register(HFClipConfig, HFClipModel, exist_ok=True)
 AutoModel.register(HFClipTextConfig, HFClipTextModel, exist_ok=True)
 AutoModel.register(HFClipVisionConfig, HFClipVisionModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(HFClipConfig, HFClipModel, exist_ok=True)
+AutoModelForImageClassification.register(HFClipConfig, HFClipForImageClassification, exist_ok=True)
 AutoProcessor.register(HFClipConfig, HFClipProcessor, exist_ok=True)
 
 # Saved checkpoints also carry these modules and an `auto_map`, so they load with `trust_remote_code=True`
 # where hf_clip is not installed.
 HFClipConfig.register_for_auto_class()
 HFClipModel.register_for_auto_class("AutoModel")
+HFClipForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 HFClipProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "PHOTO_TEMPLATES",
+    "SHAPES_TEMPLATES",
+    "ContrastiveDataCollator",
     "HFClipConfig",
+    "HFClipForImageClassification",
     "HFClipModel",
     "HFClipOutput",
     "HFClipPreTrainedModel",
@@ -50,10 +73,18 @@ __all__ = [
     "HFClipVisionConfig",
     "HFClipVisionModel",
     "HFClipVisionModelWithProjection",
+    "ImageClassificationDataCollator",
+    "compute_classification_metrics",
+    "compute_contrastive_metrics",
+    "contrastive_accuracy_flags",
     "contrastive_loss",
+    "from_zero_shot",
     "gather_features",
+    "match_special_tokens",
     "push_to_hub",
     "render_model_card",
     "to_rgb_image",
     "train_clip_tokenizer",
+    "weight_space_ensemble",
+    "zero_shot_classifier",
 ]

@@ -18,7 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -342,6 +342,10 @@ class HFClipPreTrainedModel(PreTrainedModel):
             init.normal_(module.text_projection.weight, std=module.config.hidden_size**-0.5 * factor)
         elif isinstance(module, HFClipVisionModelWithProjection):
             init.normal_(module.visual_projection.weight, std=module.config.hidden_size**-0.5 * factor)
+        elif isinstance(module, HFClipForImageClassification):
+            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+            init.normal_(module.classifier.weight, std=module.config.projection_dim**-0.5 * factor)
+            init.zeros_(module.classifier.bias)
 
 
 class HFClipTextModel(HFClipPreTrainedModel):
@@ -662,7 +666,78 @@ class HFClipVisionModelWithProjection(HFClipPreTrainedModel):
         )
 
 
+class HFClipForImageClassification(HFClipPreTrainedModel):
+    """The image tower and its projection with a linear head over the L2-normalised image embedding.
+
+    logits = classifier(normalize(visual_projection(vision_model(pixel_values).pooler_output))). The weight names of
+    the image tower equal `HFClipModel`'s, so `from_pretrained` on an `HFClipModel` checkpoint loads it (the text
+    tower is ignored and the head is initialised); `hf_clip.from_zero_shot` instead initialises the head from class
+    text embeddings so that the logits equal the zero-shot ones. The labels are `config.id2label`.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _keys_to_ignore_on_load_unexpected = [r"position_ids", r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
+
+    def __init__(self, config: HFClipConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.vision_model = HFClipVisionModel._from_config(config.vision_config)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
+        self.classifier = nn.Linear(config.projection_dim, config.num_labels)
+        # Remote code: the image-classification pipeline resolves this key when hf_clip is not installed.
+        config.auto_map = {
+            "AutoConfig": "configuration_hf_clip.HFClipConfig",
+            "AutoModelForImageClassification": "modeling_hf_clip.HFClipForImageClassification",
+        }
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def lock_image_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the image tower and its projection, except its last `unlocked_layers` blocks (plus, when any
+        are unlocked, the post-LN and the projection that follow them). The head stays trainable."""
+        HFClipModel._lock_tower(
+            self.vision_model, self.visual_projection, self.vision_model.post_layernorm, unlocked_layers
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple:
+        """pixel_values: (batch, C, H, W); labels: (batch,) class ids. Returns logits (batch, num_labels) and, with
+        labels, the cross-entropy loss."""
+        vision_outputs = self.vision_model(
+            pixel_values,
+            interpolate_pos_encoding,
+            output_hidden_states=bool(output_hidden_states or self.config.output_hidden_states),
+            output_attentions=bool(output_attentions or self.config.output_attentions),
+        )
+        image_embeds = self.visual_projection(vision_outputs.pooler_output)
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):  # logits in fp32, as HFClipModel's
+            image_embeds = F.normalize(image_embeds.float(), dim=-1)
+            logits = F.linear(image_embeds, self.classifier.weight.float(), self.classifier.bias.float())
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=vision_outputs.hidden_states, attentions=vision_outputs.attentions
+        )
+        use_return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if use_return_dict else output.to_tuple()
+
+
 __all__ = [
+    "HFClipForImageClassification",
     "HFClipModel",
     "HFClipOutput",
     "HFClipPreTrainedModel",

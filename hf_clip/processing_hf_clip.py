@@ -1,5 +1,6 @@
 """HFClipProcessor: a CLIP image processor and a CLIP BPE tokenizer behind one call."""
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -79,20 +80,36 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     return _pil_to_rgb(Image.fromarray(np.ascontiguousarray(array), mode=mode))
 
 
-def to_rgb_image(image: Any) -> Image.Image:
-    """Turn one image (PIL image, numpy array, torch tensor, or local file path) into an 8-bit RGB PIL image.
+def _open_rgb(source: str | os.PathLike | io.BytesIO, description: str) -> Image.Image:
+    try:
+        with Image.open(source) as opened:
+            opened.load()
+            return _pil_to_rgb(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"Cannot decode {description}: {error}") from error
+
+
+def to_rgb_image(image: Any, base_dir: str | os.PathLike | None = None) -> Image.Image:
+    """Turn one image into an 8-bit RGB PIL image. It may be a PIL image, a numpy array, a torch tensor, a local file
+    path (relative ones are read from `base_dir` when given), encoded bytes, or a `datasets.Image(decode=False)` cell
+    `{"bytes": ..., "path": ...}`.
 
     Raises `ValueError` / `TypeError` that name what was wrong with the input.
     """
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as opened:
-                opened.load()
-                return _pil_to_rgb(opened)
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"Cannot decode image file {os.fspath(image)!r}: {error}") from error
+        if base_dir is not None and not os.path.isabs(image):
+            image = os.path.join(base_dir, image)
+        return _open_rgb(image, f"image file {os.fspath(image)!r}")
+    if isinstance(image, (bytes, bytearray)):
+        return _open_rgb(io.BytesIO(image), f"image bytes ({len(image)} bytes)")
+    if isinstance(image, dict) and image.keys() & {"bytes", "path"}:
+        if image.get("bytes"):
+            return to_rgb_image(image["bytes"])
+        if image.get("path"):
+            return to_rgb_image(image["path"], base_dir)
+        raise ValueError(f"Image cell {image!r} holds neither bytes nor a path.")
     if is_torch_available() and isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.dtype == torch.bfloat16 or image.dtype == torch.float16:
@@ -101,7 +118,8 @@ def to_rgb_image(image: Any) -> Image.Image:
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     raise TypeError(
-        f"Unsupported image type {type(image).__name__}: pass a PIL image, a numpy array, a torch tensor or a file path."
+        f"Unsupported image type {type(image).__name__}: pass a PIL image, a numpy array, a torch tensor, a file path "
+        "or encoded bytes."
     )
 
 

@@ -14,7 +14,19 @@ from transformers import HfArgumentParser
 
 
 @dataclass
-class ModelArguments:
+class TowerLockArguments:
+    lock_image: bool = field(default=False, metadata={"help": "Freeze the image tower (and its projection)."})
+    lock_image_unlocked_layers: int = field(
+        default=0, metadata={"help": "With --lock_image, keep the last N image blocks (and post-LN) trainable."}
+    )
+    lock_text: bool = field(default=False, metadata={"help": "Freeze the text tower (and its projection)."})
+    lock_text_unlocked_layers: int = field(
+        default=0, metadata={"help": "With --lock_text, keep the last N text blocks (and final LN) trainable."}
+    )
+
+
+@dataclass
+class ModelArguments(TowerLockArguments):
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id) to start from. "
@@ -29,21 +41,13 @@ class ModelArguments:
     context_length: int = field(
         default=32, metadata={"help": "Text context (tokens) of a model trained from scratch."}
     )
-    lock_image: bool = field(default=False, metadata={"help": "Freeze the image tower (and its projection)."})
-    lock_image_unlocked_layers: int = field(
-        default=0, metadata={"help": "With --lock_image, keep the last N image blocks (and post-LN) trainable."}
-    )
-    lock_text: bool = field(default=False, metadata={"help": "Freeze the text tower (and its projection)."})
-    lock_text_unlocked_layers: int = field(
-        default=0, metadata={"help": "With --lock_text, keep the last N text blocks (and final LN) trainable."}
-    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
 
 
 @dataclass
-class DataArguments:
+class DatasetArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "Any datasets.load_dataset target (Hub id, imagefolder directory, parquet/csv/jsonl "
@@ -67,10 +71,14 @@ class DataArguments:
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed split."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes for decoding/augmentation."})
     embedded_num_train: int = field(
         default=24_000, metadata={"help": "Training scenes generated for the embedded dataset."}
     )
+
+
+@dataclass
+class DataArguments(DatasetArguments):
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes for decoding/augmentation."})
 
 
 @dataclass

@@ -11,7 +11,6 @@ reading then takes the next row, so batch sizes stay equal across ranks as the d
 """
 
 import functools
-import io
 import logging
 import math
 import os
@@ -118,24 +117,11 @@ def prepare_columns(dataset, image_column: str):
 
 
 def decode_image(value: Any, base_dir: Path) -> Image.Image:
-    """An image cell (PIL image, {"bytes", "path"} dict, raw bytes or a path) -> RGB PIL image."""
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            value = value["bytes"]
-        elif value.get("path"):
-            value = value["path"]
-        else:
-            raise BadSample("empty image cell")
-    if isinstance(value, (bytes, bytearray)):
-        with Image.open(io.BytesIO(value)) as image:
-            image.load()
-            return to_rgb_image(image)
-    if isinstance(value, str):
-        path = Path(value)
-        return to_rgb_image(path if path.is_absolute() else base_dir / path)
+    """An image cell (PIL image, {"bytes", "path"} dict, raw bytes or a path) -> RGB PIL image. Relative paths are
+    resolved against `base_dir`."""
     if value is None:
         raise BadSample("missing image")
-    return to_rgb_image(value)
+    return to_rgb_image(value, base_dir)
 
 
 def pick_caption(value: Any, rng: np.random.Generator | None) -> str:

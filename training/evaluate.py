@@ -14,32 +14,15 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from hf_clip import PHOTO_TEMPLATES, SHAPES_TEMPLATES, zero_shot_classifier
+
 from .data import ImageTextCollator, ImageTextDataset, base_directory, image_transform_for, load_split, worker_count
-from .synthetic import TEMPLATES as SHAPES_TEMPLATES
 
 logger = logging.getLogger(__name__)
-
-GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.")
-
-
-@torch.no_grad()
-def zero_shot_classifier(model, tokenizer, class_names: list[str], templates: list[str], batch_size: int = 256
-                         ) -> torch.Tensor:
-    """(num_classes, dim): per class, the renormalised mean of its normalised prompt embeddings."""
-    prompts = [template.format(name) for name in class_names for template in templates]
-    embeddings = []
-    for start in range(0, len(prompts), batch_size):
-        text = tokenizer(prompts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt")
-        text = {key: value.to(model.device) for key, value in text.items()}
-        embeddings.append(F.normalize(model.get_text_features(**text).pooler_output.float(), dim=-1))
-    per_prompt = torch.cat(embeddings).view(len(class_names), len(templates), -1)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1)
-
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """logits (n, classes), labels (n,) -> {"top1": ..., "top5": ...} in [0, 1]."""
@@ -108,7 +91,7 @@ def evaluate_split(model, processor, dataset, *, image_column: str = "image", ca
     results.update(retrieval_recall(image_embeds, text_embeds))
     if label_column and label_column in dataset.column_names:
         names = class_names or dataset.features[label_column].names
-        classifier = zero_shot_classifier(model, processor.tokenizer, list(names), list(templates or GENERIC_TEMPLATES))
+        classifier = zero_shot_classifier(model, processor.tokenizer, list(names), list(templates or PHOTO_TEMPLATES))
         labels = torch.tensor(dataset[label_column])[row_ids]
         results.update({f"zero_shot_{k}": v for k, v in top_k_accuracy(image_embeds @ classifier.cpu().T, labels).items()})
     model.train(was_training)
@@ -154,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     state = PartialState()
     model = AutoModel.from_pretrained(args.model).to(state.device)
     processor = AutoProcessor.from_pretrained(args.model)
-    templates = args.templates or (list(SHAPES_TEMPLATES) if args.dataset is None else list(GENERIC_TEMPLATES))
+    templates = args.templates or (list(SHAPES_TEMPLATES) if args.dataset is None else list(PHOTO_TEMPLATES))
     data_args = argparse.Namespace(dataset_name=args.dataset, dataset_config_name=args.dataset_config_name,
                                    embedded_num_train=0)
     results = {}

@@ -19,6 +19,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from hf_clip import SHAPES_TEMPLATES as TEMPLATES
+
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -33,17 +35,6 @@ POSITIONS = {"on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the to
              "at the bottom": (0.5, 0.75), "in the middle": (0.5, 0.5)}
 UNSEEN_COMPOSITIONS = (("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"))
 CLASS_NAMES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
-TEMPLATES = (
-    "a {}.",
-    "a photo of a {}.",
-    "a small {}.",
-    "a big {}.",
-    "a {} on the left.",
-    "a {} on the right.",
-    "a {} at the top.",
-    "a {} at the bottom.",
-    "a {} in the middle.",
-)
 IMAGE_SIZE = 64
 
 
@@ -92,7 +83,7 @@ def captions_for(color: str, shape: str, size: str, position: str) -> list[str]:
 
 def _split(compositions: list[tuple[str, str]], num_samples: int, seed: int) -> dict[str, list]:
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {"image": [], "caption": [], "label": []}
+    rows: dict[str, list] = {"image": [], "caption": [], "label": [], "color": [], "shape": []}
     for index in range(num_samples):
         color, shape = compositions[index % len(compositions)]
         size = ("small", "big")[rng.integers(2)]
@@ -102,16 +93,20 @@ def _split(compositions: list[tuple[str, str]], num_samples: int, seed: int) -> 
         rows["image"].append({"bytes": buffer.getvalue(), "path": None})
         rows["caption"].append(captions_for(color, shape, size, position))
         rows["label"].append(CLASS_NAMES.index(f"{color} {shape}"))
+        rows["color"].append(list(COLORS).index(color))
+        rows["shape"].append(SHAPES.index(shape))
     order = rng.permutation(num_samples)
     return {key: [values[i] for i in order] for key, values in rows.items()}
 
 
 def build_shapes_dataset(num_train: int = 24_000, num_test: int = 1_200, num_unseen: int = 1_200,
                          seed: int = 0) -> DatasetDict:
-    """The embedded dataset as a `DatasetDict` with `image` (PNG bytes), `caption` (list of str) and `label`."""
+    """The embedded dataset as a `DatasetDict` with `image` (PNG bytes), `caption` (list of str), `label` (the
+    "colour shape" class) and the single attributes `color` and `shape`, all three `ClassLabel`s."""
     seen = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in UNSEEN_COMPOSITIONS]
     features = Features({"image": Image(), "caption": Sequence(Value("string")),
-                         "label": ClassLabel(names=list(CLASS_NAMES))})
+                         "label": ClassLabel(names=list(CLASS_NAMES)), "color": ClassLabel(names=list(COLORS)),
+                         "shape": ClassLabel(names=list(SHAPES))})
     splits = {
         "train": _split(seen, num_train, seed),
         "test": _split(seen, num_test, seed + 1),

@@ -20,9 +20,19 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, AutoTokenizer, get_cosine_schedule_with_warmup, pipeline
 
-from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, push_to_hub, render_model_card, train_clip_tokenizer
+from hf_clip import (
+    PHOTO_TEMPLATES,
+    SHAPES_TEMPLATES,
+    HFClipConfig,
+    HFClipModel,
+    HFClipProcessor,
+    match_special_tokens,
+    push_to_hub,
+    render_model_card,
+    train_clip_tokenizer,
+)
 
-from .args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from .args import DataArguments, DatasetArguments, ModelArguments, TrainingArguments, parse_args
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint
 from .data import (
     ImageTextCollator,
@@ -38,9 +48,8 @@ from .data import (
     load_split,
     worker_count,
 )
-from .evaluate import GENERIC_TEMPLATES, evaluate_split, format_results_table
+from .evaluate import evaluate_split, format_results_table
 from .synthetic import CLASS_NAMES
-from .synthetic import TEMPLATES as SHAPES_TEMPLATES
 from .synthetic import caption_corpus, describe
 
 logger = logging.getLogger("training")
@@ -66,20 +75,21 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
+def load_pretrained(model_name_or_path: str) -> tuple[HFClipModel, HFClipProcessor]:
+    """An hf_clip or Transformers CLIP checkpoint and its processor, with the text config's special token ids
+    matched to the tokenizer's (see `hf_clip.match_special_tokens`)."""
+    model = HFClipModel.from_pretrained(model_name_or_path)
+    loaded = AutoProcessor.from_pretrained(model_name_or_path)
+    match_special_tokens(model, loaded.tokenizer)
+    return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
+
+
 def build_model_and_processor(model_args: ModelArguments, data_args: DataArguments, train_split,
                               accelerator: Accelerator, output_dir: Path, resuming: bool
                               ) -> tuple[HFClipModel, HFClipProcessor]:
     """Load `--model_name_or_path`, or build `--preset` from scratch with a tokenizer trained on the captions."""
     if model_args.model_name_or_path:
-        model = HFClipModel.from_pretrained(model_args.model_name_or_path)
-        loaded = AutoProcessor.from_pretrained(model_args.model_name_or_path)
-        eos_in_config, eos_in_tokenizer = model.config.text_config.eos_token_id, loaded.tokenizer.eos_token_id
-        if eos_in_config not in (eos_in_tokenizer, 2):  # 2: legacy CLIP configs pool at the highest id instead
-            raise ValueError(
-                f"{model_args.model_name_or_path}: the text config pools at eos_token_id {eos_in_config} but the "
-                f"tokenizer ends text with id {eos_in_tokenizer}; fix text_config.eos_token_id in config.json."
-            )
-        return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
+        return load_pretrained(model_args.model_name_or_path)
 
     tokenizer_dir = output_dir / ".tokenizer"
     if accelerator.is_main_process and not (resuming and tokenizer_dir.is_dir()):
@@ -87,7 +97,7 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
             corpus = caption_corpus()
         else:
             corpus = [*caption_samples(train_split, data_args.caption_column),
-                      *(template.format("") for template in GENERIC_TEMPLATES)]
+                      *(template.format("") for template in PHOTO_TEMPLATES)]
         tokenizer = train_clip_tokenizer(corpus, vocab_size=model_args.tokenizer_vocab_size,
                                          model_max_length=model_args.context_length)
         tokenizer.save_pretrained(tokenizer_dir)
@@ -113,7 +123,10 @@ def build_optimizer(model: HFClipModel, args: TrainingArguments) -> torch.optim.
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def load_eval_splits(data_args: DataArguments) -> dict:
+def load_eval_splits(data_args: DatasetArguments, columns: dict[str, str] | None = None) -> dict:
+    """The `--eval_splits` that exist, checked for `columns` (flag -> column; default: the image and caption columns)
+    and cut to `--max_eval_samples`."""
+    columns = columns or {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
     splits = {}
     for name in data_args.eval_splits:
         dataset = load_split(data_args, name)
@@ -121,8 +134,7 @@ def load_eval_splits(data_args: DataArguments) -> dict:
             logger.warning("Dataset %r has no split %r; not evaluating on it.", dataset_label(data_args.dataset_name),
                            name)
             continue
-        check_columns(dataset, data_args.dataset_name, name,
-                      {"image_column": data_args.image_column, "caption_column": data_args.caption_column})
+        check_columns(dataset, data_args.dataset_name, name, columns)
         if data_args.max_eval_samples is not None:
             dataset = dataset.select(range(min(data_args.max_eval_samples, len(dataset))))
         splits[name] = dataset
@@ -140,7 +152,7 @@ def run_evaluation(model, processor, eval_splits: dict, data_args: DataArguments
                 accelerator.unwrap_model(model), processor, dataset, image_column=data_args.image_column,
                 caption_column=data_args.caption_column, label_column=data_args.label_column,
                 class_names=list(CLASS_NAMES) if embedded else None,
-                templates=list(SHAPES_TEMPLATES if embedded else GENERIC_TEMPLATES),
+                templates=list(SHAPES_TEMPLATES if embedded else PHOTO_TEMPLATES),
                 base_dir=base_directory(data_args.dataset_name), batch_size=args.per_device_eval_batch_size,
                 num_workers=worker_count(data_args.num_workers), state=accelerator.state, description=f"eval {name}")
             metrics_log.write(step, {f"eval/{name}/{key}": value for key, value in results[name].items()})

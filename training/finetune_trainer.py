@@ -1,0 +1,243 @@
+"""Fine-tune an hf_clip or Transformers CLIP checkpoint with `transformers.Trainer`.
+
+    # contrastive fine-tuning on image-caption pairs (the embedded shapes dataset unless --dataset_name is given)
+    python -m training.finetune_trainer --model_name_or_path DIR --output_dir OUT
+    python -m training.finetune_trainer --model_name_or_path DIR --dataset_name DATA --caption_column text \
+        --lock_image --bf16 --activation_checkpointing --eval_strategy steps --eval_steps 500 --save_steps 500
+    torchrun --nproc_per_node 8 -m training.finetune_trainer --model_name_or_path DIR --dataset_name DATA
+
+    # zero-shot head -> image classifier, fine-tuned with cross-entropy on a ClassLabel column
+    python -m training.finetune_trainer --task image-classification --model_name_or_path DIR --label_column shape \
+        --wise_ft_alpha 0.5 --output_dir OUT
+
+Every `transformers.TrainingArguments` flag applies (`--help` lists them). `--remove_unused_columns` defaults to
+False here: the collators read the raw image and caption (or label) columns, which Trainer would otherwise drop.
+The output directory loads with `AutoModel` and the zero-shot pipeline (contrastive), or with
+`AutoModelForImageClassification` and the image-classification pipeline (classifier).
+"""
+
+import copy
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, pipeline
+
+from hf_clip import (
+    PHOTO_TEMPLATES,
+    SHAPES_TEMPLATES,
+    ContrastiveDataCollator,
+    ImageClassificationDataCollator,
+    compute_classification_metrics,
+    compute_contrastive_metrics,
+    contrastive_accuracy_flags,
+    from_zero_shot,
+    weight_space_ensemble,
+)
+
+from .args import DatasetArguments, TowerLockArguments
+from .data import base_directory, check_columns, dataset_label, decode_image, load_split
+from .train import classify_one_image, load_eval_splits, load_pretrained
+
+logger = logging.getLogger("training")
+
+TASKS = ("contrastive", "image-classification")
+
+
+@dataclass
+class FinetuneArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id) to fine-tune."}
+    )
+    task: str = field(
+        default="contrastive",
+        metadata={"help": "contrastive: image-caption fine-tuning of the CLIP model. image-classification: "
+                          "initialise a classifier from the zero-shot head over --label_column and fine-tune it."},
+    )
+    templates: list[str] | None = field(
+        default=None,
+        metadata={"help": "Prompt templates (one {} each) for the zero-shot head; default: the embedded dataset's "
+                          "templates for it, general photo templates otherwise."},
+    )
+    wise_ft_alpha: float | None = field(
+        default=None,
+        metadata={"help": "image-classification: save (1-alpha)·zero-shot + alpha·fine-tuned weights (WiSE-FT)."},
+    )
+
+
+def parse_args(argv: list[str] | None = None
+               ) -> tuple[FinetuneArguments, TowerLockArguments, DatasetArguments, TrainingArguments]:
+    parser = HfArgumentParser((FinetuneArguments, TowerLockArguments, DatasetArguments, TrainingArguments))
+    parser.set_defaults(remove_unused_columns=False, embedded_num_train=4_000)
+    finetune_args, lock_args, data_args, training_args = parser.parse_args_into_dataclasses(
+        args=sys.argv[1:] if argv is None else argv, look_for_args_file=False)
+    if finetune_args.task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {finetune_args.task!r}.")
+    if training_args.remove_unused_columns:
+        raise ValueError("--remove_unused_columns must stay False: the collators read the raw dataset columns.")
+    if finetune_args.wise_ft_alpha is not None and finetune_args.task != "image-classification":
+        raise ValueError("--wise_ft_alpha applies to --task image-classification only.")
+    if finetune_args.task == "image-classification" and lock_args.lock_text:
+        raise ValueError("--lock_text: the image classifier has no text tower.")
+    return finetune_args, lock_args, data_args, training_args
+
+
+def first_caption(data_args: DatasetArguments):
+    """A dataset transform that keeps only the first caption of each row, so evaluation is deterministic."""
+    column = data_args.caption_column
+
+    def transform(batch: dict) -> dict:
+        return {**batch, column: [value[0] if isinstance(value, list) else value for value in batch[column]]}
+
+    return transform
+
+
+def single_or_dict(splits: dict):
+    """Trainer reports `eval_loss` for one dataset and `eval_{name}_loss` for each of several."""
+    if not splits:
+        return None
+    return next(iter(splits.values())) if len(splits) == 1 else splits
+
+
+def load_train_split(data_args: DatasetArguments, columns: dict[str, str]):
+    train_split = load_split(data_args, data_args.train_split, streaming=data_args.streaming)
+    if train_split is None:
+        raise ValueError(f"Dataset {dataset_label(data_args.dataset_name)!r} has no split {data_args.train_split!r}.")
+    check_columns(train_split, data_args.dataset_name, data_args.train_split, columns)
+    if data_args.max_train_samples is not None:
+        if data_args.streaming:
+            return train_split.take(data_args.max_train_samples)
+        return train_split.select(range(min(data_args.max_train_samples, len(train_split))))
+    return train_split
+
+
+class EvaluationRecorder(TrainerCallback):
+    """Keeps the metrics of every evaluation, in order."""
+
+    def __init__(self):
+        self.results: list[dict[str, float]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.results.append(dict(metrics or {}))
+
+
+def train_and_evaluate(trainer: Trainer, has_eval_splits: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Train, then return the eval metrics before and after training ({} without eval splits).
+
+    The "before" evaluation runs inside `train()` (`eval_on_start`): a `trainer.evaluate()` call before `train()`
+    registers the model with Accelerate unwrapped, and training would then run without DDP's gradient averaging.
+    """
+    recorder = EvaluationRecorder()
+    trainer.add_callback(recorder)
+    trainer.args.eval_on_start = has_eval_splits
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    if not has_eval_splits:
+        return {}, {}
+    return recorder.results[0], trainer.evaluate()
+
+
+def finetune_contrastive(model, processor, lock_args: TowerLockArguments, data_args: DatasetArguments,
+                         training_args: TrainingArguments) -> dict[str, dict[str, float]]:
+    """Contrastive fine-tuning; the eval loss and in-batch accuracies on every eval split before and after."""
+    columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
+    train_split = load_train_split(data_args, columns)
+    eval_splits = {name: split.with_transform(first_caption(data_args))
+                   for name, split in load_eval_splits(data_args, columns).items()}
+    if lock_args.lock_image:
+        model.lock_image_tower(lock_args.lock_image_unlocked_layers)
+    if lock_args.lock_text:
+        model.lock_text_tower(lock_args.lock_text_unlocked_layers)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        data_collator=ContrastiveDataCollator(processor, data_args.image_column, data_args.caption_column,
+                                              seed=training_args.seed,
+                                              base_dir=base_directory(data_args.dataset_name)),
+        train_dataset=train_split,
+        eval_dataset=single_or_dict(eval_splits),
+        processing_class=processor,
+        preprocess_logits_for_metrics=contrastive_accuracy_flags,
+        compute_metrics=compute_contrastive_metrics,
+    )
+    before, after = train_and_evaluate(trainer, bool(eval_splits))
+    results = {"before": before, "after": after}
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        report(results, training_args)
+        first_split = next(iter(eval_splits.values()), None)
+        if first_split is not None and (data_args.dataset_name is None or data_args.label_column in
+                                        first_split.column_names):
+            print(classify_one_image(Path(training_args.output_dir), first_split, data_args))
+    return results
+
+
+def class_names_of(dataset, data_args: DatasetArguments) -> list[str]:
+    feature = dataset.features[data_args.label_column] if dataset.features is not None else None
+    if not hasattr(feature, "names"):
+        raise ValueError(
+            f"Column {data_args.label_column!r} of {dataset_label(data_args.dataset_name)!r} is not a ClassLabel, "
+            "so it names no classes; cast it with dataset.cast_column(column, ClassLabel(names=[...]))."
+        )
+    return list(feature.names)
+
+
+def finetune_classifier(model, processor, finetune_args: FinetuneArguments, lock_args: TowerLockArguments,
+                        data_args: DatasetArguments, training_args: TrainingArguments) -> dict[str, dict[str, float]]:
+    """Zero-shot head -> classifier fine-tuned with cross-entropy; accuracy on every eval split of the zero-shot,
+    fine-tuned and (with --wise_ft_alpha) weight-space-ensembled classifiers."""
+    columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
+    train_split = load_train_split(data_args, columns)
+    eval_splits = load_eval_splits(data_args, columns)
+    templates = finetune_args.templates or (SHAPES_TEMPLATES if data_args.dataset_name is None else PHOTO_TEMPLATES)
+    zero_shot = from_zero_shot(model, processor, class_names_of(train_split, data_args), templates)
+    classifier = copy.deepcopy(zero_shot)
+    if lock_args.lock_image:
+        classifier.lock_image_tower(lock_args.lock_image_unlocked_layers)
+    collator = ImageClassificationDataCollator(processor, data_args.image_column, data_args.label_column,
+                                               base_dir=base_directory(data_args.dataset_name))
+
+    def make_trainer(model_to_run) -> Trainer:
+        return Trainer(model=model_to_run, args=training_args, data_collator=collator, train_dataset=train_split,
+                       eval_dataset=single_or_dict(eval_splits), processing_class=processor,
+                       compute_metrics=compute_classification_metrics)
+
+    trainer = make_trainer(classifier)
+    zero_shot_metrics, fine_tuned_metrics = train_and_evaluate(trainer, bool(eval_splits))
+    results = {"zero_shot": zero_shot_metrics, "fine_tuned": fine_tuned_metrics}
+    if finetune_args.wise_ft_alpha is not None:
+        trainer = make_trainer(weight_space_ensemble(zero_shot, trainer.model, finetune_args.wise_ft_alpha))
+        results[f"wise_ft_{finetune_args.wise_ft_alpha:g}"] = trainer.evaluate() if eval_splits else {}
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        report(results, training_args)
+        if eval_splits:
+            row = next(iter(eval_splits.values()))[0]
+            image = decode_image(row[data_args.image_column], base_directory(data_args.dataset_name))
+            top = pipeline("image-classification", model=training_args.output_dir)(image)[0]
+            truth = classifier.config.id2label[row[data_args.label_column]]
+            print(f"pipeline on one image of a {truth!r}: {top['label']} {100 * top['score']:.1f}%")
+    return results
+
+
+def report(results: dict[str, dict[str, float]], training_args: TrainingArguments) -> None:
+    """Print the loss and accuracies of each evaluated model, and write them to `eval_results.json`."""
+    for name, metrics in results.items():
+        cells = [f"{key.removeprefix('eval_')} {value:.4f}" for key, value in metrics.items()
+                 if key.endswith(("accuracy", "loss"))]
+        print(f"{name:<12} " + ", ".join(cells))
+    (Path(training_args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    finetune_args, lock_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    model, processor = load_pretrained(finetune_args.model_name_or_path)
+    if finetune_args.task == "contrastive":
+        return finetune_contrastive(model, processor, lock_args, data_args, training_args)
+    return finetune_classifier(model, processor, finetune_args, lock_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()
