@@ -314,3 +314,13 @@ def test_transformers_push_to_hub_method_still_works(hub_server, saved_checkpoin
     pull(hub_server, tmp_path, "method", {"repo_id": "alice/method-clip", "trust_remote_code": True},
          "--without-hf-clip")
     assert_bit_identical(local_outputs(saved_checkpoint), tmp_path / "method.safetensors")
+
+
+def test_committed_example_card_is_valid_and_self_consistent():
+    """model_cards/examples/ holds the card a `make demo` run wrote; its model-index matches its results table."""
+    for path in sorted((REPO / "model_cards" / "examples").glob("*.md")):
+        card = ModelCard.load(path)
+        assert card.data.pipeline_tag == "zero-shot-image-classification" and card.data.eval_results, path
+        for result in card.data.eval_results:
+            if result.metric_name == "Zero-shot top-1 accuracy":
+                assert f"| {result.dataset_split} | {result.metric_value:.1f} |" in card.text, path
