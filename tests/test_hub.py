@@ -288,7 +288,7 @@ def test_training_run_pushes_model_card_and_results(hub_server, tmp_path):
     env = {**hub_env(hub_server, tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS,
                "--max_steps", "2", "--eval_splits", "test", "--push_to_hub", "--hub_model_id", "shapes-run",
-               "--hub_private_repo"]
+               "--hub_private_repo", "--checkpointing_steps", "1", "--hub_push_checkpoints"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Pushed to the Hub: " in result.stdout and ALICE_TOKEN not in result.stdout + result.stderr
@@ -304,6 +304,10 @@ def test_training_run_pushes_model_card_and_results(hub_server, tmp_path):
             ("test", round(100 * results["test"]["zero_shot_top1"], 2))]
         assert "| `max_steps` | 2 |" in card.text and "never appear in training" in card.text
     assert json.loads(files["training_args.json"])["hub_model_id"] == "shapes-run"
+    checkpoints = repo.history("checkpoints")
+    assert [c.message for c in checkpoints[:2]] == ["Checkpoint at step 2", "Checkpoint at step 1"]
+    assert checkpoints[0].files["model.safetensors"] == files["model.safetensors"]
+    assert checkpoints[1].files["model.safetensors"] != files["model.safetensors"]
 
 
 def test_transformers_push_to_hub_method_still_works(hub_server, saved_checkpoint, tmp_path):

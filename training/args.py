@@ -121,6 +121,11 @@ class TrainingArguments:
     hub_private_repo: bool = field(
         default=False, metadata={"help": "Create the Hub repo as private (has no effect on an existing repo)."}
     )
+    hub_push_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "With --push_to_hub, also push the model at every --checkpointing_steps to the repo's "
+                          "'checkpoints' branch (one commit each; training waits for the upload)."},
+    )
     log_sample_ids: bool = field(
         default=False, metadata={"help": "Write the dataset row ids of every step to sample_ids_rank{R}.jsonl."}
     )

@@ -11,6 +11,7 @@ Run with `--help` for every argument.
 import json
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -184,6 +185,23 @@ def classify_one_image(output_dir: Path, dataset, data_args: DataArguments) -> s
     return f"pipeline on one image of a {truth!r}: {top}"
 
 
+HUB_CHECKPOINT_BRANCH = "checkpoints"
+
+
+def push_checkpoint(accelerator: Accelerator, model, processor: HFClipProcessor, repo_id: str, step: int,
+                    args: TrainingArguments, card_args: dict) -> None:
+    """Push the model at `step` to the `checkpoints` branch of `repo_id`; every process must call it."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        with tempfile.TemporaryDirectory(prefix="hf_clip_checkpoint_") as folder:
+            accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
+            commit = push_to_hub(HFClipModel.from_pretrained(folder), processor, repo_id,
+                                 training_args={**card_args, "max_steps": step}, private=args.hub_private_repo,
+                                 revision=HUB_CHECKPOINT_BRANCH, commit_message=f"Checkpoint at step {step}")
+        logger.info("Pushed the step-%d checkpoint: %s", step, commit.commit_url)
+    accelerator.wait_for_everyone()
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model_args, data_args, args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -240,11 +258,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     ).iterate(micro_step)
 
     run_config = {**vars(model_args), **vars(data_args), **vars(args)}
+    repo_id = args.hub_model_id or output_dir.resolve().name
     accelerator.init_trackers("hf_clip", config={k: v for k, v in run_config.items()
                                                   if isinstance(v, (int, float, str, bool))})
     metrics_log = MetricsLog(accelerator, output_dir / "metrics.jsonl")
     ids_log = output_dir / f"sample_ids_rank{accelerator.process_index}.jsonl" if args.log_sample_ids else None
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    card_args = {**run_config, "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
+                 "mixed_precision": accelerator.mixed_precision}
     progress = tqdm(total=args.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     model.train()
@@ -295,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             save_checkpoint(accelerator, output_dir, step, {"step": step, "micro_step": micro_step,
                                                            "skipped_samples": skipped_total, "epoch": epoch},
                             keep=args.checkpoints_total_limit)
+            if args.push_to_hub and args.hub_push_checkpoints:
+                push_checkpoint(accelerator, model, processor, repo_id, step, args, card_args)
     progress.close()
 
     results = run_evaluation(model, processor, eval_splits, data_args, args, accelerator, metrics_log, step)
@@ -305,10 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         processor.save_pretrained(output_dir)
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-        card_args = {**run_config, "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
-                     "mixed_precision": accelerator.mixed_precision}
         description = describe(data_args.embedded_num_train) if data_args.dataset_name is None else None
-        repo_id = args.hub_model_id or output_dir.resolve().name
         render_model_card(unwrapped, repo_id, metrics=results, training_args=card_args,
                           dataset_description=description).save(output_dir / "README.md")
         print(f"\nResults after {step} steps ({global_batch} images per step, {skipped} unusable rows skipped):")
