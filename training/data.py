@@ -90,6 +90,22 @@ def base_directory(dataset_name: str | None) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def first_rows(dataset, count: int):
+    """The first `count` rows (all of them when there are fewer) of a map-style or streamed dataset."""
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(count)
+    return dataset.select(range(min(count, len(dataset))))
+
+
+def load_train_split(data_args, columns: dict[str, str]):
+    """The `--train_split` (streamed with `--streaming`), checked to hold `columns` (flag -> column name)."""
+    split = load_split(data_args, data_args.train_split, streaming=data_args.streaming)
+    if split is None:
+        raise ValueError(f"Dataset {dataset_label(data_args.dataset_name)!r} has no split {data_args.train_split!r}.")
+    check_columns(split, data_args.dataset_name, data_args.train_split, columns)
+    return split
+
+
 def column_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
     if dataset.column_names is not None:
         return list(dataset.column_names)
@@ -354,24 +370,20 @@ class TrainBatches:
 def build_train_dataset(dataset, data_args, transform: ImageTransform, seed: int, num_processes: int,
                         process_index: int):
     base_dir = base_directory(data_args.dataset_name)
+    if data_args.max_train_samples is not None:
+        dataset = first_rows(dataset, data_args.max_train_samples)
     if data_args.streaming:
-        if data_args.max_train_samples is not None:
-            dataset = dataset.take(data_args.max_train_samples)
         dataset = dataset.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
         dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
         return StreamingImageTextDataset(dataset, data_args.image_column, data_args.caption_column, transform,
                                          base_dir, seed)
-    if data_args.max_train_samples is not None:
-        dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
     return ImageTextDataset(dataset, data_args.image_column, data_args.caption_column, transform, base_dir, seed)
 
 
 def check_usable_rows(dataset, data_args, split: str) -> None:
     """Fail at start-up, naming the dataset and columns, when the first rows hold no usable sample."""
     base_dir = base_directory(data_args.dataset_name)
-    probe = dataset.take(USABILITY_PROBE_ROWS) if isinstance(dataset, datasets.IterableDataset) else (
-        dataset.select(range(min(USABILITY_PROBE_ROWS, len(dataset)))))
-    probe = prepare_columns(probe, data_args.image_column)
+    probe = prepare_columns(first_rows(dataset, USABILITY_PROBE_ROWS), data_args.image_column)
     errors = []
     for row in probe:
         try:

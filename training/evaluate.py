@@ -20,7 +20,15 @@ from tqdm.auto import tqdm
 
 from hf_clip import PHOTO_TEMPLATES, SHAPES_TEMPLATES, zero_shot_classifier
 
-from .data import ImageTextCollator, ImageTextDataset, base_directory, image_transform_for, load_split, worker_count
+from .data import (
+    ImageTextCollator,
+    ImageTextDataset,
+    base_directory,
+    first_rows,
+    image_transform_for,
+    load_split,
+    worker_count,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         if dataset is None:
             raise ValueError(f"Dataset {args.dataset or 'embedded'!r} has no split {split!r}.")
         if args.max_eval_samples is not None:
-            dataset = dataset.select(range(min(args.max_eval_samples, len(dataset))))
+            dataset = first_rows(dataset, args.max_eval_samples)
         results[split] = evaluate_split(
             model, processor, dataset, image_column=args.image_column, caption_column=args.caption_column,
             label_column=args.label_column, templates=templates, base_dir=base_directory(args.dataset),

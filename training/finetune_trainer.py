@@ -38,8 +38,8 @@ from hf_clip import (
 )
 
 from .args import DatasetArguments, TowerLockArguments
-from .data import base_directory, check_columns, dataset_label, decode_image, load_split
-from .train import classify_one_image, load_eval_splits, load_pretrained
+from .data import base_directory, dataset_label, decode_image, first_rows, load_train_split
+from .train import classify_one_image, load_eval_splits, load_pretrained, lock_towers
 
 logger = logging.getLogger("training")
 
@@ -101,16 +101,12 @@ def single_or_dict(splits: dict):
     return next(iter(splits.values())) if len(splits) == 1 else splits
 
 
-def load_train_split(data_args: DatasetArguments, columns: dict[str, str]):
-    train_split = load_split(data_args, data_args.train_split, streaming=data_args.streaming)
-    if train_split is None:
-        raise ValueError(f"Dataset {dataset_label(data_args.dataset_name)!r} has no split {data_args.train_split!r}.")
-    check_columns(train_split, data_args.dataset_name, data_args.train_split, columns)
-    if data_args.max_train_samples is not None:
-        if data_args.streaming:
-            return train_split.take(data_args.max_train_samples)
-        return train_split.select(range(min(data_args.max_train_samples, len(train_split))))
-    return train_split
+def capped_train_split(data_args: DatasetArguments, columns: dict[str, str]):
+    """The checked training split, cut to `--max_train_samples`."""
+    train_split = load_train_split(data_args, columns)
+    if data_args.max_train_samples is None:
+        return train_split
+    return first_rows(train_split, data_args.max_train_samples)
 
 
 class EvaluationRecorder(TrainerCallback):
@@ -142,13 +138,10 @@ def finetune_contrastive(model, processor, lock_args: TowerLockArguments, data_a
                          training_args: TrainingArguments) -> dict[str, dict[str, float]]:
     """Contrastive fine-tuning; the eval loss and in-batch accuracies on every eval split before and after."""
     columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
-    train_split = load_train_split(data_args, columns)
+    train_split = capped_train_split(data_args, columns)
     eval_splits = {name: split.with_transform(first_caption(data_args))
                    for name, split in load_eval_splits(data_args, columns).items()}
-    if lock_args.lock_image:
-        model.lock_image_tower(lock_args.lock_image_unlocked_layers)
-    if lock_args.lock_text:
-        model.lock_text_tower(lock_args.lock_text_unlocked_layers)
+    lock_towers(model, lock_args)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -188,13 +181,12 @@ def finetune_classifier(model, processor, finetune_args: FinetuneArguments, lock
     """Zero-shot head -> classifier fine-tuned with cross-entropy; accuracy on every eval split of the zero-shot,
     fine-tuned and (with --wise_ft_alpha) weight-space-ensembled classifiers."""
     columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
-    train_split = load_train_split(data_args, columns)
+    train_split = capped_train_split(data_args, columns)
     eval_splits = load_eval_splits(data_args, columns)
     templates = finetune_args.templates or (SHAPES_TEMPLATES if data_args.dataset_name is None else PHOTO_TEMPLATES)
     zero_shot = from_zero_shot(model, processor, class_names_of(train_split, data_args), templates)
     classifier = copy.deepcopy(zero_shot)
-    if lock_args.lock_image:
-        classifier.lock_image_tower(lock_args.lock_image_unlocked_layers)
+    lock_towers(classifier, lock_args)  # parse_args refuses --lock_text for the classifier
     collator = ImageClassificationDataCollator(processor, data_args.image_column, data_args.label_column,
                                                base_dir=base_directory(data_args.dataset_name))
 

@@ -33,7 +33,7 @@ from hf_clip import (
     train_clip_tokenizer,
 )
 
-from .args import DataArguments, DatasetArguments, ModelArguments, TrainingArguments, parse_args
+from .args import DataArguments, DatasetArguments, ModelArguments, TowerLockArguments, TrainingArguments, parse_args
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint
 from .data import (
     ImageTextCollator,
@@ -45,8 +45,10 @@ from .data import (
     check_usable_rows,
     dataset_label,
     decode_image,
+    first_rows,
     image_transform_for,
     load_split,
+    load_train_split,
     worker_count,
 )
 from .evaluate import evaluate_split, format_results_table
@@ -109,6 +111,14 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
     return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
 
 
+def lock_towers(model, lock_args: TowerLockArguments) -> None:
+    """Freeze the towers that `--lock_image` / `--lock_text` name, but their last `--lock_*_unlocked_layers`."""
+    if lock_args.lock_image:
+        model.lock_image_tower(lock_args.lock_image_unlocked_layers)
+    if lock_args.lock_text:
+        model.lock_text_tower(lock_args.lock_text_unlocked_layers)
+
+
 def build_optimizer(model: HFClipModel, args: TrainingArguments) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases, norms, embeddings and the logit scale; fused where torch has it."""
     no_decay = model.no_weight_decay_parameter_names()
@@ -137,7 +147,7 @@ def load_eval_splits(data_args: DatasetArguments, columns: dict[str, str] | None
             continue
         check_columns(dataset, data_args.dataset_name, name, columns)
         if data_args.max_eval_samples is not None:
-            dataset = dataset.select(range(min(data_args.max_eval_samples, len(dataset))))
+            dataset = first_rows(dataset, data_args.max_eval_samples)
         splits[name] = dataset
     return splits
 
@@ -221,21 +231,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
-    train_split = load_split(data_args, data_args.train_split, streaming=data_args.streaming)
-    if train_split is None:
-        raise ValueError(f"Dataset {dataset_label(data_args.dataset_name)!r} has no split {data_args.train_split!r}.")
-    check_columns(train_split, data_args.dataset_name, data_args.train_split,
-                  {"image_column": data_args.image_column, "caption_column": data_args.caption_column})
+    train_split = load_train_split(data_args, {"image_column": data_args.image_column,
+                                               "caption_column": data_args.caption_column})
     check_usable_rows(train_split, data_args, data_args.train_split)
     eval_splits = load_eval_splits(data_args)
 
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     model, processor = build_model_and_processor(model_args, data_args, train_split, accelerator, output_dir,
                                                  resuming=checkpoint is not None)
-    if model_args.lock_image:
-        model.lock_image_tower(model_args.lock_image_unlocked_layers)
-    if model_args.lock_text:
-        model.lock_text_tower(model_args.lock_text_unlocked_layers)
+    lock_towers(model, model_args)
     if model_args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = build_optimizer(model, args)
