@@ -20,10 +20,14 @@ from PIL import Image  # noqa: E402
 LABELS = ["red circle", "blue square", "green triangle"]
 
 
+def probe_image() -> Image.Image:
+    """The fixed 50×40 noise image the tests compare outputs on."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(40, 50, 3), dtype=np.uint8))
+
+
 def probe_inputs(processor) -> dict[str, torch.Tensor]:
-    """Fixed image and captions the tests compare outputs on."""
-    pixels = np.random.default_rng(0).integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
-    return processor(text=[f"a {label}" for label in LABELS], images=Image.fromarray(pixels), padding=True,
+    """The probe image and one caption per label, as model inputs."""
+    return processor(text=[f"a {label}" for label in LABELS], images=probe_image(), padding=True,
                      return_tensors="pt")
 
 
@@ -85,8 +89,7 @@ def pull(job: dict) -> dict:
               "processor_class": type(processor).__name__}
     if job.get("pipeline"):
         classifier = pipeline("zero-shot-image-classification", model=job["repo_id"], revision=revision, **remote)
-        pixels = np.random.default_rng(0).integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
-        report["pipeline"] = classifier(Image.fromarray(pixels), candidate_labels=LABELS)
+        report["pipeline"] = classifier(probe_image(), candidate_labels=LABELS)
     return report
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import ALICE_TOKEN, BOB_TOKEN, FAST_TRAINING_ARGS, hub_env, write_pickle_bomb
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from hub_workers import LABELS, model_outputs
+from hub_workers import LABELS, model_outputs, probe_image
 from safetensors.torch import load_file
 from transformers import pipeline
 
@@ -139,15 +139,7 @@ def test_pull_with_hf_clip_installed_is_bit_identical(hub_server, pushed_repo, s
     assert report["processor_class"] == "HFClipProcessor"
     assert_bit_identical(local_outputs(saved_checkpoint), tmp_path / "installed.safetensors")
     local = pipeline("zero-shot-image-classification", model=str(saved_checkpoint))
-    pixels = load_probe_image()
-    assert report["pipeline"] == local(pixels, candidate_labels=LABELS)
-
-
-def load_probe_image():
-    import numpy as np
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(40, 50, 3), dtype=np.uint8))
+    assert report["pipeline"] == local(probe_image(), candidate_labels=LABELS)
 
 
 def test_pull_with_remote_code_and_no_hf_clip(hub_server, pushed_repo, saved_checkpoint, tmp_path):
