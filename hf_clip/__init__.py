@@ -22,7 +22,7 @@ from .finetuning import (
     match_special_tokens,
 )
 from .hub import push_to_hub, render_model_card
-from .loss import contrastive_loss, gather_features
+from .loss import contrastive_loss, gather_features, image_text_loss, sigmoid_loss
 from .modeling_hf_clip import (
     HFClipForImageClassification,
     HFClipModel,
@@ -80,9 +80,11 @@ __all__ = [
     "contrastive_loss",
     "from_zero_shot",
     "gather_features",
+    "image_text_loss",
     "match_special_tokens",
     "push_to_hub",
     "render_model_card",
+    "sigmoid_loss",
     "to_rgb_image",
     "train_clip_tokenizer",
     "weight_space_ensemble",

@@ -12,6 +12,8 @@ from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 
+from .loss import LOSS_TYPES
+
 
 def _check_width_and_heads(config: PreTrainedConfig) -> None:
     if config.hidden_size % config.num_attention_heads != 0:
@@ -141,8 +143,11 @@ _CLIP_MODEL_TYPES = {"clip": "hf_clip", "clip_text_model": "hf_clip_text_model",
 class HFClipConfig(PreTrainedConfig):
     """Both towers plus the shared embedding size, the temperature and the loss settings.
 
-    `logit_scale_init_value` is ln(1/0.07); the model clamps exp(logit_scale) to at most `logit_scale_max`.
-    `label_smoothing` is applied to both cross-entropies of the contrastive loss.
+    `loss_type` is "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid, with a learned `logit_bias` added to the
+    logits). Unset init values follow the paper of the loss: `logit_scale_init_value` ln(1/0.07) for CLIP, ln(10)
+    for SigLIP, and `logit_bias_init_value` −10 (SigLIP only). The model clamps exp(logit_scale) to at most
+    `logit_scale_max`. `label_smoothing` (CLIP only) is applied to both cross-entropies. `loss_chunk_size` is the
+    loss's `chunk_size`: None picks dense or chunked from the batch size, 0 is dense, k > 0 is k rows per panel.
     """
 
     model_type = "hf_clip"
@@ -151,14 +156,37 @@ class HFClipConfig(PreTrainedConfig):
     text_config: dict | HFClipTextConfig | None = None
     vision_config: dict | HFClipVisionConfig | None = None
     projection_dim: int = 512
-    logit_scale_init_value: float | int = math.log(1 / 0.07)
+    logit_scale_init_value: float | int | None = None
     logit_scale_max: float | int = 100.0
     label_smoothing: float = 0.0
     initializer_factor: float = 1.0
+    loss_type: str = "clip"
+    logit_bias_init_value: float | int | None = None
+    loss_chunk_size: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.logit_scale_init_value is None:
+            self.logit_scale_init_value = math.log(10.0) if self.loss_type == "siglip" else math.log(1 / 0.07)
+        if self.logit_bias_init_value is None and self.loss_type == "siglip":
+            self.logit_bias_init_value = -10.0
+        super().__post_init__(**kwargs)
 
     def validate_label_smoothing(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"HFClipConfig: `label_smoothing` must be in [0, 1), got {self.label_smoothing}.")
+        if self.label_smoothing and self.loss_type == "siglip":
+            raise ValueError("HFClipConfig: `label_smoothing` applies to loss_type 'clip' only (the sigmoid loss has "
+                             f"no softmax), got {self.label_smoothing} with loss_type 'siglip'.")
+
+    def validate_loss(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"HFClipConfig: `loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
+            raise ValueError("HFClipConfig: `loss_chunk_size` must be None (automatic), 0 (dense) or a positive "
+                             f"number of rows, got {self.loss_chunk_size}.")
+        if self.logit_bias_init_value is not None and self.loss_type != "siglip":
+            raise ValueError("HFClipConfig: `logit_bias_init_value` is for loss_type 'siglip' (a softmax ignores a "
+                             f"bias), got {self.logit_bias_init_value} with loss_type {self.loss_type!r}.")
 
     def validate_logit_scale(self) -> None:
         if not 0 < self.logit_scale_max:

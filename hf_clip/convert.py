@@ -13,7 +13,9 @@ from transformers import CLIPConfig, CLIPModel
 from .configuration_hf_clip import HFClipConfig, clip_config_dict_to_hf_clip
 from .modeling_hf_clip import HFClipModel
 
-_HF_CLIP_ONLY_FIELDS = ("logit_scale_max", "label_smoothing")
+_HF_CLIP_ONLY_FIELDS = (
+    "logit_scale_max", "label_smoothing", "loss_type", "logit_bias_init_value", "loss_chunk_size"
+)
 
 
 def hf_clip_config_from_clip_config(clip_config: CLIPConfig) -> HFClipConfig:
@@ -39,7 +41,13 @@ def hf_clip_from_transformers(clip_model: CLIPModel) -> HFClipModel:
 
 
 def transformers_from_hf_clip(model: HFClipModel) -> CLIPModel:
-    """A Transformers `CLIPModel` with the same config and weights as `model`."""
+    """A Transformers `CLIPModel` with the same config and weights as `model` (a CLIP-loss model: `CLIPModel` has
+    no `logit_bias`)."""
+    if model.config.loss_type != "clip":
+        raise ValueError(
+            f"transformers_from_hf_clip: this model was built for loss_type {model.config.loss_type!r}; its "
+            "`logit_bias` has no place in Transformers' CLIPModel."
+        )
     clip_model = CLIPModel(clip_config_from_hf_clip_config(model.config))
     clip_model.load_state_dict(model.state_dict(), strict=True)
     return clip_model

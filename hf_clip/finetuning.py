@@ -55,7 +55,9 @@ class ContrastiveDataCollator(_ImageRowsCollator):
     `caption_column`. From a list, one caption is drawn at random (seeded by `seed`) when `sample_captions`, else the
     first is taken (deterministic, for evaluation).
 
-    Returns pixel_values (batch, 3, size, size), input_ids and attention_mask (batch, seq) and return_loss=True.
+    Returns pixel_values (batch, 3, size, size), input_ids and attention_mask (batch, seq), return_loss=True and
+    `gather_distributed`: True (default) makes the loss of every rank score against the global batch under
+    data-parallel training (a collective, as Trainer's DDP runs every rank in step); single-process it changes nothing.
     """
 
     def __init__(
@@ -66,9 +68,11 @@ class ContrastiveDataCollator(_ImageRowsCollator):
         sample_captions: bool = True,
         seed: int | None = None,
         base_dir: str | os.PathLike | None = None,
+        gather_distributed: bool = True,
     ):
         super().__init__(processor, image_column, base_dir)
         self.caption_column = caption_column
+        self.gather_distributed = gather_distributed
         self.sample_captions = sample_captions
         self.rng = np.random.default_rng(seed)
 
@@ -89,6 +93,7 @@ class ContrastiveDataCollator(_ImageRowsCollator):
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "return_loss": True,
+            "gather_distributed": self.gather_distributed,
         }
 
 

@@ -1,22 +1,43 @@
-"""Symmetric contrastive (InfoNCE) loss of CLIP, correct under data parallelism.
+"""Image-text losses of CLIP (softmax InfoNCE) and SigLIP (pairwise sigmoid), exact at any batch size.
 
-Single process: logits = scale · image_embeds · text_embedsᵀ (N×N), row i's positive is column i, and the loss is
-the mean of the image→text and text→image cross-entropies.
+Both score n image rows against N text columns, logits = scale · image_embeds · text_embedsᵀ (+ bias for SigLIP),
+with the positive of row i at column offset + i.
 
-Data parallel (`torch.distributed` initialised, world size W > 1): every rank all-gathers both modalities *with*
-gradients and scores its n local rows against the N = W·n global columns, with labels offset by rank·n (open_clip's
-"local loss"). The gather's backward sums the gradients that every rank's loss sends to a rank's features, so after
-DDP's gradient all-reduce (a mean over W) the parameter gradients equal those of the single-process loss on the
-concatenated global batch, and the mean of the per-rank losses equals that loss.
+- InfoNCE (`contrastive_loss`): the mean over rows of (CE(image→text) + CE(text→image)) / 2. With label smoothing
+  ε, a row's cross-entropy is logsumexp(z) − (1 − ε)·z_pos − ε·mean(z), so only the log-sum-exps need the matrix.
+- Sigmoid (`sigmoid_loss`, Zhai et al. 2023): Σ_ij −log σ(y_ij · logits_ij) / n, y_ij = 1 for a positive pair and
+  −1 otherwise.
+
+Dense or chunked (`chunk_size`): the dense path builds the logit matrix once (InfoNCE reads its transpose for the
+text direction). The chunked path computes it in panels of `chunk_size` rows × N columns inside a custom
+`autograd.Function`, with an online log-sum-exp over the columns, and recomputes the panels in backward, so the
+extra memory is O(N · chunk_size) instead of O(N²). Values and gradients equal the dense ones up to float rounding.
+Embeddings of any float dtype are upcast: logits and sums are always fp32 (a bf16 logit near 100 is only resolved
+to ±0.25). `chunk_size=None` picks dense up to `DENSE_MAX_LOGITS` logits, else panels of about `PANEL_LOGITS`.
+
+Data parallel, opt-in (`gather_distributed=True` and `torch.distributed` initialised with W > 1 ranks): every rank
+scores its n local rows against the N = W·n gathered columns (open_clip's "local loss"); InfoNCE gathers both
+modalities, the sigmoid loss only the texts, since each image meets every text once. The gather's backward sums the
+gradients every rank's loss sends to a rank's features, so after DDP's gradient mean the parameter gradients equal
+those of the single-process loss on the concatenated batch, and so does the mean of the per-rank losses. All ranks
+must then call the loss with the same n. Without the opt-in no collective ever runs, so one rank may call it alone.
 """
+
+import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+LOSS_TYPES = ("clip", "siglip")
+DENSE_MAX_LOGITS = 4096 * 4096
+PANEL_LOGITS = 2**24
+MIN_PANEL_ROWS = 32
 
-def _distributed_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+
+def _distributed_world(gather_distributed: bool) -> tuple[int, int]:
+    if gather_distributed and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -43,12 +64,141 @@ class _AllGatherWithGradient(torch.autograd.Function):
 def gather_features(features: torch.Tensor) -> torch.Tensor:
     """All-gather `features` (n, d) from every rank into (W·n, d), keeping gradients to each rank's slice.
 
-    All ranks must call this with the same n (training keeps batches full).
+    A collective: every rank must call it, with the same n. Without an initialised process group it returns
+    `features` unchanged.
     """
-    _, world_size = _distributed_world()
+    _, world_size = _distributed_world(True)
     if world_size == 1:
         return features
     return _AllGatherWithGradient.apply(features)
+
+
+def resolve_chunk_size(chunk_size: int | None, rows: int, columns: int) -> int | None:
+    """Rows per panel for a `rows` × `columns` logit matrix, or None for the dense path.
+
+    `chunk_size`: None picks dense up to `DENSE_MAX_LOGITS` logits, else panels of about `PANEL_LOGITS` logits (at
+    least `MIN_PANEL_ROWS` rows); 0 forces dense; k > 0 forces panels of k rows.
+    """
+    if chunk_size is None:
+        if rows * columns <= DENSE_MAX_LOGITS:
+            return None
+        return max(MIN_PANEL_ROWS, PANEL_LOGITS // columns)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"chunk_size must be None (automatic), 0 (dense) or a positive int, got {chunk_size!r}.")
+    return chunk_size or None
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """Row (and optionally column) log-sum-exps of logits = scale · rows @ colsᵀ, never holding more than one
+    (chunk, N) panel. rows (n, d), cols (N, d) and scale () in fp32 -> row_lse (n,), col_lse (N,) (empty when
+    `with_columns` is False). Column lses are accumulated online: a running max and a rescaled running sum."""
+
+    @staticmethod
+    def forward(ctx, rows, cols, scale, chunk_size: int, with_columns: bool):
+        scaled_rows = rows * scale
+        row_lse = rows.new_empty(rows.shape[0])
+        col_max = cols.new_full((cols.shape[0] if with_columns else 0,), -math.inf)
+        col_sum = torch.zeros_like(col_max)
+        for start in range(0, rows.shape[0], chunk_size):
+            logits = torch.mm(scaled_rows[start : start + chunk_size], cols.T)
+            row_max = logits.amax(dim=1, keepdim=True)
+            row_lse[start : start + chunk_size] = (logits - row_max).exp_().sum(dim=1).log_().add_(row_max[:, 0])
+            if with_columns:
+                new_max = torch.maximum(col_max, logits.amax(dim=0))
+                col_sum.mul_((col_max - new_max).exp_()).add_(logits.sub_(new_max).exp_().sum(dim=0))
+                col_max = new_max
+        col_lse = col_max + col_sum.log()
+        ctx.chunk_size, ctx.with_columns = chunk_size, with_columns
+        ctx.save_for_backward(rows, cols, scale, row_lse, col_lse)
+        return row_lse, col_lse
+
+    @staticmethod
+    def backward(ctx, grad_row_lse, grad_col_lse):
+        rows, cols, scale, row_lse, col_lse = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        use_columns = ctx.with_columns and grad_col_lse is not None
+        grad_rows = torch.zeros_like(rows)
+        grad_cols = torch.zeros_like(cols)
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            scaled_rows = rows * scale
+            for start in range(0, rows.shape[0], chunk_size):
+                end = start + chunk_size
+                logits = torch.mm(scaled_rows[start:end], cols.T)
+                grad_logits = None
+                if grad_row_lse is not None:
+                    grad_logits = (logits - row_lse[start:end, None]).exp_().mul_(grad_row_lse[start:end, None])
+                if use_columns:
+                    column_part = logits.sub_(col_lse).exp_().mul_(grad_col_lse)
+                    grad_logits = column_part if grad_logits is None else grad_logits.add_(column_part)
+                if grad_logits is None:
+                    break
+                torch.mm(grad_logits, cols, out=grad_rows[start:end])
+                grad_cols.addmm_(grad_logits.T, rows[start:end])
+            grad_scale = (grad_rows * rows).sum()  # Σ_ij dL/dlogits_ij · (rows_i · cols_j)
+        return grad_rows.mul_(scale), grad_cols.mul_(scale), grad_scale, None, None
+
+
+class _ChunkedSigmoidLoss(torch.autograd.Function):
+    """Σ_ij −log σ(y_ij · (scale · rows_i · cols_j + bias)), y = 1 at (i, offset + i) and −1 elsewhere, in (chunk, N)
+    panels. rows (n, d), cols (N, d), scale () and bias () in fp32 -> scalar. Written as Σ softplus(−y · logits)."""
+
+    @staticmethod
+    def _signed_logits(rows, cols, scale, bias, start: int, end: int, offset: int) -> torch.Tensor:
+        """−y · logits for rows [start, end): (end − start, N)."""
+        logits = torch.mm(rows[start:end], cols.T).mul_(scale).add_(bias)
+        logits[:, offset + start : offset + end].diagonal().neg_()
+        return logits
+
+    @staticmethod
+    def forward(ctx, rows, cols, scale, bias, chunk_size: int, offset: int):
+        total = torch.zeros((), dtype=torch.float64, device=rows.device)
+        for start in range(0, rows.shape[0], chunk_size):
+            signed = _ChunkedSigmoidLoss._signed_logits(rows, cols, scale, bias, start, start + chunk_size, offset)
+            total += F.softplus(signed).sum()
+        ctx.chunk_size, ctx.offset = chunk_size, offset
+        ctx.save_for_backward(rows, cols, scale, bias)
+        return total.to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        rows, cols, scale, bias = ctx.saved_tensors
+        chunk_size, offset = ctx.chunk_size, ctx.offset
+        grad_rows = torch.empty_like(rows)
+        grad_cols = torch.zeros_like(cols)
+        grad_bias = torch.zeros((), dtype=torch.float64, device=rows.device)
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            for start in range(0, rows.shape[0], chunk_size):
+                end = start + chunk_size
+                signed = _ChunkedSigmoidLoss._signed_logits(rows, cols, scale, bias, start, end, offset)
+                grad_logits = signed.sigmoid_().mul_(grad_total)
+                grad_logits[:, offset + start : offset + end].diagonal().neg_()
+                grad_bias += grad_logits.sum()
+                torch.mm(grad_logits, cols, out=grad_rows[start:end])
+                grad_cols.addmm_(grad_logits.T, rows[start:end])
+            grad_scale = (grad_rows * rows).sum()
+        return grad_rows.mul_(scale), grad_cols.mul_(scale), grad_scale, grad_bias.to(bias.dtype), None, None
+
+
+def _check_inputs(loss_name: str, image_embeds: Any, text_embeds: Any, **scalars: Any) -> None:
+    for name, value in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
+        if not isinstance(value, torch.Tensor) or value.ndim != 2 or not value.is_floating_point():
+            described = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
+                else type(value).__name__
+            raise ValueError(f"{loss_name}: `{name}` must be a 2-d float tensor (batch, dim), got {described}.")
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            f"{loss_name} needs one caption per image: got image embeddings of shape "
+            f"{tuple(image_embeds.shape)} and text embeddings of shape {tuple(text_embeds.shape)}."
+        )
+    if image_embeds.shape[0] == 0:
+        raise ValueError(f"{loss_name}: the batch is empty (0 image-text pairs); the loss needs at least one pair.")
+    for name, value in scalars.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            described = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+            raise TypeError(
+                f"{loss_name}: `{name}` must be a one-element tensor (e.g. `model.clamped_logit_scale()` or "
+                f"`torch.tensor(100.0)`), got {described}."
+            )
 
 
 def contrastive_loss(
@@ -57,41 +207,131 @@ def contrastive_loss(
     logit_scale: torch.Tensor,
     *,
     label_smoothing: float = 0.0,
-    gather_distributed: bool = True,
+    chunk_size: int | None = None,
+    gather_distributed: bool = False,
 ) -> torch.Tensor:
     """CLIP's symmetric cross-entropy over the image-text similarity matrix.
 
     Args:
         image_embeds: (n, d) L2-normalised image embeddings of this rank's batch.
         text_embeds: (n, d) L2-normalised text embeddings; row i is the caption of image i.
-        logit_scale: scalar temperature multiplier, already exponentiated (and clamped) by the caller.
-        label_smoothing: passed to `F.cross_entropy`.
-        gather_distributed: score against the global batch when `torch.distributed` is initialised.
+        logit_scale: one-element tensor, the temperature multiplier, already exponentiated (and clamped).
+        label_smoothing: ε of `F.cross_entropy`, applied in both directions.
+        chunk_size: None (dense or chunked by size), 0 (dense) or rows per panel (see `resolve_chunk_size`).
+        gather_distributed: score against the global batch when `torch.distributed` is initialised (a collective
+            that every rank must join); False never communicates.
     Returns:
-        Scalar loss: the mean over this rank's rows of (CE(image→text) + CE(text→image)) / 2.
+        Scalar fp32 loss: the mean over this rank's rows of (CE(image→text) + CE(text→image)) / 2.
     """
-    if image_embeds.shape != text_embeds.shape:
-        raise ValueError(
-            "contrastive_loss needs one caption per image: got image embeddings of shape "
-            f"{tuple(image_embeds.shape)} and text embeddings of shape {tuple(text_embeds.shape)}."
-        )
-    rank, world_size = _distributed_world() if gather_distributed else (0, 1)
-    local_batch_size = image_embeds.shape[0]
-    if world_size > 1:
-        all_image_embeds = gather_features(image_embeds)
-        all_text_embeds = gather_features(text_embeds)
-    else:
-        all_image_embeds, all_text_embeds = image_embeds, text_embeds
-
-    # Logits up to 100 need fp32: in bf16 a logit near 100 is only resolved to ±0.25.
+    _check_inputs("contrastive_loss", image_embeds, text_embeds, logit_scale=logit_scale)
+    rank, world_size = _distributed_world(gather_distributed)
     with torch.autocast(device_type=image_embeds.device.type, enabled=False):
-        scale = logit_scale.float()
-        logits_per_image = scale * image_embeds.float() @ all_text_embeds.float().T  # (n, N)
-        logits_per_text = scale * text_embeds.float() @ all_image_embeds.float().T  # (n, N)
-        labels = torch.arange(local_batch_size, device=image_embeds.device) + rank * local_batch_size
-        image_loss = F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
-        text_loss = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
-    return (image_loss + text_loss) / 2
+        image, text, scale = image_embeds.float(), text_embeds.float(), logit_scale.float().reshape(())
+        if world_size > 1:
+            all_image, all_text = gather_features(image), gather_features(text)
+        else:
+            all_image, all_text = image, text
+        chunk = resolve_chunk_size(chunk_size, image.shape[0], all_text.shape[0])
+        if chunk is None:
+            logits_per_image = scale * image @ all_text.T  # (n, N)
+            image_lse = torch.logsumexp(logits_per_image, dim=1)
+            if world_size == 1:
+                text_lse = torch.logsumexp(logits_per_image, dim=0)
+            else:
+                text_lse = torch.logsumexp(scale * text @ all_image.T, dim=1)
+        elif world_size == 1:
+            image_lse, text_lse = _ChunkedLogSumExp.apply(image, text, scale, chunk, True)
+        else:
+            image_lse = _ChunkedLogSumExp.apply(image, all_text, scale, chunk, False)[0]
+            text_lse = _ChunkedLogSumExp.apply(text, all_image, scale, chunk, False)[0]
+        positive = scale * (image * text).sum(dim=-1)
+        image_loss = image_lse - (1 - label_smoothing) * positive
+        text_loss = text_lse - (1 - label_smoothing) * positive
+        if label_smoothing:
+            image_loss = image_loss - label_smoothing * scale * (image @ all_text.mean(dim=0))
+            text_loss = text_loss - label_smoothing * scale * (text @ all_image.mean(dim=0))
+        return (image_loss.mean() + text_loss.mean()) / 2
 
 
-__all__ = ["contrastive_loss", "gather_features"]
+def sigmoid_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    gather_distributed: bool = False,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: Σ_ij −log σ(y_ij · (scale · image_i · text_j + bias)) / n_images.
+
+    Args:
+        image_embeds: (n, d) L2-normalised image embeddings of this rank's batch.
+        text_embeds: (n, d) L2-normalised text embeddings; row i is the caption of image i (y_ii = 1, else −1).
+        logit_scale: one-element tensor, the temperature multiplier, already exponentiated (and clamped).
+        logit_bias: one-element tensor added to every logit.
+        chunk_size: None (dense or chunked by size), 0 (dense) or rows per panel (see `resolve_chunk_size`).
+        gather_distributed: score this rank's images against every rank's texts when `torch.distributed` is
+            initialised (a collective that every rank must join); False never communicates.
+    Returns:
+        Scalar fp32 loss, summed over this rank's rows against all columns and divided by this rank's n.
+    """
+    _check_inputs("sigmoid_loss", image_embeds, text_embeds, logit_scale=logit_scale, logit_bias=logit_bias)
+    rank, world_size = _distributed_world(gather_distributed)
+    with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+        image, text = image_embeds.float(), text_embeds.float()
+        scale, bias = logit_scale.float().reshape(()), logit_bias.float().reshape(())
+        all_text = gather_features(text) if world_size > 1 else text
+        batch_size, offset = image.shape[0], rank * image.shape[0]
+        chunk = resolve_chunk_size(chunk_size, batch_size, all_text.shape[0])
+        if chunk is None:
+            logits = scale * image @ all_text.T + bias  # (n, N)
+            signs = torch.full_like(logits, -1.0)
+            signs[:, offset : offset + batch_size].diagonal().fill_(1.0)
+            total = -F.logsigmoid(signs * logits).sum()
+        else:
+            total = _ChunkedSigmoidLoss.apply(image, all_text, scale, bias, chunk, offset)
+        return total / batch_size
+
+
+def image_text_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+    *,
+    loss_type: str = "clip",
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+    gather_distributed: bool = False,
+) -> torch.Tensor:
+    """The loss `loss_type` names, from embeddings: `contrastive_loss` ("clip"; a bias would cancel in the softmax
+    and is ignored) or `sigmoid_loss` ("siglip"; needs `logit_bias`). `HFClipModel.forward` calls this with
+    `loss_settings(model.config)`; other training code (e.g. gradient caching) can do the same."""
+    if loss_type == "clip":
+        return contrastive_loss(image_embeds, text_embeds, logit_scale, label_smoothing=label_smoothing,
+                                chunk_size=chunk_size, gather_distributed=gather_distributed)
+    if loss_type == "siglip":
+        if label_smoothing:
+            raise ValueError("label_smoothing applies to loss_type='clip' only; the sigmoid loss has no softmax.")
+        if logit_bias is None:
+            raise ValueError("loss_type='siglip' needs `logit_bias` (HFClipModel has one when its config says so).")
+        return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=chunk_size,
+                            gather_distributed=gather_distributed)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+
+
+def loss_settings(config) -> dict[str, Any]:
+    """`image_text_loss` keyword arguments read from an `HFClipConfig`: loss_type, label_smoothing, chunk_size."""
+    return {"loss_type": getattr(config, "loss_type", "clip"), "label_smoothing": config.label_smoothing,
+            "chunk_size": getattr(config, "loss_chunk_size", None)}
+
+
+__all__ = [
+    "LOSS_TYPES",
+    "contrastive_loss",
+    "gather_features",
+    "image_text_loss",
+    "loss_settings",
+    "resolve_chunk_size",
+    "sigmoid_loss",
+]

@@ -23,15 +23,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
-from .loss import contrastive_loss
+from .loss import image_text_loss, loss_settings
 
 
 @dataclass
 class HFClipOutput(ModelOutput):
     """Output of `HFClipModel.forward`.
 
-    loss: scalar contrastive loss, only when `return_loss=True`.
-    logits_per_image: (n_images, n_texts) scaled cosine similarities.
+    loss: scalar loss of `config.loss_type`, only when `return_loss=True`.
+    logits_per_image: (n_images, n_texts) scaled cosine similarities (plus `logit_bias` for SigLIP).
     logits_per_text: (n_texts, n_images), the transpose.
     text_embeds, image_embeds: (n, projection_dim) L2-normalised embeddings.
     text_model_output, vision_model_output: the towers' `BaseModelOutputWithPooling` (pooler_output unprojected).
@@ -338,6 +338,8 @@ class HFClipPreTrainedModel(PreTrainedModel):
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+            if module.logit_bias is not None:
+                init.constant_(module.logit_bias, module.config.logit_bias_init_value)
         elif isinstance(module, HFClipTextModelWithProjection):
             init.normal_(module.text_projection.weight, std=module.config.hidden_size**-0.5 * factor)
         elif isinstance(module, HFClipVisionModelWithProjection):
@@ -443,11 +445,12 @@ class HFClipVisionModel(HFClipPreTrainedModel):
 
 
 class HFClipModel(HFClipPreTrainedModel):
-    """Both towers, their projections, the learned temperature and the contrastive loss.
+    """Both towers, their projections, the learned temperature and the loss (`config.loss_type`: CLIP or SigLIP).
 
     The temperature is stored as `logit_scale` = log(scale). The forward uses min(exp(logit_scale),
     `config.logit_scale_max`) (default 100); training loops should also call `clamp_logit_scale_()` after each
     optimiser step, so the parameter itself never drifts above the bound, where the clamp zeroes its gradient.
+    A SigLIP model (`loss_type="siglip"`) also learns `logit_bias`, added to every logit; CLIP models have none.
     """
 
     def __init__(self, config: HFClipConfig):
@@ -459,6 +462,9 @@ class HFClipModel(HFClipPreTrainedModel):
         self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
         self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.logit_bias = None
+        if config.loss_type == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
         # Remote code: the zero-shot pipeline resolves this key when hf_clip is not installed.
         config.auto_map = {
             **(getattr(config, "auto_map", None) or {}),
@@ -533,8 +539,8 @@ class HFClipModel(HFClipPreTrainedModel):
                 module.requires_grad_(True)
 
     def no_weight_decay_parameter_names(self) -> set[str]:
-        """Parameters CLIP trains without weight decay: biases, norms, embeddings and the logit scale."""
-        names = {"logit_scale"}
+        """Parameters CLIP trains without weight decay: biases, norms, embeddings, the logit scale and bias."""
+        names = {"logit_scale"} | ({"logit_bias"} if self.logit_bias is not None else set())
         for module_name, module in self.named_modules():
             prefix = f"{module_name}." if module_name else ""
             if isinstance(module, (nn.LayerNorm, nn.Embedding)):
@@ -556,11 +562,15 @@ class HFClipModel(HFClipPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        gather_distributed: bool = False,
     ) -> HFClipOutput | tuple:
         """input_ids: (n_texts, seq); pixel_values: (n_images, C, H, W).
 
-        Returns logits_per_image (n_images, n_texts) and, with `return_loss=True`, the contrastive loss, which
-        needs n_images == n_texts (caption i belongs to image i) and is distributed-correct under DDP.
+        Returns logits_per_image (n_images, n_texts) and, with `return_loss=True`, the loss of `config.loss_type`
+        (`hf_clip.loss.image_text_loss`), which needs n_images == n_texts (caption i belongs to image i). The loss
+        scores this process's batch alone unless `gather_distributed=True`, which, under an initialised
+        `torch.distributed` group, scores it against every rank's batch: a collective that all ranks must join, set
+        by data-parallel training (`training.train`, `ContrastiveDataCollator` for Trainer).
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("HFClipModel.forward needs both `input_ids` and `pixel_values`.")
@@ -580,11 +590,14 @@ class HFClipModel(HFClipPreTrainedModel):
             text_embeds = F.normalize(text_outputs.pooler_output.float(), dim=-1)
             logit_scale = self.clamped_logit_scale().float()
             logits_per_text = logit_scale * text_embeds @ image_embeds.T
+            if self.logit_bias is not None:
+                logits_per_text = logits_per_text + self.logit_bias.float()
             logits_per_image = logits_per_text.T
 
         loss = None
         if return_loss:
-            loss = contrastive_loss(image_embeds, text_embeds, logit_scale, label_smoothing=self.config.label_smoothing)
+            loss = image_text_loss(image_embeds, text_embeds, logit_scale, self.logit_bias, **loss_settings(self.config),
+                                   gather_distributed=gather_distributed)
 
         output = HFClipOutput(
             loss=loss,
@@ -677,7 +690,9 @@ class HFClipForImageClassification(HFClipPreTrainedModel):
 
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    _keys_to_ignore_on_load_unexpected = [r"position_ids", r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
+    _keys_to_ignore_on_load_unexpected = [
+        r"position_ids", r"^text_model\.", r"^text_projection\.", r"^logit_scale$", r"^logit_bias$"
+    ]
 
     def __init__(self, config: HFClipConfig):
         super().__init__(config)

@@ -57,7 +57,7 @@ def from_zero_shot(
     """An image classifier whose logits equal `model`'s zero-shot logits over `class_names`.
 
     It copies `model`'s image tower and projection, and sets the head's weight to clamped_logit_scale × the
-    prompt-ensembled class embeddings (bias 0), so logits = scale · normalize(image embedding) · class embeddingsᵀ.
+    prompt-ensembled class embeddings (bias: the model's `logit_bias`, 0 for CLIP), so logits = scale · normalize(image embedding) · class embeddingsᵀ.
     `id2label` / `label2id` name the classes. `templates` defaults to `PHOTO_TEMPLATES`.
     """
     if not isinstance(model, HFClipModel):
@@ -74,7 +74,7 @@ def from_zero_shot(
     classifier.vision_model.load_state_dict(model.vision_model.state_dict())
     classifier.visual_projection.load_state_dict(model.visual_projection.state_dict())
     classifier.classifier.weight.copy_(model.clamped_logit_scale().float() * class_embeddings)
-    classifier.classifier.bias.zero_()
+    classifier.classifier.bias.fill_(0.0 if model.logit_bias is None else model.logit_bias.item())
     return classifier.to(device=model.device, dtype=model.dtype).train(model.training)
 
 

@@ -1,13 +1,14 @@
 """Worker functions for multi-process tests; `torch.multiprocessing.spawn` imports them by name."""
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from hf_clip import HFClipConfig, HFClipModel, contrastive_loss
+from hf_clip import HFClipConfig, HFClipModel, contrastive_loss, image_text_loss
 
 
 def ddp_contrastive_step(rank: int, world_size: int, port: int, work_dir: str, config_json: str) -> None:
@@ -21,7 +22,7 @@ def ddp_contrastive_step(rank: int, world_size: int, port: int, work_dir: str, c
         batch = load_file(os.path.join(work_dir, "batch.safetensors"))
         local = {key: value.chunk(world_size)[rank] for key, value in batch.items()}
         ddp_model = DistributedDataParallel(model)
-        loss = ddp_model(**local, return_loss=True).loss
+        loss = ddp_model(**local, return_loss=True, gather_distributed=True).loss
         loss.backward()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
@@ -31,7 +32,7 @@ def ddp_contrastive_step(rank: int, world_size: int, port: int, work_dir: str, c
         features = load_file(os.path.join(work_dir, "features.safetensors"))
         image = features["image"].chunk(world_size)[rank].clone().requires_grad_()
         text = features["text"].chunk(world_size)[rank].clone().requires_grad_()
-        feature_loss = contrastive_loss(image, text, features["scale"], label_smoothing=0.1)
+        feature_loss = contrastive_loss(image, text, features["scale"], label_smoothing=0.1, gather_distributed=True)
         feature_loss.backward()
         image_grads = [torch.empty_like(image) for _ in range(world_size)]
         dist.all_gather(image_grads, image.grad)
@@ -44,5 +45,78 @@ def ddp_contrastive_step(rank: int, world_size: int, port: int, work_dir: str, c
             tensors["feature_loss"] = summed_feature_loss / world_size
             tensors["image_grad"] = torch.cat(image_grads) / world_size
             save_file(tensors, os.path.join(work_dir, "ddp_result.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+# Loss settings scored by `loss_variants_step`: name -> image_text_loss keyword arguments (chunk 3 splits a rank's
+# 8 rows into 3 + 3 + 2; 0 is dense).
+LOSS_VARIANTS = {
+    "clip_dense": {"loss_type": "clip", "label_smoothing": 0.1, "chunk_size": 0},
+    "clip_chunked": {"loss_type": "clip", "label_smoothing": 0.1, "chunk_size": 3},
+    "siglip_dense": {"loss_type": "siglip", "chunk_size": 0},
+    "siglip_chunked": {"loss_type": "siglip", "chunk_size": 3},
+}
+
+
+def loss_variants_step(rank: int, world_size: int, port: int, work_dir: str, config_json: str) -> None:
+    """Each loss variant on this rank's rows of features.safetensors, gathered across ranks; then one DDP step of
+    the SigLIP HFClipModel in `config_json`. Rank 0 saves the mean loss, the gradients of the global batch's
+    features (each rank's, concatenated, divided by W: the gradient of the mean loss), the summed scale and bias
+    gradients divided by W, and the DDP parameter gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    try:
+        features = load_file(os.path.join(work_dir, "features.safetensors"))
+        tensors = {}
+        for name, settings in LOSS_VARIANTS.items():
+            image = features["image"].chunk(world_size)[rank].clone().requires_grad_()
+            text = features["text"].chunk(world_size)[rank].clone().requires_grad_()
+            scale = features["scale"].clone().requires_grad_()
+            bias = features["bias"].clone().requires_grad_()
+            loss = image_text_loss(image, text, scale, bias, **settings, gather_distributed=True)
+            loss.backward()
+            for key, value in (("image_grad", image.grad), ("text_grad", text.grad)):
+                parts = [torch.empty_like(value) for _ in range(world_size)]
+                dist.all_gather(parts, value)
+                tensors[f"{name}.{key}"] = torch.cat(parts) / world_size
+            for key, value in (("loss", loss.detach()), ("scale_grad", scale.grad),
+                               ("bias_grad", bias.grad if bias.grad is not None else torch.zeros(()))):
+                value = value.clone()
+                dist.all_reduce(value)
+                tensors[f"{name}.{key}"] = value / world_size
+
+        model = HFClipModel(HFClipConfig.from_json_file(config_json))
+        model.load_state_dict(load_file(os.path.join(work_dir, "weights.safetensors")))
+        batch = load_file(os.path.join(work_dir, "batch.safetensors"))
+        local = {key: value.chunk(world_size)[rank] for key, value in batch.items()}
+        ddp_model = DistributedDataParallel(model)  # keep a reference: its hooks average the gradients
+        loss = ddp_model(**local, return_loss=True, gather_distributed=True).loss
+        loss.backward()
+        dist.all_reduce(loss := loss.detach().clone())
+        tensors["model.loss"] = loss / world_size
+        tensors.update({f"model.grad.{name}": p.grad.contiguous() for name, p in model.named_parameters()})
+        if rank == 0:
+            save_file(tensors, os.path.join(work_dir, "variants_result.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_zero_loss_alone(rank: int, world_size: int, port: int, work_dir: str, config_json: str) -> None:
+    """Only rank 0 runs the model with return_loss=True (as a rank-0 evaluation would); rank 1 goes straight to the
+    barrier. With a hidden collective in the loss, rank 0 would wait for rank 1 until the group's timeout."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        if rank == 0:
+            model = HFClipModel(HFClipConfig.from_json_file(config_json))
+            model.load_state_dict(load_file(os.path.join(work_dir, "weights.safetensors")))
+            batch = load_file(os.path.join(work_dir, "batch.safetensors"))
+            with torch.no_grad():
+                loss = model(**batch, return_loss=True).loss
+            save_file({"loss": loss}, os.path.join(work_dir, "rank0_result.safetensors"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()

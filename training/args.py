@@ -26,7 +26,21 @@ class TowerLockArguments:
 
 
 @dataclass
-class ModelArguments(TowerLockArguments):
+class LossArguments:
+    loss_type: str | None = field(
+        default=None,
+        metadata={"help": "clip (softmax InfoNCE) or siglip (pairwise sigmoid with a learned logit bias). Unset: "
+                          "the checkpoint's, or clip from scratch."},
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per panel of the memory-bounded exact loss (0: dense). Unset: the checkpoint's, or "
+                          "chosen from the batch size."},
+    )
+
+
+@dataclass
+class ModelArguments(TowerLockArguments, LossArguments):
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id) to start from. "

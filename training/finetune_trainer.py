@@ -37,7 +37,7 @@ from hf_clip import (
     weight_space_ensemble,
 )
 
-from .args import DatasetArguments, TowerLockArguments
+from .args import DatasetArguments, LossArguments, TowerLockArguments
 from .data import base_directory, dataset_label, decode_image, first_rows, load_train_split
 from .train import classify_one_image, load_eval_splits, load_pretrained, lock_towers
 
@@ -68,10 +68,11 @@ class FinetuneArguments:
 
 
 def parse_args(argv: list[str] | None = None
-               ) -> tuple[FinetuneArguments, TowerLockArguments, DatasetArguments, TrainingArguments]:
-    parser = HfArgumentParser((FinetuneArguments, TowerLockArguments, DatasetArguments, TrainingArguments))
+               ) -> tuple[FinetuneArguments, TowerLockArguments, LossArguments, DatasetArguments, TrainingArguments]:
+    parser = HfArgumentParser((FinetuneArguments, TowerLockArguments, LossArguments, DatasetArguments,
+                               TrainingArguments))
     parser.set_defaults(remove_unused_columns=False, embedded_num_train=4_000)
-    finetune_args, lock_args, data_args, training_args = parser.parse_args_into_dataclasses(
+    finetune_args, lock_args, loss_args, data_args, training_args = parser.parse_args_into_dataclasses(
         args=sys.argv[1:] if argv is None else argv, look_for_args_file=False)
     if finetune_args.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {finetune_args.task!r}.")
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None
         raise ValueError("--wise_ft_alpha applies to --task image-classification only.")
     if finetune_args.task == "image-classification" and lock_args.lock_text:
         raise ValueError("--lock_text: the image classifier has no text tower.")
-    return finetune_args, lock_args, data_args, training_args
+    return finetune_args, lock_args, loss_args, data_args, training_args
 
 
 def first_caption(data_args: DatasetArguments):
@@ -223,9 +224,9 @@ def report(results: dict[str, dict[str, float]], training_args: TrainingArgument
 
 
 def main(argv: list[str] | None = None) -> dict:
-    finetune_args, lock_args, data_args, training_args = parse_args(argv)
+    finetune_args, lock_args, loss_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model, processor = load_pretrained(finetune_args.model_name_or_path)
+    model, processor = load_pretrained(finetune_args.model_name_or_path, loss_args)
     if finetune_args.task == "contrastive":
         return finetune_contrastive(model, processor, lock_args, data_args, training_args)
     return finetune_classifier(model, processor, finetune_args, lock_args, data_args, training_args)

@@ -33,7 +33,15 @@ from hf_clip import (
     train_clip_tokenizer,
 )
 
-from .args import DataArguments, DatasetArguments, ModelArguments, TowerLockArguments, TrainingArguments, parse_args
+from .args import (
+    DataArguments,
+    DatasetArguments,
+    LossArguments,
+    ModelArguments,
+    TowerLockArguments,
+    TrainingArguments,
+    parse_args,
+)
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint
 from .data import (
     ImageTextCollator,
@@ -78,10 +86,27 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
-def load_pretrained(model_name_or_path: str) -> tuple[HFClipModel, HFClipProcessor]:
+def loss_overrides(loss_args: LossArguments | None) -> dict:
+    """Config fields for `--loss_type` / `--loss_chunk_size` (only those given)."""
+    if loss_args is None:
+        return {}
+    overrides = {} if loss_args.loss_chunk_size is None else {"loss_chunk_size": loss_args.loss_chunk_size}
+    if loss_args.loss_type is not None:
+        overrides.update(loss_type=loss_args.loss_type, logit_bias_init_value=None)
+    return overrides
+
+
+def load_pretrained(model_name_or_path: str, loss_args: LossArguments | None = None
+                    ) -> tuple[HFClipModel, HFClipProcessor]:
     """An hf_clip or Transformers CLIP checkpoint and its processor, with the text config's special token ids
-    matched to the tokenizer's (see `hf_clip.match_special_tokens`)."""
-    model = HFClipModel.from_pretrained(model_name_or_path)
+    matched to the tokenizer's (see `hf_clip.match_special_tokens`). `loss_args` may switch the loss; a CLIP
+    checkpoint switched to SigLIP gets a new `logit_bias` at the SigLIP initialisation."""
+    config = HFClipConfig.from_pretrained(model_name_or_path)
+    overrides = loss_overrides(loss_args)
+    if overrides.get("loss_type", config.loss_type) == config.loss_type:
+        overrides.pop("logit_bias_init_value", None)
+    config = HFClipConfig.from_dict({**config.to_dict(), **overrides})
+    model = HFClipModel.from_pretrained(model_name_or_path, config=config)
     loaded = AutoProcessor.from_pretrained(model_name_or_path)
     match_special_tokens(model, loaded.tokenizer)
     return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
@@ -92,7 +117,7 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
                               ) -> tuple[HFClipModel, HFClipProcessor]:
     """Load `--model_name_or_path`, or build `--preset` from scratch with a tokenizer trained on the captions."""
     if model_args.model_name_or_path:
-        return load_pretrained(model_args.model_name_or_path)
+        return load_pretrained(model_args.model_name_or_path, model_args)
 
     tokenizer_dir = output_dir / ".tokenizer"
     if accelerator.is_main_process and not (resuming and tokenizer_dir.is_dir()):
@@ -106,7 +131,7 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
         tokenizer.save_pretrained(tokenizer_dir)
     accelerator.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = HFClipConfig.from_preset(model_args.preset, tokenizer=tokenizer)
+    config = HFClipConfig.from_preset(model_args.preset, tokenizer=tokenizer, **loss_overrides(model_args))
     model = HFClipModel(config)
     return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
 
@@ -280,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             skipped_total += int(batch["skipped"])
             inputs = {k: batch[k].to(accelerator.device) for k in ("pixel_values", "input_ids", "attention_mask")}
             with accelerator.accumulate(model):
-                loss = model(**inputs, return_loss=True).loss
+                loss = model(**inputs, return_loss=True, gather_distributed=True).loss
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
