@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 LOSS_TYPES = ("clip", "siglip")
 DENSE_MAX_LOGITS = 4096 * 4096
-PANEL_LOGITS = 2**24
+PANEL_LOGITS = 2**23
 MIN_PANEL_ROWS = 32
 
 
@@ -86,6 +86,30 @@ def resolve_chunk_size(chunk_size: int | None, rows: int, columns: int) -> int |
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"chunk_size must be None (automatic), 0 (dense) or a positive int, got {chunk_size!r}.")
     return chunk_size or None
+
+
+class _DenseLogSumExp(torch.autograd.Function):
+    """Row and column log-sum-exps of one logit matrix (n, N) -> (n,), (N,). Keeps only the matrix for backward,
+    which builds the gradient of both directions in one n×N buffer."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        row_max, col_max = logits.amax(dim=1, keepdim=True), logits.amax(dim=0, keepdim=True)
+        buffer = torch.sub(logits, row_max).exp_()
+        row_lse = buffer.sum(dim=1).log_().add_(row_max[:, 0])
+        col_lse = torch.sub(logits, col_max, out=buffer).exp_().sum(dim=0).log_().add_(col_max[0])
+        ctx.save_for_backward(logits, row_lse, col_lse)
+        return row_lse, col_lse
+
+    @staticmethod
+    def backward(ctx, grad_row_lse, grad_col_lse):
+        logits, row_lse, col_lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        if grad_row_lse is not None:
+            grad.add_(torch.sub(logits, row_lse[:, None]).exp_().mul_(grad_row_lse[:, None]))
+        if grad_col_lse is not None:
+            grad.add_(torch.sub(logits, col_lse[None, :]).exp_().mul_(grad_col_lse[None, :]))
+        return grad
 
 
 class _ChunkedLogSumExp(torch.autograd.Function):
@@ -233,12 +257,12 @@ def contrastive_loss(
             all_image, all_text = image, text
         chunk = resolve_chunk_size(chunk_size, image.shape[0], all_text.shape[0])
         if chunk is None:
-            logits_per_image = scale * image @ all_text.T  # (n, N)
-            image_lse = torch.logsumexp(logits_per_image, dim=1)
+            logits_per_image = (scale * image) @ all_text.T  # (n, N); the only n×N tensor autograd keeps
             if world_size == 1:
-                text_lse = torch.logsumexp(logits_per_image, dim=0)
+                image_lse, text_lse = _DenseLogSumExp.apply(logits_per_image)
             else:
-                text_lse = torch.logsumexp(scale * text @ all_image.T, dim=1)
+                image_lse = torch.logsumexp(logits_per_image, dim=1)
+                text_lse = torch.logsumexp((scale * text) @ all_image.T, dim=1)
         elif world_size == 1:
             image_lse, text_lse = _ChunkedLogSumExp.apply(image, text, scale, chunk, True)
         else:
@@ -284,7 +308,7 @@ def sigmoid_loss(
         batch_size, offset = image.shape[0], rank * image.shape[0]
         chunk = resolve_chunk_size(chunk_size, batch_size, all_text.shape[0])
         if chunk is None:
-            logits = scale * image @ all_text.T + bias  # (n, N)
+            logits = (scale * image) @ all_text.T + bias  # (n, N)
             signs = torch.full_like(logits, -1.0)
             signs[:, offset : offset + batch_size].diagonal().fill_(1.0)
             total = -F.logsigmoid(signs * logits).sum()

@@ -136,8 +136,8 @@ def test_sigmoid_loss_matches_paper_formula(n, chunk_size, scale, bias):
 
 def test_chunk_size_choice():
     assert resolve_chunk_size(None, 4096, 4096) is None
-    assert resolve_chunk_size(None, 16384, 16384) == 1024
-    assert resolve_chunk_size(None, 8192, 65536) == 256
+    assert resolve_chunk_size(None, 16384, 16384) == 512
+    assert resolve_chunk_size(None, 8192, 65536) == 128
     assert resolve_chunk_size(None, 2**20, 2**20) == 32
     assert resolve_chunk_size(0, 10**6, 10**6) is None
     assert resolve_chunk_size(7, 8, 8) == 7
