@@ -7,7 +7,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from conftest import ALICE_TOKEN, hub_env
+from conftest import ALICE_TOKEN, FAST_TRAINING_ARGS, hub_env
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -46,3 +46,18 @@ def test_readme_hub_server_command_serves_the_hub_api(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_readme_siglip_training_command_trains_a_siglip_model(tmp_path):
+    """The "Large batches" section's `--loss_type siglip` command, as written, with the suite's fast settings and the
+    output directory appended (later flags win)."""
+    command = re.search(r"^(python -m training\.train .*--loss_type siglip.*)$", README.read_text(),
+                        flags=re.MULTILINE).group(1)
+    args = command.split()[3:]
+    output_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "training.train", *args, *FAST_TRAINING_ARGS, "--max_steps", "2",
+                             "--eval_splits", "test", "--output_dir", str(output_dir)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["loss_type"] == "siglip" and config["logit_bias_init_value"] == -10.0
