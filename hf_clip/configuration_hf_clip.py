@@ -186,7 +186,8 @@ class HFClipConfig(PreTrainedConfig):
 
     def validate_logit_scale(self) -> None:
         if not 0 < self.logit_scale_max < math.inf:
-            raise ValueError(f"HFClipConfig: `logit_scale_max` must be positive and finite, got {self.logit_scale_max}.")
+            raise ValueError(
+                f"HFClipConfig: `logit_scale_max` must be positive and finite, got {self.logit_scale_max}.")
         if not self.logit_scale_init_value <= math.log(self.logit_scale_max):
             raise ValueError(
                 f"HFClipConfig: `logit_scale_init_value` ({self.logit_scale_init_value}) exceeds ln(`logit_scale_max`) "
