@@ -633,8 +633,8 @@ class HFClipModel(HFClipPreTrainedModel):
 
         loss = None
         if return_loss:
-            loss = image_text_loss(image_embeds, text_embeds, logit_scale, self.logit_bias, **loss_settings(self.config),
-                                   gather_distributed=gather_distributed)
+            loss = image_text_loss(image_embeds, text_embeds, logit_scale, self.logit_bias,
+                                   **loss_settings(self.config), gather_distributed=gather_distributed)
 
         output = HFClipOutput(
             loss=loss,

@@ -57,7 +57,8 @@ def from_zero_shot(
     """An image classifier whose logits equal `model`'s zero-shot logits over `class_names`.
 
     It copies `model`'s image tower and projection, and sets the head's weight to clamped_logit_scale × the
-    prompt-ensembled class embeddings (bias: the model's `logit_bias`, 0 for CLIP), so logits = scale · normalize(image embedding) · class embeddingsᵀ.
+    prompt-ensembled class embeddings and its bias to the model's `logit_bias` (0 for CLIP), so logits =
+    scale · normalize(image embedding) · class embeddingsᵀ + bias.
     `id2label` / `label2id` name the classes. `templates` defaults to `PHOTO_TEMPLATES`.
     """
     if not isinstance(model, HFClipModel):

@@ -55,7 +55,8 @@ def test_exact_and_finite_at_logit_scale_100():
     assert swapped.item() == pytest.approx(100.0, abs=1e-3)  # a confident mistake costs exactly its margin
 
 
-def naive_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def naive_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
     """SigLIP's loss as the paper writes it, in float64: -Σ_ij log σ(y_ij (t x_i·y_j + b)) / n, y = 2·I - 1."""
     labels = 2 * torch.eye(image.shape[0], dtype=torch.float64) - 1
     return -torch.log(torch.sigmoid(labels * (scale * image @ text.T + bias))).sum() / image.shape[0]

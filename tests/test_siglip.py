@@ -18,7 +18,7 @@ from test_hub import assert_bit_identical, local_outputs, pull, run_worker
 from test_loss import assert_relative, naive_sigmoid_loss
 from transformers import pipeline
 
-from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, sigmoid_loss
+from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, from_zero_shot, sigmoid_loss
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2}
@@ -95,6 +95,18 @@ def test_pipeline_on_a_siglip_model_ranks_as_the_sigmoid_does(siglip_checkpoint)
         assert got[label] == pytest.approx(probability, abs=1e-6)
     by_sigmoid = [LABELS[i] for i in logits.sigmoid().argsort(descending=True).tolist()]
     assert [r["label"] for r in result] == by_sigmoid
+
+
+def test_zero_shot_classifier_of_a_siglip_model_keeps_the_bias(siglip_checkpoint):
+    model = HFClipModel.from_pretrained(siglip_checkpoint).eval()
+    processor = HFClipProcessor.from_pretrained(siglip_checkpoint)
+    classifier = from_zero_shot(model, processor, LABELS, ["a photo of a {}."]).eval()
+    inputs = processor(text=[f"a photo of a {label}." for label in LABELS], images=[probe_image()] * 2, padding=True)
+    with torch.no_grad():
+        expected = model(**inputs).logits_per_image
+        logits = classifier(pixel_values=inputs["pixel_values"]).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert classifier.classifier.bias.tolist() == [-1.5] * len(LABELS)
 
 
 def test_push_and_pull_a_siglip_model_with_and_without_hf_clip(hub_server, siglip_checkpoint, tmp_path):
