@@ -53,6 +53,13 @@ def test_initialisation_follows_the_siglip_paper(tokenizer):
     assert clip.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
 
 
+def test_conversion_to_transformers_clip_refuses_a_siglip_model(tokenizer):
+    from hf_clip.convert import transformers_from_hf_clip
+
+    with pytest.raises(ValueError, match="loss_type 'siglip'.*logit_bias"):
+        transformers_from_hf_clip(HFClipModel(_siglip_config(tokenizer)))
+
+
 def test_forward_adds_the_bias_and_returns_the_paper_loss(tokenizer):
     torch.manual_seed(0)
     model = HFClipModel(_siglip_config(tokenizer, loss_chunk_size=0)).train()
