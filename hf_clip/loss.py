@@ -113,9 +113,9 @@ class _DenseLogSumExp(torch.autograd.Function):
 
 
 class _ChunkedLogSumExp(torch.autograd.Function):
-    """Row (and optionally column) log-sum-exps of logits = scale · rows @ colsᵀ, never holding more than one
-    (chunk, N) panel. rows (n, d), cols (N, d) and scale () in fp32 -> row_lse (n,), col_lse (N,) (empty when
-    `with_columns` is False). Column lses are accumulated online: a running max and a rescaled running sum."""
+    """Row (and optionally column) log-sum-exps of logits = scale · rows @ colsᵀ in (chunk, N) panels, recomputed in
+    backward: O(chunk · N) extra memory. rows (n, d), cols (N, d) and scale () in fp32 -> row_lse (n,), col_lse (N,)
+    (empty when `with_columns` is False). Column lses are accumulated online: a running max and a rescaled sum."""
 
     @staticmethod
     def forward(ctx, rows, cols, scale, chunk_size: int, with_columns: bool):
