@@ -1,8 +1,10 @@
 import math
 import os
+
 import pytest
 import torch
 from conftest import text_batch, write_pickle_bomb
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
     CLIPModel,
@@ -11,8 +13,6 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as transformers_logging
-
-from safetensors.torch import load_file, save_file
 
 from hf_clip import (
     HFClipConfig,

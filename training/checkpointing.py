@@ -1,8 +1,8 @@
 """Atomic, rotating training checkpoints on top of `Accelerator.save_state`.
 
-A checkpoint is written to `.tmp-checkpoint-N`, completed with `trainer_state.json`, then renamed to
-`checkpoint-N`. A run killed mid-save leaves only a temporary folder, which is never resumed from, so the
-previous checkpoint stays usable.
+A checkpoint is written to `.tmp-checkpoint-N`, completed with `run_state.json` (the loop's step, data position
+and counters), then renamed to `checkpoint-N`. A run killed mid-save leaves only a temporary folder, which is never
+resumed from, so the previous checkpoint stays usable.
 """
 
 import json
@@ -13,8 +13,16 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "run_state.json"
+LEGACY_STATE_FILE = "trainer_state.json"  # checkpoints of the previous release; read, never written
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _state_file(checkpoint: Path) -> Path | None:
+    for name in (STATE_FILE, LEGACY_STATE_FILE):
+        if (checkpoint / name).is_file():
+            return checkpoint / name
+    return None
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -23,7 +31,7 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     found = [(int(m.group(1)), path) for path in output_dir.iterdir()
-             if (m := _CHECKPOINT.match(path.name)) and (path / STATE_FILE).is_file()]
+             if (m := _CHECKPOINT.match(path.name)) and _state_file(path) is not None]
     return [path for _, path in sorted(found)]
 
 
@@ -35,13 +43,13 @@ def resolve_checkpoint(output_dir: str | Path, requested: str) -> Path:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
         return checkpoints[-1]
     path = Path(requested)
-    if not (path / STATE_FILE).is_file():
+    if _state_file(path) is None:
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}).")
     return path
 
 
 def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    return json.loads(_state_file(checkpoint).read_text())
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
