@@ -49,14 +49,34 @@ _METRICS = (
     *((f"text_to_image_R@{k}", f"text→image R@{k}", "text-to-image-retrieval", "Text-to-image retrieval",
        f"recall@{k}", f"Text-to-image recall@{k}") for k in (1, 5, 10)),
 )
-_PRIVATE_KEY = re.compile(r"(^|_)(token|password|secret)($|_)", re.IGNORECASE)
+# Keys that name a credential are never published, whatever the caller passes.
+_PRIVATE_KEY = re.compile(r"(^|_)(token|password|passwd|secret|key|credentials?|auth)($|_)", re.IGNORECASE)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PATH_LIKE = re.compile(r"^(/|~|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
 
 T = TypeVar("T")
 
 
+def _basename(path: str) -> str:
+    return re.split(r"[/\\]", path.rstrip("/\\"))[-1] or path
+
+
+def public_name(name: str, kind: str) -> str:
+    """A Hub id as is; a local path (or glob) as f"local {kind} {basename}", so that no local path is published."""
+    if name.startswith(f"local {kind} ") or (_HUB_ID.match(name) and not Path(name).expanduser().exists()):
+        return name
+    return f"local {kind} {_basename(name)}"
+
+
+def _public_value(value: Any) -> Any:
+    if isinstance(value, str) and (_PATH_LIKE.match(value) or ("/" in value and Path(value).exists())):
+        return public_name(value, "path")
+    return value
+
+
 def _clean_hyperparameters(hyperparameters: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A JSON-safe copy: keys naming tokens, passwords or secrets and values that are not scalars, lists of scalars
-    or enums are dropped."""
+    """A JSON-safe copy: keys naming a credential (token, password, secret, key, credentials, auth) and values that
+    are not scalars, lists of scalars or enums are dropped; local paths become "local path NAME"."""
     if hyperparameters is None:
         return {}
     if not isinstance(hyperparameters, Mapping):
@@ -66,9 +86,9 @@ def _clean_hyperparameters(hyperparameters: Mapping[str, Any] | None) -> dict[st
         if _PRIVATE_KEY.search(key):
             continue
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
-            clean[key] = list(value)
+            clean[key] = [_public_value(v) for v in value]
         elif isinstance(value, (str, int, float, bool)) or value is None:
-            clean[key] = value
+            clean[key] = _public_value(value)
         elif hasattr(value, "value"):  # enums such as transformers' IntervalStrategy
             clean[key] = value.value
     return clean
@@ -80,12 +100,12 @@ def _check_metrics(metrics: Mapping[str, Mapping[str, float]] | None) -> dict[st
     if not isinstance(metrics, Mapping) or not all(isinstance(v, Mapping) for v in metrics.values()):
         raise TypeError("metrics must map split names to {metric name: value}, as in eval_results.json, e.g. "
                         "{'test': {'zero_shot_top1': 0.93}}.")
+    for split, values in metrics.items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise ValueError(f"metrics[{split!r}][{key!r}] is {value}: NaN or infinite metrics are not "
+                                 "published. Check the evaluation (empty split? diverged training?).")
     return {split: dict(values) for split, values in metrics.items()}
-
-
-def _dataset_id(dataset: str) -> str:
-    path = Path(dataset)
-    return path.name if path.exists() else dataset
 
 
 def _format_value(value: Any) -> str:
@@ -115,17 +135,19 @@ def render_model_card(
     Args:
         metrics: {split: {metric: value in [0, 1]}}, as `hf_clip.evaluate_split` returns per split. Known metrics
             (zero-shot top-1/top-5, retrieval recall@k) become the front matter's `model-index`.
-        hyperparameters: {name: value}, shown as a table in the order given; None values are left out, and so are
-            keys naming tokens, passwords or secrets.
-        dataset: the training data's Hub id or name (a local path is shown by its folder name), and
-            `dataset_split` the split trained on; `dataset_description` is a sentence on it.
+        hyperparameters: {name: value}: what to publish, shown as a table in the order given. Pass the recipe, not a
+            whole configuration: None values are left out, and so are keys naming a credential (token, password,
+            secret, key, credentials, auth); local paths are shown as "local path NAME".
+        dataset: the training data's Hub id, or a local path, shown as "local dataset NAME" (its basename only);
+            `dataset_split` is the split trained on and `dataset_description` a sentence on the data.
         base_model: the Hub id fine-tuned from; a local directory is not linked.
         limitations: extra text for "Intended use and limitations".
     """
     metrics = _check_metrics(metrics)
     shown = {key: _format_value(value) for key, value in _clean_hyperparameters(hyperparameters).items()
              if value is not None}
-    dataset_id = _dataset_id(dataset) if dataset else None
+    dataset_name = public_name(dataset, "dataset") if dataset else None
+    dataset_id = dataset_name.removeprefix("local dataset ") if dataset_name else None
     if base_model is not None and (Path(base_model).exists() or base_model.count("/") != 1):
         base_model = None
 
@@ -173,7 +195,7 @@ def render_model_card(
         total_parameters=f"{model.num_parameters() / 1e6:.2f} M",
         logit_scale=math.exp(min(model.logit_scale.item(), math.log(config.logit_scale_max))),
         logit_scale_max=config.logit_scale_max,
-        dataset_name=dataset_id,
+        dataset_name=dataset_name,
         dataset_split=dataset_split,
         dataset_description=dataset_description,
         hyperparameters=shown,
@@ -262,11 +284,12 @@ def push_to_hub(
 
     Creates the repo (and the `revision` branch, from main) if needed; `private` applies when the repo is created.
     `metrics`, `hyperparameters`, `dataset`, `dataset_split`, `dataset_description` and `base_model` fill the card
-    (see `render_model_card`); the metrics are also written to `eval_results.json` and the hyper-parameters, less
-    any token, to `hyperparameters.json`. `state_dict` is saved instead of `model.state_dict()` (as
-    `save_pretrained` takes it, e.g. gathered from a sharded model). A push whose files equal the remote ones
-    makes no commit and returns the current head. Transient failures are retried with backoff; a retried commit
-    whose first attempt did land is detected as unchanged, so it never creates a duplicate commit.
+    (see `render_model_card`); the metrics are also written to `eval_results.json` and the hyper-parameters, as the
+    card shows them, to `hyperparameters.json`. NaN or infinite metrics raise `ValueError`. `state_dict` is saved
+    instead of `model.state_dict()` (as `save_pretrained` takes it, e.g. gathered from a sharded model). A push whose
+    files equal the remote ones makes no commit and returns the current head. Transient failures are retried with
+    backoff; a retried commit whose first attempt did land is detected as unchanged, so it never creates a duplicate
+    commit.
 
     Returns the `CommitInfo` of the new (or current) head commit.
     """
@@ -308,4 +331,4 @@ def push_to_hub(
         raise clear from None
 
 
-__all__ = ["push_to_hub", "render_model_card"]
+__all__ = ["public_name", "push_to_hub", "render_model_card"]

@@ -31,6 +31,7 @@ from hf_clip import (
     train_clip_tokenizer,
 )
 from hf_clip.data import image_transform_for
+from hf_clip.hub import public_name
 
 from .args import (
     DatasetArguments,
@@ -42,7 +43,7 @@ from .args import (
     TowerLockArguments,
     parse_with_config_file,
 )
-from .checkpointing import read_state, resolve_checkpoint, save_checkpoint
+from .checkpointing import read_state, resolve_checkpoint, save_checkpoint, truncate_step_log
 from .common import evaluate_splits, format_results_table, load_pretrained, lock_towers, pipeline_demo
 from .data import (
     ProcessShare,
@@ -65,7 +66,8 @@ RENAMED_FLAGS = {
     "gradient_checkpointing": "activation_checkpointing",
     "num_workers": "dataloader_num_workers",
 }
-# The recipe as the model card shows it: the hyper-parameters, never local paths or Hub settings.
+# The recipe as the model card and hyperparameters.json show it: known hyper-parameters only, so that no credential,
+# local path or private setting is published.
 CARD_KEYS = (
     "model_name_or_path", "preset", "dataset_name", "dataset_config_name", "train_split", "image_column",
     "caption_column", "max_train_samples", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -190,11 +192,14 @@ class SampleIdLog:
 
 
 def card_hyperparameters(args: TrainScriptArguments, accelerator: Accelerator) -> dict:
-    """The recipe for the model card: `CARD_KEYS` that are set, plus the process count and global batch size."""
-    run = args.run
+    """The recipe for the model card: `CARD_KEYS` that are set, plus the process count and global batch size; the
+    dataset and the starting model by Hub id, or as "local dataset NAME" / "local model NAME"."""
+    run, data, model = args.run, args.data, args.model
     values = {**args.flat(), "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
               "global_batch_size": run.per_device_train_batch_size * accelerator.num_processes
-              * run.gradient_accumulation_steps}
+              * run.gradient_accumulation_steps,
+              "dataset_name": data.dataset_name and public_name(data.dataset_name, "dataset"),
+              "model_name_or_path": model.model_name_or_path and public_name(model.model_name_or_path, "model")}
     return {key: values[key] for key in CARD_KEYS if values.get(key) not in (None, False)
             and not (key.endswith("_unlocked_layers") and not values.get(key.removesuffix("_unlocked_layers")))}
 
@@ -258,7 +263,7 @@ def push(model: HFClipModel, state_dict: dict, processor: HFClipProcessor, repo_
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    # 1. Arguments, Accelerator, logging, seed.
+    # 1. Arguments, Accelerator, logging, seed, and the checkpoint to resume from (verified before any work).
     args = parse_args(argv)
     run = args.run
     output_dir = Path(run.output_dir)
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(run.seed)
     process = ProcessShare(index=accelerator.process_index, count=accelerator.num_processes)
+    checkpoint = resolve_checkpoint(output_dir, run.resume_from_checkpoint) if run.resume_from_checkpoint else None
 
     # 2. Data: the training split, checked for usable rows, and the evaluation splits.
     data = args.data
@@ -285,8 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     check_usable_rows(train_split, data, data.train_split)
     eval_splits = load_eval_splits(data, args.eval)
 
-    # 3. Model, processor, optimizer and schedule, restored from a checkpoint when resuming.
-    checkpoint = resolve_checkpoint(output_dir, run.resume_from_checkpoint) if run.resume_from_checkpoint else None
+    # 3. Model, processor, optimizer and schedule, restored from the checkpoint when resuming.
     model, processor = build_model_and_processor(args, train_split, accelerator, resuming=checkpoint is not None)
     lock_towers(model, args.locks)
     if run.activation_checkpointing:
@@ -313,6 +318,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                                                   if isinstance(v, (int, float, str, bool))})
     metrics_log = MetricsLog(accelerator, output_dir / "metrics.jsonl")
     sample_ids = SampleIdLog(output_dir / f"sample_ids_rank{process.index}.jsonl" if run.log_sample_ids else None)
+    if checkpoint is not None and accelerator.is_main_process:
+        truncate_step_log(metrics_log.path, step)
+    if checkpoint is not None and sample_ids.path is not None:
+        truncate_step_log(sample_ids.path, step)
     global_batch = run.per_device_train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps
 
     # 5. Train: the loss is summed on the device and read only at logging steps.
