@@ -15,6 +15,7 @@ from hf_clip import ContrastiveDataCollator, HFClipProcessor, ImageTextColumns
 from hf_clip.data import ImageTextDataset, image_transform_for
 from training import evaluate, finetune_trainer
 from training.args import DatasetArguments
+from training.checkpointing import STATE_FILE, read_state, resolve_checkpoint
 from training.data import (
     GlobalBatchSampler,
     ProcessShare,
@@ -262,3 +263,13 @@ def test_evaluation_drops_and_counts_bad_rows_even_whole_batches(processor):
     first, second = list(loader)
     assert first["row_ids"].numel() == 0 and int(first["skipped"]) == 3
     assert second["row_ids"].tolist() == [3, 4, 5] and second["pixel_values"].shape == (3, 3, 24, 24)
+
+
+def test_checkpoints_of_the_previous_release_still_resume(tmp_path):
+    """Their completion marker was called trainer_state.json; it is read, and run_state.json is written now."""
+    old = tmp_path / "checkpoint-3"
+    old.mkdir()
+    (old / "trainer_state.json").write_text(json.dumps({"step": 3, "micro_step": 6, "skipped_samples": 1}))
+    assert resolve_checkpoint(tmp_path, "latest") == old
+    assert read_state(old) == {"step": 3, "micro_step": 6, "skipped_samples": 1}
+    assert STATE_FILE == "run_state.json"
