@@ -233,6 +233,7 @@ def _siglip_config(tiny_config):
                                    "label_smoothing": 0.0, "logit_scale_init_value": None})
 
 
+@pytest.mark.slow
 def test_two_process_losses_match_one_process_on_the_concatenated_batch(tmp_path, tiny_config):
     """2 gloo ranks × 8 rows against 1 process × 16 rows, for the InfoNCE and sigmoid losses, dense and chunked:
     the mean of the ranks' losses and the gradients of every feature, of the scale and of the bias equal the
@@ -272,6 +273,7 @@ def test_two_process_losses_match_one_process_on_the_concatenated_batch(tmp_path
         torch.testing.assert_close(result[f"model.grad.{name}"], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_a_loss_on_one_rank_alone_needs_no_other_rank(tmp_path, tiny_config):
     """Under an initialised 2-process group, only rank 0 asks the model for its loss (no opt-in to the gather):
     it finishes, and equals the loss of a process with no group on the same batch."""

@@ -116,6 +116,7 @@ def test_zero_shot_classifier_of_a_siglip_model_keeps_the_bias(siglip_checkpoint
     assert classifier.classifier.bias.tolist() == [-1.5] * len(LABELS)
 
 
+@pytest.mark.slow
 def test_push_and_pull_a_siglip_model_with_and_without_hf_clip(hub_server, siglip_checkpoint, tmp_path):
     report = run_worker("push", {"checkpoint": str(siglip_checkpoint), "repo_id": "siglip-round-trip"},
                         hub_env(hub_server, tmp_path / "hf_home_push"))
@@ -145,6 +146,7 @@ def _run(module: str, *flags: str, timeout: int = 600) -> subprocess.CompletedPr
     return result
 
 
+@pytest.mark.slow
 def test_train_cli_with_loss_type_siglip(tmp_path):
     out = tmp_path / "run"
     _run("training.train", *FAST_TRAINING_ARGS, "--max_steps", "3", "--loss_type", "siglip", "--loss_chunk_size", "5",
@@ -159,6 +161,7 @@ def test_train_cli_with_loss_type_siglip(tmp_path):
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
 
 
+@pytest.mark.slow
 def test_finetune_trainer_switches_a_clip_checkpoint_to_siglip(saved_checkpoint, tmp_path):
     """Trainer fine-tunes a CLIP checkpoint with the sigmoid loss: the model gains a logit_bias at −10 that trains,
     keeps its towers' weights as the start, and the saved model reloads as a SigLIP-type model."""
