@@ -149,6 +149,26 @@ def test_no_usable_rows_stops_at_start_up(tmp_path):
         check_usable_rows(load_split(data_args, "train"), data_args, "train")
 
 
+def test_image_columns_other_than_the_trained_one_are_never_decoded(processor):
+    features = datasets.Features({"image": datasets.Image(), "thumbnail": datasets.Image(),
+                                  "caption": datasets.Value("string")})
+    garbage = {"bytes": b"not an image", "path": None}
+    all_bad = datasets.Dataset.from_dict({"image": [garbage] * 3, "thumbnail": [garbage] * 3,
+                                          "caption": ["a", "b", "c"]}, features=features)
+    with pytest.raises(ValueError, match=r"no usable rows.*'image'.*cannot identify image file"):
+        check_usable_rows(all_bad, _data_args(), "train")
+    rows = _rows(12, bad={4})
+    rows["thumbnail"] = [garbage] * 12
+    rows["caption"] = [captions[0] for captions in rows["caption"]]
+    split = datasets.Dataset.from_dict(rows, features=features)
+    check_usable_rows(split, _data_args(), "train")
+    streamed = build_train_dataset(split.to_iterable_dataset(num_shards=2), _data_args(streaming=True),
+                                   image_transform_for(processor, train=True), seed=0, num_processes=1,
+                                   process_index=0)
+    samples = list(streamed)
+    assert len(samples) == 11 and sum(sample["skipped"] for sample in samples) == 1
+
+
 def test_bad_rows_are_skipped_counted_and_batches_stay_full(processor):
     rows = _rows(24, bad={3, 4, 10})
     rows["caption"][7] = [""]  # empty caption

@@ -106,10 +106,21 @@ def load_train_split(data_args, columns: dict[str, str]):
     return split
 
 
+def without_image_decoding(dataset):
+    """`dataset` with every `Image` column left undecoded ({"bytes", "path"} dicts), so that reading a row never
+    decodes an image: a corrupt file fails only in `decode_image`, where it becomes a skipped row."""
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.decode(False)
+    for name, feature in (dataset.features or {}).items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
 def column_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
     if dataset.column_names is not None:
         return list(dataset.column_names)
-    first = next(iter(dataset.take(1)), None)
+    first = next(iter(without_image_decoding(dataset).take(1)), None)
     return list(first) if first is not None else []
 
 
@@ -124,12 +135,10 @@ def check_columns(dataset, dataset_name: str | None, split: str, columns: dict[s
             )
 
 
-def prepare_columns(dataset, image_column: str):
-    """Keep images undecoded until a worker reads them, so a corrupt file becomes a skipped row, not a crash."""
-    features = dataset.features
-    if features is not None and isinstance(features.get(image_column), datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    return dataset
+def prepare_columns(dataset, image_column: str, caption_column: str):
+    """Only the image and caption columns, with images undecoded until a worker reads them, so a corrupt file
+    becomes a skipped row, not a crash."""
+    return without_image_decoding(dataset.select_columns([image_column, caption_column]))
 
 
 def decode_image(value: Any, base_dir: Path) -> Image.Image:
@@ -213,7 +222,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: datasets.Dataset, image_column: str, caption_column: str, transform: ImageTransform,
                  base_dir: Path, seed: int, replace_bad_rows: bool = True):
-        self.dataset = prepare_columns(dataset, image_column).select_columns([image_column, caption_column])
+        self.dataset = prepare_columns(dataset, image_column, caption_column)
         self.image_column, self.caption_column = image_column, caption_column
         self.transform, self.base_dir, self.seed = transform, base_dir, seed
         self.replace_bad_rows = replace_bad_rows
@@ -249,7 +258,7 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, dataset: datasets.IterableDataset, image_column: str, caption_column: str,
                  transform: ImageTransform, base_dir: Path, seed: int):
-        self.dataset = prepare_columns(dataset, image_column)
+        self.dataset = prepare_columns(dataset, image_column, caption_column)
         self.image_column, self.caption_column = image_column, caption_column
         self.transform, self.base_dir, self.seed = transform, base_dir, seed
         self.epoch = 0
@@ -383,7 +392,8 @@ def build_train_dataset(dataset, data_args, transform: ImageTransform, seed: int
 def check_usable_rows(dataset, data_args, split: str) -> None:
     """Fail at start-up, naming the dataset and columns, when the first rows hold no usable sample."""
     base_dir = base_directory(data_args.dataset_name)
-    probe = prepare_columns(first_rows(dataset, USABILITY_PROBE_ROWS), data_args.image_column)
+    probe = prepare_columns(first_rows(dataset, USABILITY_PROBE_ROWS), data_args.image_column,
+                            data_args.caption_column)
     errors = []
     for row in probe:
         try:
@@ -400,9 +410,9 @@ def check_usable_rows(dataset, data_args, split: str) -> None:
 
 
 def caption_samples(dataset, caption_column: str, limit: int = 200_000) -> Iterator[str]:
-    """Captions for tokenizer training (lists flattened), from the first `limit` rows."""
+    """Captions for tokenizer training (lists flattened), from the first `limit` rows; no image is decoded."""
     if isinstance(dataset, datasets.IterableDataset):
-        rows = (row[caption_column] for row in dataset.take(limit))
+        rows = (row[caption_column] for row in dataset.select_columns([caption_column]).take(limit))
     else:
         rows = dataset.select(range(min(limit, len(dataset))))[caption_column]
     for value in rows:

@@ -107,7 +107,9 @@ def evaluate_split(model, processor, dataset, *, image_column: str = "image", ca
 
 
 def format_results_table(results: dict[str, dict[str, float]]) -> str:
-    """Splits as rows; zero-shot accuracy and retrieval recall in percent."""
+    """Splits as rows; zero-shot accuracy and retrieval recall in percent. No splits: a line saying so."""
+    if not results:
+        return "Nothing to evaluate: none of the evaluation splits exists in the dataset."
     columns = [("zero_shot_top1", "ZS top1"), ("zero_shot_top5", "ZS top5"), ("image_to_text_R@1", "I→T R@1"),
                ("image_to_text_R@5", "I→T R@5"), ("text_to_image_R@1", "T→I R@1"), ("text_to_image_R@5", "T→I R@5"),
                ("num_samples", "images")]
