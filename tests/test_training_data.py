@@ -64,6 +64,33 @@ def test_config_file_with_command_line_override(tmp_path):
         parse_args([str(recipe)])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--max_steps", "0"], "--max_steps must be at least 1, got 0"),
+    (["--max_steps", "-5"], "--max_steps must be at least 1, got -5"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+    (["--model_name_or_path", "/no/such/checkpoint/dir"], "--model_name_or_path '/no/such/checkpoint/dir': no such"),
+    (["--model_name_or_path", "./missing-run"], "--model_name_or_path './missing-run': no such directory"),
+])
+def test_arguments_that_cannot_train_are_refused_naming_the_flag(flags, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        parse_args(flags)
+
+
+def test_fine_tuning_refuses_a_missing_model_directory():
+    from training.finetune_trainer import parse_args as parse_finetune_args
+
+    with pytest.raises(FileNotFoundError, match="--model_name_or_path '/no/such/dir': no such directory"):
+        parse_finetune_args(["--model_name_or_path", "/no/such/dir", "--output_dir", "/tmp/unused"])
+
+
+def test_a_file_glob_matching_nothing_names_the_pattern(tmp_path):
+    pattern = str(tmp_path / "shards" / "*.parquet")
+    with pytest.raises(FileNotFoundError, match=r"--dataset_name '.*shards/\*\.parquet' matches no file"):
+        load_split(_data_args(dataset_name=pattern), "train")
+
+
 def test_mixed_precision_defaults_to_native_bf16():
     assert resolve_mixed_precision("auto") == ("bf16" if cpu_has_native_bf16() else "no")
     assert resolve_mixed_precision("no") == "no"
@@ -167,6 +194,18 @@ def test_image_columns_other_than_the_trained_one_are_never_decoded(processor):
                                    process_index=0)
     samples = list(streamed)
     assert len(samples) == 11 and sum(sample["skipped"] for sample in samples) == 1
+
+
+def test_the_end_of_run_pipeline_demo_skips_a_corrupt_first_image(saved_checkpoint):
+    from training.train import classify_one_image
+
+    features = datasets.Features({"image": datasets.Image(), "thumbnail": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["red", "green"])})
+    garbage = {"bytes": b"not an image", "path": None}
+    split = datasets.Dataset.from_dict({"image": [garbage, {"bytes": _png(), "path": None}],
+                                        "thumbnail": [garbage, garbage], "label": [1, 0]}, features=features)
+    line = classify_one_image(saved_checkpoint, split, _data_args(dataset_name="local"))
+    assert line.startswith("pipeline on one image of a 'red': ")
 
 
 def test_bad_rows_are_skipped_counted_and_batches_stay_full(processor):

@@ -5,6 +5,7 @@ Arguments may also come from a YAML or JSON file given as the first argument; fl
 """
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -132,6 +133,27 @@ class TrainingArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_path(model_name_or_path: str | None) -> None:
+    """Refuse a `--model_name_or_path` that is neither an existing directory nor shaped like a Hub repo id."""
+    if model_name_or_path is None or Path(model_name_or_path).expanduser().exists():
+        return
+    if not _HUB_ID.match(model_name_or_path):
+        raise FileNotFoundError(
+            f"--model_name_or_path {model_name_or_path!r}: no such directory, and not a Hub repo id "
+            "('name' or 'namespace/name').")
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
+    """Refuse, naming the flag, values that would crash later or train nothing."""
+    for flag in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}.")
+    check_model_path(model_args.model_name_or_path)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -149,4 +171,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         if unknown:
             raise ValueError(f"{path}: unknown argument(s) {unknown}.")
         parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    check_arguments(model_args, data_args, args)
+    return model_args, data_args, args

@@ -11,6 +11,7 @@ reading then takes the next row, so batch sizes stay equal across ranks as the d
 """
 
 import functools
+import glob
 import logging
 import math
 import os
@@ -69,6 +70,8 @@ def load_split(data_args, split: str, streaming: bool = False) -> datasets.Datas
         suffix = Path(name.replace("*", "x")).suffix
         if suffix in _FILE_BUILDERS:
             builder, data_files = _FILE_BUILDERS[suffix], name
+            if "://" not in name and not glob.glob(os.path.expanduser(name)):
+                raise FileNotFoundError(f"--dataset_name {name!r} matches no file.")
         try:
             return datasets.load_dataset(builder, data_args.dataset_config_name, data_files=data_files, split=split,
                                          streaming=streaming)

@@ -37,7 +37,7 @@ from hf_clip import (
     weight_space_ensemble,
 )
 
-from .args import DatasetArguments, TowerLockArguments
+from .args import DatasetArguments, TowerLockArguments, check_model_path
 from .data import base_directory, dataset_label, decode_image, first_rows, load_train_split
 from .train import classify_one_image, load_eval_splits, load_pretrained, lock_towers
 
@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None = None
         raise ValueError("--wise_ft_alpha applies to --task image-classification only.")
     if finetune_args.task == "image-classification" and lock_args.lock_text:
         raise ValueError("--lock_text: the image classifier has no text tower.")
+    check_model_path(finetune_args.model_name_or_path)
     return finetune_args, lock_args, data_args, training_args
 
 

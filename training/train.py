@@ -36,6 +36,8 @@ from hf_clip import (
 from .args import DataArguments, DatasetArguments, ModelArguments, TowerLockArguments, TrainingArguments, parse_args
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint, truncate_step_log
 from .data import (
+    BAD_SAMPLE_ERRORS,
+    USABILITY_PROBE_ROWS,
     ImageTextCollator,
     TrainBatches,
     base_directory,
@@ -49,6 +51,7 @@ from .data import (
     image_transform_for,
     load_split,
     load_train_split,
+    without_image_decoding,
     worker_count,
 )
 from .evaluate import evaluate_split, format_results_table
@@ -186,8 +189,14 @@ class MetricsLog:
 def classify_one_image(output_dir: Path, dataset, data_args: DataArguments) -> str:
     """Load the saved model with `pipeline("zero-shot-image-classification")` and classify one eval image."""
     names = list(CLASS_NAMES) if data_args.dataset_name is None else dataset.features[data_args.label_column].names
-    row = dataset[0]
-    image = decode_image(row[data_args.image_column], base_directory(data_args.dataset_name))
+    for row in without_image_decoding(first_rows(dataset, USABILITY_PROBE_ROWS)):
+        try:
+            image = decode_image(row[data_args.image_column], base_directory(data_args.dataset_name))
+            break
+        except BAD_SAMPLE_ERRORS:
+            continue
+    else:
+        return "pipeline: no decodable image among the first evaluation rows"
     classifier = pipeline("zero-shot-image-classification", model=str(output_dir))
     predictions = classifier(image, candidate_labels=names, hypothesis_template="a photo of a {}.")
     truth = names[row[data_args.label_column]] if data_args.label_column in row else "?"
