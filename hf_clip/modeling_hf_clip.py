@@ -245,6 +245,26 @@ class HFClipVisionEmbeddings(nn.Module):
         return embeddings + self.position_embedding.weight.unsqueeze(0)
 
 
+class HFClipPatchDropout(nn.Module):
+    """FLIP's patch dropout (open_clip's `PatchDropout`): in training, each image keeps the class token and a random
+    max(1, int((1 - p) · patches)) of its patch tokens: (batch, 1+patches, width) -> (batch, 1+kept, width).
+    Identity in eval mode or at p = 0."""
+
+    def __init__(self, config: HFClipVisionConfig):
+        super().__init__()
+        self.prob = config.patch_dropout
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return embeddings
+        class_token, patches = embeddings[:, :1], embeddings[:, 1:]
+        batch_size, num_patches, width = patches.shape
+        num_kept = max(1, int(num_patches * (1.0 - self.prob)))
+        kept = torch.rand(batch_size, num_patches, device=patches.device).topk(num_kept, dim=-1).indices
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))
+        return torch.cat([class_token, patches], dim=1)
+
+
 class HFClipTextEmbeddings(nn.Module):
     """Token + learned position embeddings: (batch, seq) -> (batch, seq, width)."""
 
@@ -414,6 +434,7 @@ class HFClipVisionModel(HFClipPreTrainedModel):
     def __init__(self, config: HFClipVisionConfig):
         super().__init__(config)
         self.embeddings = HFClipVisionEmbeddings(config)
+        self.patch_dropout = HFClipPatchDropout(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = HFClipEncoder(config, is_causal=False)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -429,7 +450,8 @@ class HFClipVisionModel(HFClipPreTrainedModel):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        embeddings = self.patch_dropout(self.embeddings(pixel_values, interpolate_pos_encoding))
+        hidden_states = self.pre_layrnorm(embeddings)
         last_hidden_state, all_hidden_states, all_attentions = self.encoder(
             hidden_states, None, output_hidden_states, output_attentions
         )
