@@ -524,6 +524,13 @@ class HFClipModel(HFClipPreTrainedModel):
         vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
         return vision_outputs
 
+    def loss_from_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """The configured contrastive loss of L2-normalised (n, d) image and text embeddings (row i of each is a
+        pair), with this model's clamped temperature: what `forward(return_loss=True)` returns."""
+        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+            logit_scale = self.clamped_logit_scale().float()
+        return contrastive_loss(image_embeds, text_embeds, logit_scale, label_smoothing=self.config.label_smoothing)
+
     def clamped_logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped to at most `config.logit_scale_max` (scalar tensor)."""
         return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
@@ -604,9 +611,7 @@ class HFClipModel(HFClipPreTrainedModel):
             logits_per_text = logit_scale * text_embeds @ image_embeds.T
             logits_per_image = logits_per_text.T
 
-        loss = None
-        if return_loss:
-            loss = contrastive_loss(image_embeds, text_embeds, logit_scale, label_smoothing=self.config.label_smoothing)
+        loss = self.loss_from_embeddings(image_embeds, text_embeds) if return_loss else None
 
         output = HFClipOutput(
             loss=loss,
