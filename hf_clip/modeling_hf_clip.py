@@ -540,6 +540,13 @@ class HFClipModel(HFClipPreTrainedModel):
         """Clamp the stored log temperature to [0, log(logit_scale_max)] in place (call after optimiser steps)."""
         self.logit_scale.clamp_(0, math.log(self.config.logit_scale_max))
 
+    def compile_towers(self, **compile_kwargs) -> None:
+        """`torch.compile` both towers in place (`nn.Module.compile`), so that `forward`, `get_image_features` and
+        `get_text_features` run compiled while parameter names, `state_dict` and `save_pretrained` stay unchanged
+        (no `_orig_mod.` prefix). `compile_kwargs` go to `torch.compile` (e.g. `backend`, `mode`)."""
+        self.text_model.compile(**compile_kwargs)
+        self.vision_model.compile(**compile_kwargs)
+
     def lock_image_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the image tower and its projection, except its last `unlocked_layers` blocks (plus, when any
         are unlocked, the post-LN and the projection that follow them)."""

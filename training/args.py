@@ -44,6 +44,11 @@ class ModelArguments(TowerLockArguments):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
+    patch_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of image patch tokens dropped at random in training (FLIP); 0.5 trains the image "
+                          "tower about twice as fast. Unset: the checkpoint's value (0 from scratch)."},
+    )
 
 
 @dataclass
@@ -88,6 +93,11 @@ class TrainingArguments:
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch per process."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    grad_cache_micro_batches: int = field(
+        default=1,
+        metadata={"help": "GradCache: embed each per-device batch in K micro-batches while the contrastive loss still "
+                          "spans the whole batch (exact gradients, one micro-batch's activations in memory)."},
+    )
     max_steps: int = field(default=600, metadata={"help": "Number of optimiser steps."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(
@@ -98,6 +108,13 @@ class TrainingArguments:
     adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
     warmup_steps: int = field(default=40, metadata={"help": "Linear warm-up steps before the cosine decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    torch_compile: bool = field(
+        default=False, metadata={"help": "torch.compile both towers for training and evaluation."}
+    )
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend."})
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode (default, reduce-overhead, max-autotune)."}
+    )
     mixed_precision: str = field(
         default="auto",
         metadata={"help": "auto (bf16 where the hardware runs it natively, else fp32), no, bf16 or fp16."},
@@ -149,4 +166,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         if unknown:
             raise ValueError(f"{path}: unknown argument(s) {unknown}.")
         parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    if not 1 <= training_args.grad_cache_micro_batches <= training_args.per_device_train_batch_size:
+        raise ValueError(
+            f"--grad_cache_micro_batches must be between 1 and --per_device_train_batch_size "
+            f"({training_args.per_device_train_batch_size}), got {training_args.grad_cache_micro_batches}."
+        )
+    return model_args, data_args, training_args

@@ -61,6 +61,11 @@ class FinetuneArguments:
         metadata={"help": "Prompt templates (one {} each) for the zero-shot head; default: the embedded dataset's "
                           "templates for it, general photo templates otherwise."},
     )
+    patch_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of image patch tokens dropped at random in training (FLIP). Unset: the "
+                          "checkpoint's value."},
+    )
     wise_ft_alpha: float | None = field(
         default=None,
         metadata={"help": "image-classification: save (1-alpha)·zero-shot + alpha·fine-tuned weights (WiSE-FT)."},
@@ -225,7 +230,7 @@ def report(results: dict[str, dict[str, float]], training_args: TrainingArgument
 def main(argv: list[str] | None = None) -> dict:
     finetune_args, lock_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model, processor = load_pretrained(finetune_args.model_name_or_path)
+    model, processor = load_pretrained(finetune_args.model_name_or_path, finetune_args.patch_dropout)
     if finetune_args.task == "contrastive":
         return finetune_contrastive(model, processor, lock_args, data_args, training_args)
     return finetune_classifier(model, processor, finetune_args, lock_args, data_args, training_args)

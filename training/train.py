@@ -27,6 +27,7 @@ from hf_clip import (
     HFClipConfig,
     HFClipModel,
     HFClipProcessor,
+    grad_cache_backward,
     match_special_tokens,
     push_to_hub,
     render_model_card,
@@ -78,10 +79,14 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
-def load_pretrained(model_name_or_path: str) -> tuple[HFClipModel, HFClipProcessor]:
+def load_pretrained(model_name_or_path: str, patch_dropout: float | None = None
+                    ) -> tuple[HFClipModel, HFClipProcessor]:
     """An hf_clip or Transformers CLIP checkpoint and its processor, with the text config's special token ids
-    matched to the tokenizer's (see `hf_clip.match_special_tokens`)."""
-    model = HFClipModel.from_pretrained(model_name_or_path)
+    matched to the tokenizer's (see `hf_clip.match_special_tokens`); `patch_dropout` overrides the checkpoint's."""
+    config = HFClipConfig.from_pretrained(model_name_or_path)
+    if patch_dropout is not None:
+        config.vision_config.patch_dropout = patch_dropout
+    model = HFClipModel.from_pretrained(model_name_or_path, config=config)
     loaded = AutoProcessor.from_pretrained(model_name_or_path)
     match_special_tokens(model, loaded.tokenizer)
     return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
@@ -92,7 +97,7 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
                               ) -> tuple[HFClipModel, HFClipProcessor]:
     """Load `--model_name_or_path`, or build `--preset` from scratch with a tokenizer trained on the captions."""
     if model_args.model_name_or_path:
-        return load_pretrained(model_args.model_name_or_path)
+        return load_pretrained(model_args.model_name_or_path, model_args.patch_dropout)
 
     tokenizer_dir = output_dir / ".tokenizer"
     if accelerator.is_main_process and not (resuming and tokenizer_dir.is_dir()):
@@ -106,7 +111,8 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
         tokenizer.save_pretrained(tokenizer_dir)
     accelerator.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = HFClipConfig.from_preset(model_args.preset, tokenizer=tokenizer)
+    config = HFClipConfig.from_preset(model_args.preset, tokenizer=tokenizer,
+                                      vision_config={"patch_dropout": model_args.patch_dropout or 0.0})
     model = HFClipModel(config)
     return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
 
@@ -242,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     lock_towers(model, model_args)
     if model_args.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    if args.torch_compile:
+        model.compile_towers(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
     optimizer = build_optimizer(model, args)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -280,8 +288,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             skipped_total += int(batch["skipped"])
             inputs = {k: batch[k].to(accelerator.device) for k in ("pixel_values", "input_ids", "attention_mask")}
             with accelerator.accumulate(model):
-                loss = model(**inputs, return_loss=True).loss
-                accelerator.backward(loss)
+                if args.grad_cache_micro_batches > 1:
+                    loss = grad_cache_backward(model, inputs, args.grad_cache_micro_batches,
+                                               backward=accelerator.backward)
+                else:
+                    loss = model(**inputs, return_loss=True).loss
+                    accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
