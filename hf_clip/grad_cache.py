@@ -143,7 +143,8 @@ def grad_cache_backward(
             surrogate = (image_embeds * image_grads[index]).sum() + (text_embeds * text_grads[index]).sum()
             if last:  # the loss's own parameters (temperature, bias) join the one backward that synchronises
                 surrogate = surrogate + sum((p * g).sum() for p, g in loss_parameter_grads)
-            backward(surrogate)
+            if surrogate.requires_grad:  # False for a micro-batch of fully locked towers
+                backward(surrogate)
     final_state.restore()
     return loss.detach()
 

@@ -103,6 +103,22 @@ def test_accumulates_and_uses_the_given_backward(tiny_config):
     _assert_grads_close(_grads(model), expected)
 
 
+@pytest.mark.parametrize("locked", ["image", "both"])
+def test_locked_towers(tiny_config, locked):
+    model = _model(tiny_config)
+    model.lock_image_tower()
+    if locked == "both":
+        model.lock_text_tower()
+    batch = _batch(model.config, 6)
+    model(**batch, return_loss=True).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    grad_cache_backward(model, batch, 3)
+    got = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == set(expected) and ("logit_scale" in got)
+    _assert_grads_close(got, expected)
+
+
 def test_uneven_and_bad_micro_batch_counts(tiny_config):
     model = _model(tiny_config)
     batch = _batch(model.config, 7)
