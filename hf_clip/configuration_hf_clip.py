@@ -13,6 +13,22 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 
 
+def _check_values(config: PreTrainedConfig, positive: tuple[str, ...]) -> None:
+    """Sizes that cannot build a working model: `positive` fields must be > 0 (`projection_dim` may be None),
+    `num_hidden_layers` >= 0 and `layer_norm_eps` > 0."""
+    for name in positive:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{type(config).__name__}: `{name}` must be positive, got {value}.")
+    if config.num_hidden_layers < 0:
+        raise ValueError(
+            f"{type(config).__name__}: `num_hidden_layers` must be 0 or more, got {config.num_hidden_layers}.")
+    if not config.layer_norm_eps > 0:
+        raise ValueError(
+            f"{type(config).__name__}: `layer_norm_eps` must be positive (it keeps LayerNorm from dividing by zero), "
+            f"got {config.layer_norm_eps}.")
+
+
 def _check_width_and_heads(config: PreTrainedConfig) -> None:
     if config.hidden_size % config.num_attention_heads != 0:
         raise ValueError(
@@ -53,6 +69,8 @@ class HFClipTextConfig(PreTrainedConfig):
     eos_token_id: int = 49407
 
     def validate_architecture(self) -> None:
+        _check_values(self, ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_attention_heads",
+                             "max_position_embeddings"))
         _check_width_and_heads(self)
 
     def validate_activation(self) -> None:
@@ -95,6 +113,8 @@ class HFClipVisionConfig(PreTrainedConfig):
     patch_dropout: int | float = 0.0
 
     def validate_architecture(self) -> None:
+        _check_values(self, ("hidden_size", "intermediate_size", "projection_dim", "num_attention_heads",
+                             "num_channels", "image_size", "patch_size"))
         _check_width_and_heads(self)
         if self.image_size % self.patch_size != 0:
             raise ValueError(
@@ -169,13 +189,19 @@ class HFClipConfig(PreTrainedConfig):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"HFClipConfig: `label_smoothing` must be in [0, 1), got {self.label_smoothing}.")
 
+    def validate_projection_dim(self) -> None:
+        if self.projection_dim <= 0:
+            raise ValueError(f"HFClipConfig: `projection_dim` must be positive, got {self.projection_dim}.")
+
     def validate_logit_scale(self) -> None:
-        if not 0 < self.logit_scale_max:
-            raise ValueError(f"HFClipConfig: `logit_scale_max` must be positive, got {self.logit_scale_max}.")
-        if math.exp(self.logit_scale_init_value) > self.logit_scale_max:
+        if not 0 < self.logit_scale_max < math.inf:
             raise ValueError(
-                f"HFClipConfig: exp(`logit_scale_init_value`) = {math.exp(self.logit_scale_init_value):.4g} exceeds "
-                f"`logit_scale_max` ({self.logit_scale_max})."
+                f"HFClipConfig: `logit_scale_max` must be positive and finite, got {self.logit_scale_max}.")
+        if not self.logit_scale_init_value <= math.log(self.logit_scale_max):
+            raise ValueError(
+                f"HFClipConfig: `logit_scale_init_value` ({self.logit_scale_init_value}) exceeds ln(`logit_scale_max`) "
+                f"= {math.log(self.logit_scale_max):.4g}; it is the log of the initial temperature scale, "
+                "ln(1/0.07) = 2.659 in CLIP."
             )
 
     @classmethod

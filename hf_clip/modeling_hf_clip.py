@@ -8,6 +8,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -297,6 +298,24 @@ def _check_right_padded(attention_mask: torch.Tensor) -> None:
     torch._assert_async(is_right_padded, "hf_clip expects right-padded text: each attention_mask row is 1s then 0s.")
 
 
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """(batch, seq) ids must index the token embedding. Asserted on device, like the padding."""
+    torch._assert_async(
+        ((input_ids >= 0) & (input_ids < vocab_size)).all(),
+        f"hf_clip: input_ids hold token ids outside the vocabulary (0..{vocab_size - 1}, `vocab_size` = "
+        f"{vocab_size}); tokenize with this model's tokenizer.",
+    )
+
+
+def _check_end_of_text(input_ids: torch.Tensor, eos_token_id: int) -> None:
+    """Each (batch, seq) row must hold the end-of-text token the text tower pools at. Asserted on device."""
+    torch._assert_async(
+        (input_ids == eos_token_id).any(dim=-1).all(),
+        f"hf_clip: an input_ids row has no end-of-text token (`eos_token_id` = {eos_token_id}), where the text "
+        "tower pools; tokenize with this model's tokenizer and `truncation=True`, which keeps it.",
+    )
+
+
 class HFClipPreTrainedModel(PreTrainedModel):
     """Weight init follows OpenAI CLIP: std width^-0.5 for attention inputs and projections,
     width^-0.5·(2·layers)^-0.5 for residual outputs, (2·width)^-0.5 for the MLP input, 0.02 for token
@@ -317,6 +336,7 @@ class HFClipPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed, so a
         checkpoint is never unpickled by default. A truncated or corrupt weights file raises `OSError` naming it."""
+        safetensors_by_default = "use_safetensors" not in kwargs
         kwargs.setdefault("use_safetensors", True)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -324,6 +344,20 @@ class HFClipPreTrainedModel(PreTrainedModel):
             raise OSError(
                 f"The safetensors weights of {pretrained_model_name_or_path!r} are truncated or corrupt ({error}). "
                 "Re-download or re-save the checkpoint."
+            ) from error
+        except OSError as error:
+            if not safetensors_by_default or pretrained_model_name_or_path is None:
+                raise
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            pickled = [name for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+                       if (folder / name).is_file()]
+            if not pickled:
+                raise
+            raise OSError(
+                f"{str(folder)!r} has no model.safetensors, only {pickled[0]} (pickled PyTorch weights). hf_clip does "
+                "not read pickles by default because unpickling a file can run arbitrary code. If you trust where it "
+                "came from, load it with `from_pretrained(..., use_safetensors=False)` and re-save it with "
+                "`save_pretrained`, which writes safetensors."
             ) from error
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
@@ -406,9 +440,12 @@ class HFClipTextModel(HFClipPreTrainedModel):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
+        _check_token_ids(input_ids, self.config.vocab_size)
         if attention_mask is not None:
             _check_right_padded(attention_mask)
         hidden_states = self.embeddings(input_ids, position_ids)
+        if self.config.eos_token_id != 2:
+            _check_end_of_text(input_ids, self.config.eos_token_id)
         causal_mask = create_causal_mask(self.config, hidden_states, attention_mask=None, cache=None)
         hidden_states, all_hidden_states, all_attentions = self.encoder(
             hidden_states, causal_mask, output_hidden_states, output_attentions
