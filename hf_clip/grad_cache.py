@@ -58,7 +58,9 @@ def unwrap_clip_model(model: nn.Module) -> HFClipModel:
     while not isinstance(inner, HFClipModel):
         wrapped = inner._modules.get("module", None) or inner._modules.get("_orig_mod", None)
         if wrapped is None:
-            raise TypeError(f"grad_cache_backward needs an HFClipModel (optionally wrapped), got {type(model).__name__}.")
+            raise TypeError(
+                f"grad_cache_backward needs an HFClipModel (optionally wrapped), got {type(model).__name__}."
+            )
         inner = wrapped
     return inner
 
