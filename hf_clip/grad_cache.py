@@ -56,7 +56,7 @@ def unwrap_clip_model(model: nn.Module) -> HFClipModel:
     """The `HFClipModel` inside DDP (`.module`) or `torch.compile` (`._orig_mod`) wrappers."""
     inner = model
     while not isinstance(inner, HFClipModel):
-        wrapped = inner._modules.get("module", None) or inner._modules.get("_orig_mod", None)
+        wrapped = next((inner._modules[name] for name in ("module", "_orig_mod") if name in inner._modules), None)
         if wrapped is None:
             raise TypeError(
                 f"grad_cache_backward needs an HFClipModel (optionally wrapped), got {type(model).__name__}."

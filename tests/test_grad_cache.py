@@ -129,6 +129,8 @@ def test_uneven_and_bad_micro_batch_counts(tiny_config):
     for bad in (0, 8):
         with pytest.raises(ValueError, match="num_micro_batches"):
             grad_cache_backward(model, batch, bad)
+    with pytest.raises(TypeError, match="needs an HFClipModel"):
+        grad_cache_backward(model.vision_model, batch, 2)
 
 
 def _free_port() -> int:
