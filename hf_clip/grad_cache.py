@@ -112,6 +112,7 @@ def grad_cache_backward(
         The detached loss over the N pairs, as `model(**inputs, return_loss=True).loss` would give.
     """
     backward = backward or torch.Tensor.backward
+    loss_model = unwrap_clip_model(model)
     micro_batches = split_micro_batches({k: v for k, v in inputs.items() if k in EMBEDDING_INPUTS and v is not None},
                                         num_micro_batches)
     device = inputs["pixel_values"].device
@@ -124,7 +125,6 @@ def grad_cache_backward(
             text_chunks.append(text_embeds)
     final_state = RandomState.capture(device)
 
-    loss_model = unwrap_clip_model(model)
     loss_parameters = [parameter for parameter in loss_model.parameters() if parameter.requires_grad]
     image_embeds = torch.cat(image_chunks).requires_grad_()
     text_embeds = torch.cat(text_chunks).requires_grad_()
