@@ -64,3 +64,18 @@ def test_compiled_patch_dropout_run_saves_resumes_and_pushes_without_orig_mod_ke
     _train(out, "--max_steps", "3", *flags, "--resume_from_checkpoint", "latest")
     assert set(load_file(out / "model.safetensors")) == expected_keys
     assert sorted(_losses(out)) == [1, 2, 3]
+
+
+def test_finetune_trainer_patch_dropout(tmp_path, saved_checkpoint):
+    """--patch_dropout reaches the model Trainer fine-tunes, and the saved config keeps it."""
+    out = tmp_path / "finetuned"
+    command = [sys.executable, "-m", "training.finetune_trainer", "--model_name_or_path", str(saved_checkpoint),
+               "--output_dir", str(out), "--patch_dropout", "0.5", "--embedded_num_train", "64",
+               "--eval_splits", "test", "--max_eval_samples", "32", "--per_device_train_batch_size", "16",
+               "--per_device_eval_batch_size", "32", "--max_steps", "2", "--dataloader_num_workers", "0",
+               "--report_to", "none"]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert json.loads((out / "config.json").read_text())["vision_config"]["patch_dropout"] == 0.5
+    assert json.loads((saved_checkpoint / "config.json").read_text())["vision_config"]["patch_dropout"] == 0.0
