@@ -1,12 +1,12 @@
-# `make test` builds .venv from the pinned requirements (torch comes from the wheels on this machine's disk)
-# and runs the test suite. `make demo` trains, evaluates and saves a model on the embedded dataset.
-# `make bench` runs the benchmarks.
+# `make test` builds .venv from the pinned requirements (torch comes from the wheels on this machine's disk),
+# runs `make lint` (ruff) and the whole test suite. `make demo` trains, evaluates and saves a model on the embedded
+# dataset. `make bench` runs the benchmarks.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench freeze clean
+.PHONY: install lint test demo bench freeze clean
 
 $(STAMP): requirements/dev.txt requirements/constraints.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ $(STAMP): requirements/dev.txt requirements/constraints.txt setup.cfg pyproject.
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest tests
 
 demo: $(STAMP)

@@ -163,7 +163,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-_CLIP_MODEL_TYPES = {"clip": "hf_clip", "clip_text_model": "hf_clip_text_model", "clip_vision_model": "hf_clip_vision_model"}
+_CLIP_MODEL_TYPES = {
+    "clip": "hf_clip", "clip_text_model": "hf_clip_text_model", "clip_vision_model": "hf_clip_vision_model"
+}
 
 
 @strict

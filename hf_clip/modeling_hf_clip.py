@@ -728,7 +728,9 @@ class HFClipVisionModelWithProjection(HFClipPreTrainedModel):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> HFClipVisionModelOutput:
-        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions)
+        vision_outputs = self.vision_model(
+            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
+        )
         return HFClipVisionModelOutput(
             image_embeds=self.visual_projection(vision_outputs.pooler_output),
             last_hidden_state=vision_outputs.last_hidden_state,

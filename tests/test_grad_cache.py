@@ -139,6 +139,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_grad_cache_matches_single_process(tmp_path, tiny_config):
     """2 gloo ranks under real DDP, each splitting its half of the global batch into 2 micro-batches: the loss
     gathers embeddings across ranks, and the gradients equal one process's on the concatenated batch."""

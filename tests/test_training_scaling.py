@@ -13,6 +13,8 @@ from safetensors.torch import load, load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow
+
 
 def _train(output_dir, *extra, env=None):
     env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
@@ -44,8 +46,8 @@ def test_compiled_patch_dropout_run_saves_resumes_and_pushes_without_orig_mod_ke
     compiles the graphs without inductor's C++ code generation, which takes minutes on a small CPU.)"""
     out = tmp_path / "run"
     flags = ["--eval_splits", "test", "--torch_compile", "--torch_compile_backend", "aot_eager",
-             "--patch_dropout", "0.5", "--grad_cache_micro_batches", "2", "--checkpointing_steps", "1",
-             "--checkpoints_total_limit", "5"]
+             "--patch_dropout", "0.5", "--grad_cache_micro_batches", "2", "--save_steps", "1",
+             "--save_total_limit", "5"]
     env = hub_env(hub_server, tmp_path / "hf_home")
     _train(out, "--max_steps", "2", *flags, "--push_to_hub", "--hub_model_id", "compiled-run",
            "--hub_push_checkpoints", env=env)
