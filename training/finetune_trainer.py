@@ -40,6 +40,7 @@ from .args import (
     ModelArguments,
     PatchDropoutArguments,
     TowerLockArguments,
+    check_model_name_or_path,
     parse_with_config_file,
 )
 from .common import load_pretrained, lock_towers, pipeline_demo, zero_shot_templates
@@ -81,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
         argv, defaults={"remove_unused_columns": False, "embedded_num_train": 4_000}))
     if args.model.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: the hf_clip or Transformers CLIP checkpoint to fine-tune.")
+    check_model_name_or_path(args.model.model_name_or_path)
     if args.finetune.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {args.finetune.task!r}.")
     if args.training.remove_unused_columns:
