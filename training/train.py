@@ -237,10 +237,12 @@ def card_dataset(args: TrainScriptArguments) -> dict:
 
 def evaluate(accelerator: Accelerator, model, processor, eval_splits: dict, args: TrainScriptArguments,
              metrics_log: MetricsLog, step: int) -> dict[str, dict[str, float]]:
-    """Evaluate every split (each process embeds a share of the rows) and log the results at `step`."""
+    """Evaluate every split (each process embeds a share of the rows) and log the results at `step`. Under FSDP
+    every forward is a collective, so every process embeds every row (unequal shares would call it unequally often)."""
+    shares = accelerator.distributed_type != DistributedType.FSDP
     with accelerator.autocast():
         results = evaluate_splits(accelerator.unwrap_model(model), processor, eval_splits, args.data, args.eval,
-                                  args.loader, split_across_processes=True)
+                                  args.loader, split_across_processes=shares)
     for name, metrics in results.items():
         metrics_log.write(step, {f"eval/{name}/{key}": value for key, value in metrics.items()})
     return results
