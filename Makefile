@@ -29,6 +29,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_scaling.py
 
 freeze: $(STAMP)
 	{ echo "# Full, exact dev/CI environment (pip freeze of requirements/dev.txt). Regenerate with 'make freeze'."; \

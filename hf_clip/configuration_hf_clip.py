@@ -90,7 +90,11 @@ class HFClipTextConfig(PreTrainedConfig):
 
 @strict
 class HFClipVisionConfig(PreTrainedConfig):
-    """ViT image encoder: patch conv, class token, position embeddings, pre-LN blocks, post-LN on the class token."""
+    """ViT image encoder: patch conv, class token, position embeddings, pre-LN blocks, post-LN on the class token.
+
+    `patch_dropout` is the fraction of patch tokens each image drops at random in training (FLIP, Li et al., 2023;
+    open_clip's `PatchDropout`), after the position embeddings; the class token is always kept. Eval is unaffected.
+    """
 
     model_type = "hf_clip_vision_model"
     base_config_key = "vision_config"
@@ -108,6 +112,7 @@ class HFClipVisionConfig(PreTrainedConfig):
     attention_dropout: int | float = 0.0
     initializer_range: float = 0.02
     initializer_factor: float = 1.0
+    patch_dropout: int | float = 0.0
 
     def validate_architecture(self) -> None:
         _check_values(self, ("hidden_size", "intermediate_size", "projection_dim", "num_attention_heads",
@@ -121,6 +126,10 @@ class HFClipVisionConfig(PreTrainedConfig):
 
     def validate_activation(self) -> None:
         _check_activation(self)
+
+    def validate_patch_dropout(self) -> None:
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"HFClipVisionConfig: `patch_dropout` must be in [0, 1), got {self.patch_dropout}.")
 
 
 _PRESETS: dict[str, dict[str, Any]] = {

@@ -246,6 +246,26 @@ class HFClipVisionEmbeddings(nn.Module):
         return embeddings + self.position_embedding.weight.unsqueeze(0)
 
 
+class HFClipPatchDropout(nn.Module):
+    """FLIP's patch dropout (open_clip's `PatchDropout`): in training, each image keeps the class token and a random
+    max(1, int((1 - p) · patches)) of its patch tokens: (batch, 1+patches, width) -> (batch, 1+kept, width).
+    Identity in eval mode or at p = 0."""
+
+    def __init__(self, config: HFClipVisionConfig):
+        super().__init__()
+        self.prob = config.patch_dropout
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return embeddings
+        class_token, patches = embeddings[:, :1], embeddings[:, 1:]
+        batch_size, num_patches, width = patches.shape
+        num_kept = max(1, int(num_patches * (1.0 - self.prob)))
+        kept = torch.rand(batch_size, num_patches, device=patches.device).topk(num_kept, dim=-1).indices
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))
+        return torch.cat([class_token, patches], dim=1)
+
+
 class HFClipTextEmbeddings(nn.Module):
     """Token + learned position embeddings: (batch, seq) -> (batch, seq, width)."""
 
@@ -453,6 +473,7 @@ class HFClipVisionModel(HFClipPreTrainedModel):
     def __init__(self, config: HFClipVisionConfig):
         super().__init__(config)
         self.embeddings = HFClipVisionEmbeddings(config)
+        self.patch_dropout = HFClipPatchDropout(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = HFClipEncoder(config, is_causal=False)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -468,7 +489,8 @@ class HFClipVisionModel(HFClipPreTrainedModel):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        embeddings = self.patch_dropout(self.embeddings(pixel_values, interpolate_pos_encoding))
+        hidden_states = self.pre_layrnorm(embeddings)
         last_hidden_state, all_hidden_states, all_attentions = self.encoder(
             hidden_states, None, output_hidden_states, output_attentions
         )
@@ -545,14 +567,42 @@ class HFClipModel(HFClipPreTrainedModel):
         vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
         return vision_outputs
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embedding, as in Transformers' `SiglipModel`."""
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
+
+    def loss_from_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                             gather_distributed: bool = False) -> torch.Tensor:
+        """The configured loss (`config.loss_type`, `hf_clip.loss.image_text_loss`) of L2-normalised (n, d) image
+        and text embeddings (row i of each is a pair), with this model's clamped temperature and its bias: what
+        `forward(return_loss=True, gather_distributed=...)` returns. `gather_distributed=True` is a collective."""
+        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+            logit_scale = self.clamped_logit_scale().float()
+        return image_text_loss(image_embeds, text_embeds, logit_scale, self.logit_bias, **loss_settings(self.config),
+                               gather_distributed=gather_distributed)
+
     def clamped_logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped to at most `config.logit_scale_max` (scalar tensor)."""
-        return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
+        """exp(logit_scale), clamped to at most `config.logit_scale_max` (scalar tensor). Under FSDP2, outside the
+        forward, `logit_scale` is a sharded (1,) DTensor: it is gathered, so every process must call this."""
+        logit_scale = self.logit_scale
+        if hasattr(logit_scale, "full_tensor"):
+            logit_scale = logit_scale.full_tensor()
+        return logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp().reshape(())
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
         """Clamp the stored log temperature to [0, log(logit_scale_max)] in place (call after optimiser steps)."""
         self.logit_scale.clamp_(0, math.log(self.config.logit_scale_max))
+
+    def compile_towers(self, **compile_kwargs) -> None:
+        """`torch.compile` both towers in place (`nn.Module.compile`), so that `forward`, `get_image_features` and
+        `get_text_features` run compiled while parameter names, `state_dict` and `save_pretrained` stay unchanged
+        (no `_orig_mod.` prefix). `compile_kwargs` go to `torch.compile` (e.g. `backend`, `mode`)."""
+        self.text_model.compile(**compile_kwargs)
+        self.vision_model.compile(**compile_kwargs)
 
     def lock_image_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the image tower and its projection, except its last `unlocked_layers` blocks (plus, when any
@@ -633,8 +683,7 @@ class HFClipModel(HFClipPreTrainedModel):
 
         loss = None
         if return_loss:
-            loss = image_text_loss(image_embeds, text_embeds, logit_scale, self.logit_bias,
-                                   **loss_settings(self.config), gather_distributed=gather_distributed)
+            loss = self.loss_from_embeddings(image_embeds, text_embeds, gather_distributed=gather_distributed)
 
         output = HFClipOutput(
             loss=loss,

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from hf_clip import HFClipConfig, HFClipModel, contrastive_loss, image_text_loss
+from hf_clip import HFClipConfig, HFClipModel, contrastive_loss, grad_cache_backward, image_text_loss
 
 
 def ddp_contrastive_step(rank: int, world_size: int, port: int, work_dir: str, config_json: str) -> None:
@@ -118,5 +118,26 @@ def rank_zero_loss_alone(rank: int, world_size: int, port: int, work_dir: str, c
                 loss = model(**batch, return_loss=True).loss
             save_file({"loss": loss}, os.path.join(work_dir, "rank0_result.safetensors"))
         dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_grad_cache_step(rank: int, world_size: int, port: int, work_dir: str, config_json: str,
+                        num_micro_batches: int) -> None:
+    """One DDP GradCache step on this rank's slice of the global batch; rank 0 saves the mean loss and gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = HFClipModel(HFClipConfig.from_json_file(config_json)).train()
+        model.load_state_dict(load_file(os.path.join(work_dir, "weights.safetensors")))
+        batch = load_file(os.path.join(work_dir, "batch.safetensors"))
+        local = {key: value.chunk(world_size)[rank] for key, value in batch.items()}
+        loss = grad_cache_backward(DistributedDataParallel(model), local, num_micro_batches)
+        dist.all_reduce(loss)
+        if rank == 0:
+            tensors = {f"grad.{name}": p.grad.contiguous() for name, p in model.named_parameters()}
+            tensors["loss"] = loss / world_size
+            save_file(tensors, os.path.join(work_dir, "ddp_result.safetensors"))
     finally:
         dist.destroy_process_group()

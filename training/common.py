@@ -30,17 +30,21 @@ def loss_overrides(loss_args: LossArguments | None) -> dict:
     return overrides
 
 
-def load_pretrained(model_name_or_path: str, loss_args: LossArguments | None = None
-                    ) -> tuple[HFClipModel, HFClipProcessor]:
+def load_pretrained(model_name_or_path: str, patch_dropout: float | None = None,
+                    loss_args: LossArguments | None = None) -> tuple[HFClipModel, HFClipProcessor]:
     """An hf_clip or Transformers CLIP checkpoint and its processor, with the text config's special token ids
-    matched to the tokenizer's (see `hf_clip.match_special_tokens`). `loss_args` may switch the loss; a CLIP
-    checkpoint switched to SigLIP gets a new `logit_bias` at the SigLIP initialisation."""
+    matched to the tokenizer's (see `hf_clip.match_special_tokens`); `patch_dropout` overrides the checkpoint's.
+    `loss_args` may switch the loss; a CLIP checkpoint switched to SigLIP gets a new `logit_bias` at the SigLIP
+    initialisation."""
     config = HFClipConfig.from_pretrained(model_name_or_path)
+    if patch_dropout is not None:
+        config.vision_config.patch_dropout = patch_dropout
     overrides = loss_overrides(loss_args)
     if overrides.get("loss_type", config.loss_type) == config.loss_type:
         overrides.pop("logit_bias_init_value", None)
-    model = HFClipModel.from_pretrained(model_name_or_path,
-                                        config=HFClipConfig.from_dict({**config.to_dict(), **overrides}))
+    if overrides:
+        config = HFClipConfig.from_dict({**config.to_dict(), **overrides})
+    model = HFClipModel.from_pretrained(model_name_or_path, config=config)
     loaded = AutoProcessor.from_pretrained(model_name_or_path)
     match_special_tokens(model, loaded.tokenizer)
     return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)

@@ -39,6 +39,7 @@ from .args import (
     EvalArguments,
     LossArguments,
     ModelArguments,
+    PatchDropoutArguments,
     TowerLockArguments,
     check_model_name_or_path,
     parse_with_config_file,
@@ -69,6 +70,7 @@ class FinetuneScriptArguments:
     model: ModelArguments
     locks: TowerLockArguments
     loss: LossArguments
+    patch_dropout: PatchDropoutArguments
     data: DatasetArguments
     eval: EvalArguments
     finetune: FinetuneArguments
@@ -77,7 +79,8 @@ class FinetuneScriptArguments:
 
 def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
     args = FinetuneScriptArguments(*parse_with_config_file(
-        (ModelArguments, TowerLockArguments, LossArguments, DatasetArguments, EvalArguments, FinetuneArguments,
+        (ModelArguments, TowerLockArguments, LossArguments, PatchDropoutArguments, DatasetArguments, EvalArguments,
+         FinetuneArguments,
          TrainingArguments),
         argv, defaults={"remove_unused_columns": False, "embedded_num_train": 4_000}))
     if args.model.model_name_or_path is None:
@@ -233,7 +236,7 @@ def report(results: dict[str, dict[str, float]], training_args: TrainingArgument
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model, processor = load_pretrained(args.model.model_name_or_path, args.loss)
+    model, processor = load_pretrained(args.model.model_name_or_path, args.patch_dropout.patch_dropout, args.loss)
     if args.finetune.task == "contrastive":
         return finetune_contrastive(model, processor, args)
     return finetune_classifier(model, processor, args)

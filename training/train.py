@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -26,6 +26,7 @@ from hf_clip import (
     HFClipConfig,
     HFClipModel,
     HFClipProcessor,
+    grad_cache_backward,
     push_to_hub,
     render_model_card,
     train_clip_tokenizer,
@@ -40,6 +41,7 @@ from .args import (
     LoaderArguments,
     LossArguments,
     ModelArguments,
+    PatchDropoutArguments,
     RunArguments,
     TowerLockArguments,
     check_at_least_one,
@@ -57,6 +59,13 @@ from .data import (
     load_eval_splits,
     load_train_split,
     worker_count,
+)
+from .fsdp import (
+    enable_fsdp_on_cpu,
+    register_feature_methods,
+    scalar_logit_scale,
+    shardable_logit_scale_,
+    unsharded_model,
 )
 from .synthetic import DATASET_ID, caption_corpus, describe
 
@@ -77,7 +86,7 @@ CARD_KEYS = (
     "num_processes", "global_batch_size", "learning_rate", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "mixed_precision", "activation_checkpointing", "lock_image",
     "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers", "tokenizer_vocab_size", "context_length",
-    "seed",
+    "seed", "patch_dropout", "grad_cache_micro_batches", "torch_compile",
 )
 
 
@@ -86,6 +95,7 @@ class TrainScriptArguments:
     model: ModelArguments
     locks: TowerLockArguments
     loss: LossArguments
+    patch_dropout: PatchDropoutArguments
     scratch: FromScratchArguments
     data: DatasetArguments
     eval: EvalArguments
@@ -93,11 +103,12 @@ class TrainScriptArguments:
     run: RunArguments
 
     def flat(self) -> dict:
-        return {key: value for part in (self.model, self.locks, self.loss, self.scratch, self.data, self.eval,
-                                        self.loader, self.run) for key, value in asdict(part).items()}
+        return {key: value for part in (self.model, self.locks, self.loss, self.patch_dropout, self.scratch, self.data,
+                                        self.eval, self.loader, self.run) for key, value in asdict(part).items()}
 
 
-ARGUMENT_CLASSES = (ModelArguments, TowerLockArguments, LossArguments, FromScratchArguments, DatasetArguments,
+ARGUMENT_CLASSES = (ModelArguments, TowerLockArguments, LossArguments, PatchDropoutArguments, FromScratchArguments,
+                    DatasetArguments,
                     EvalArguments, LoaderArguments, RunArguments)
 
 
@@ -107,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> TrainScriptArguments:
     check_at_least_one(args.run, "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps")
     check_at_least_one(args.loader, "per_device_eval_batch_size")
     check_model_name_or_path(args.model.model_name_or_path)
+    run = args.run
+    if not 1 <= run.grad_cache_micro_batches <= run.per_device_train_batch_size:
+        raise ValueError(
+            f"--grad_cache_micro_batches must be between 1 and --per_device_train_batch_size "
+            f"({run.per_device_train_batch_size}), got {run.grad_cache_micro_batches}."
+        )
     return args
 
 
@@ -134,7 +151,7 @@ def build_model_and_processor(args: TrainScriptArguments, train_split, accelerat
                               ) -> tuple[HFClipModel, HFClipProcessor]:
     """Load `--model_name_or_path`, or build `--preset` from scratch with a tokenizer trained on the captions."""
     if args.model.model_name_or_path:
-        return load_pretrained(args.model.model_name_or_path, args.loss)
+        return load_pretrained(args.model.model_name_or_path, args.patch_dropout.patch_dropout, args.loss)
 
     tokenizer_dir = Path(args.run.output_dir) / ".tokenizer"
     if accelerator.is_main_process and not (resuming and tokenizer_dir.is_dir()):
@@ -148,7 +165,9 @@ def build_model_and_processor(args: TrainScriptArguments, train_split, accelerat
         tokenizer.save_pretrained(tokenizer_dir)
     accelerator.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer, **loss_overrides(args.loss))
+    config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer,
+                                      vision_config={"patch_dropout": args.patch_dropout.patch_dropout or 0.0},
+                                      **loss_overrides(args.loss))
     model = HFClipModel(config)
     return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
 
@@ -222,10 +241,12 @@ def card_dataset(args: TrainScriptArguments) -> dict:
 
 def evaluate(accelerator: Accelerator, model, processor, eval_splits: dict, args: TrainScriptArguments,
              metrics_log: MetricsLog, step: int) -> dict[str, dict[str, float]]:
-    """Evaluate every split (each process embeds a share of the rows) and log the results at `step`."""
+    """Evaluate every split (each process embeds a share of the rows) and log the results at `step`. Under FSDP
+    every forward is a collective, so every process embeds every row (unequal shares would call it unequally often)."""
+    shares = accelerator.distributed_type != DistributedType.FSDP
     with accelerator.autocast():
         results = evaluate_splits(accelerator.unwrap_model(model), processor, eval_splits, args.data, args.eval,
-                                  args.loader, split_across_processes=True)
+                                  args.loader, split_across_processes=shares)
     for name, metrics in results.items():
         metrics_log.write(step, {f"eval/{name}/{key}": value for key, value in metrics.items()})
     return results
@@ -234,25 +255,28 @@ def evaluate(accelerator: Accelerator, model, processor, eval_splits: dict, args
 def push_checkpoint(accelerator: Accelerator, model, processor: HFClipProcessor, repo_id: str, step: int,
                     args: TrainScriptArguments) -> None:
     """Push the model at `step` to the `checkpoints` branch of `repo_id`; every process must call it."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = scalar_logit_scale(accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         hyperparameters = {**card_hyperparameters(args, accelerator), "max_steps": step}
-        commit = push_to_hub(accelerator.unwrap_model(model), processor, repo_id, state_dict=state_dict,
+        commit = push_to_hub(unsharded_model(accelerator, model, state_dict), processor, repo_id, state_dict=state_dict,
                              hyperparameters=hyperparameters, **card_dataset(args), private=args.run.hub_private_repo,
                              revision=HUB_CHECKPOINT_BRANCH, commit_message=f"Checkpoint at step {step}")
         logger.info("Pushed the step-%d checkpoint: %s", step, commit.commit_url)
     accelerator.wait_for_everyone()
 
 
-def save(accelerator: Accelerator, model, processor: HFClipProcessor, results: dict, output_dir: Path) -> dict:
+def save(accelerator: Accelerator, model, processor: HFClipProcessor, results: dict, output_dir: Path
+         ) -> tuple[dict, HFClipModel | None]:
     """Save the model (gathered from every process), processor and `eval_results.json` to `output_dir`; returns
-    the state dict that was saved (on the main process)."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=dict(state_dict))  # it empties its copy
-        processor.save_pretrained(output_dir)
-        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-    return state_dict
+    the state dict that was saved and the model as one plain `HFClipModel` (both on the main process)."""
+    state_dict = scalar_logit_scale(accelerator.get_state_dict(model))
+    if not accelerator.is_main_process:
+        return state_dict, None
+    unsharded = unsharded_model(accelerator, model, state_dict)
+    unsharded.save_pretrained(output_dir, state_dict=dict(state_dict))  # it empties its copy
+    processor.save_pretrained(output_dir)
+    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+    return state_dict, unsharded
 
 
 def write_card(model: HFClipModel, repo_id: str, results: dict, hyperparameters: dict, args: TrainScriptArguments,
@@ -283,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         step_scheduler_with_optimizer=False,
     )
+    enable_fsdp_on_cpu(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     logger.info("%d process(es) on %s, mixed precision: %s", accelerator.num_processes, accelerator.device,
@@ -304,9 +329,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     lock_towers(model, args.locks)
     if run.activation_checkpointing:
         model.activation_checkpointing_enable()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        shardable_logit_scale_(model)
+    if run.torch_compile:
+        model.compile_towers(backend=run.torch_compile_backend, mode=run.torch_compile_mode)
     optimizer = build_optimizer(model, run)
     scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, run.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        register_feature_methods(model)
     step, micro_step, skipped_total = 0, 0, 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -344,8 +375,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             skipped_total += int(batch["skipped"])
             inputs = {k: batch[k].to(accelerator.device) for k in ("pixel_values", "input_ids", "attention_mask")}
             with accelerator.accumulate(model):
-                loss = model(**inputs, return_loss=True, gather_distributed=True).loss
-                accelerator.backward(loss)
+                if run.grad_cache_micro_batches > 1:
+                    loss = grad_cache_backward(model, inputs, run.grad_cache_micro_batches,
+                                               backward=accelerator.backward)
+                else:
+                    loss = model(**inputs, return_loss=True, gather_distributed=True).loss
+                    accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and run.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
@@ -391,10 +426,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 6. Evaluate.
     results = evaluate(accelerator, model, processor, eval_splits, args, metrics_log, step)
     # 7. Save the model, processor and results.
-    state_dict = save(accelerator, model, processor, results, output_dir)
+    state_dict, unwrapped = save(accelerator, model, processor, results, output_dir)
     skipped = int(accelerator.reduce(torch.tensor(float(skipped_total), device=accelerator.device), "sum").item())
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         hyperparameters = card_hyperparameters(args, accelerator)
         # 8. The model card.
         write_card(unwrapped, repo_id, results, hyperparameters, args, output_dir)
