@@ -257,12 +257,13 @@ def contrastive_loss(
             all_image, all_text = image, text
         chunk = resolve_chunk_size(chunk_size, image.shape[0], all_text.shape[0])
         if chunk is None:
-            logits_per_image = (scale * image) @ all_text.T  # (n, N); the only n×N tensor autograd keeps
+            scaled_image = scale * image
+            logits_per_image = scaled_image @ all_text.T  # (n, N); the only n×N tensor autograd keeps
             if world_size == 1:
                 image_lse, text_lse = _DenseLogSumExp.apply(logits_per_image)
-            else:
-                image_lse = torch.logsumexp(logits_per_image, dim=1)
-                text_lse = torch.logsumexp((scale * text) @ all_image.T, dim=1)
+            else:  # the global matrix's row strip and column strip, rounded as one process rounds them
+                image_lse = _DenseLogSumExp.apply(logits_per_image)[0]
+                text_lse = _DenseLogSumExp.apply((scale * all_image) @ text.T)[1]
         elif world_size == 1:
             image_lse, text_lse = _ChunkedLogSumExp.apply(image, text, scale, chunk, True)
         else:
