@@ -83,7 +83,7 @@ class ContrastiveDataCollator(_ImageRowsCollator):
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         captions = [self.caption(value) for value in self.column(rows, self.caption_column)]
-        text = self.processor(text=captions, return_tensors="pt")
+        text = self.processor(text=captions, padding=True, truncation=True, return_tensors="pt")
         return {
             "pixel_values": self.pixel_values(rows),
             "input_ids": text["input_ids"],

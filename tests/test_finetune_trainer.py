@@ -139,7 +139,8 @@ def test_trainer_special_token_alignment_keeps_the_pooled_token(tmp_path):
     from training.synthetic import build_shapes_dataset
 
     model, processor = _legacy_clip_model()
-    text = processor(text=["a big red circle on the left", "a cross", "at the top, a small blue square"])
+    text = processor(text=["a big red circle on the left", "a cross", "at the top, a small blue square"],
+                     padding=True, return_tensors="pt")
     with torch.no_grad():
         positions_before = model.text_model.pooling_positions(text["input_ids"])
     match_special_tokens(model, processor.tokenizer)

@@ -335,6 +335,13 @@ class ForImageClassificationTest(ModelTesterMixin, unittest.TestCase):
     def setUp(self):
         self.model_tester = ImageClassificationTester(self)
 
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        """Labels come from Transformers' model-name registry, which lists `CLIPForImageClassification` only."""
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels and "labels" not in inputs_dict:
+            inputs_dict["labels"] = torch.zeros(self.model_tester.batch_size, dtype=torch.long)
+        return inputs_dict
+
 
 @_apply_lists
 class ProcessorTest(ProcessorTesterMixin, unittest.TestCase):
