@@ -1,3 +1,4 @@
+import importlib.util
 import math
 import os
 import pytest
@@ -9,7 +10,9 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPVisionModelWithProjection,
 )
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.utils import logging as transformers_logging
 
 from safetensors.torch import load_file, save_file
@@ -155,7 +158,7 @@ def _left_padded(ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> tu
     return left_ids, left_mask
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention"])
 def test_left_padding_embeds_as_right_padding(tiny_config, attn_implementation):
     model = HFClipModel(tiny_config).eval()
     model.set_attn_implementation(attn_implementation)
@@ -408,3 +411,42 @@ def test_flex_attention_matches_sdpa(clip_reference, tiny_config):
         with torch.no_grad():
             outputs[implementation] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
     torch.testing.assert_close(outputs["flex_attention"], outputs["sdpa"], atol=ATOL, rtol=0)
+
+
+def test_attention_backend_registry_dispatches_to_a_registered_function(clip_reference, tiny_config):
+    """`_supports_attention_backend`: an implementation registered with `AttentionInterface` is what runs."""
+    _, path = clip_reference
+    calls = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        calls.append(type(module).__name__)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("hf_clip_recording_sdpa", recording_sdpa)
+    AttentionMaskInterface.register("hf_clip_recording_sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    ids, mask, pixels = _inputs(tiny_config)
+    outputs = {}
+    for implementation in ("sdpa", "hf_clip_recording_sdpa"):
+        model = HFClipModel.from_pretrained(path, attn_implementation=implementation).eval()
+        with torch.no_grad():
+            outputs[implementation] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
+    layers = tiny_config.text_config.num_hidden_layers + tiny_config.vision_config.num_hidden_layers
+    assert calls == ["HFClipAttention"] * layers
+    torch.testing.assert_close(outputs["hf_clip_recording_sdpa"], outputs["sdpa"], atol=0, rtol=0)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+    reason="`_supports_flash_attn` needs a CUDA GPU and the flash-attn package; unverified on CPU-only machines.",
+)
+def test_flash_attention_matches_sdpa_on_gpu(clip_reference, tiny_config):
+    _, path = clip_reference
+    ids, mask, pixels = (tensor.cuda() for tensor in _inputs(tiny_config))
+    outputs = {}
+    for implementation in ("sdpa", "flash_attention_2"):
+        model = HFClipModel.from_pretrained(path, attn_implementation=implementation, dtype=torch.bfloat16)
+        with torch.no_grad():
+            outputs[implementation] = model.cuda().eval()(
+                input_ids=ids, attention_mask=mask, pixel_values=pixels.bfloat16()
+            ).logits_per_image.float()
+    torch.testing.assert_close(outputs["flash_attention_2"], outputs["sdpa"], atol=3e-2, rtol=3e-2)
