@@ -34,7 +34,12 @@ def _check_positive(config: PreTrainedConfig, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{type(config).__name__}: `{name}` must be a positive number, got {value!r}.")
+            raise ValueError(f"{type(config).__name__}: `{name}` must be positive, got {value!r}.")
+
+
+def _check_optional_positive(config: PreTrainedConfig, *names: str) -> None:
+    """Like `_check_positive`, but None is allowed (a tower's `projection_dim` is set by its dual config)."""
+    _check_positive(config, *(name for name in names if getattr(config, name) is not None))
 
 
 def _check_dropout(config: PreTrainedConfig) -> None:
@@ -74,10 +79,11 @@ class HFClipTextConfig(PreTrainedConfig):
     def validate_architecture(self) -> None:
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                         "max_position_embeddings", "layer_norm_eps", "initializer_factor")
+        _check_optional_positive(self, "projection_dim")
         _check_width_and_heads(self)
         _check_dropout(self)
         if self.num_hidden_layers < 0:
-            raise ValueError(f"HFClipTextConfig: `num_hidden_layers` must be >= 0, got {self.num_hidden_layers}.")
+            raise ValueError(f"HFClipTextConfig: `num_hidden_layers` must be 0 or more, got {self.num_hidden_layers}.")
         if self.eos_token_id is None or self.eos_token_id == []:
             raise ValueError("HFClipTextConfig: `eos_token_id` is required; the text tower pools at that token.")
 
@@ -119,10 +125,11 @@ class HFClipVisionConfig(PreTrainedConfig):
                 raise ValueError(f"HFClipVisionConfig: `{name}` must be an int (square images), got {value!r}.")
         _check_positive(self, "hidden_size", "intermediate_size", "num_attention_heads", "num_channels",
                         "image_size", "patch_size", "layer_norm_eps", "initializer_factor")
+        _check_optional_positive(self, "projection_dim")
         _check_width_and_heads(self)
         _check_dropout(self)
         if self.num_hidden_layers < 0:
-            raise ValueError(f"HFClipVisionConfig: `num_hidden_layers` must be >= 0, got {self.num_hidden_layers}.")
+            raise ValueError(f"HFClipVisionConfig: `num_hidden_layers` must be 0 or more, got {self.num_hidden_layers}.")
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"HFClipVisionConfig: `image_size` ({self.image_size}) must be divisible by "
@@ -204,12 +211,14 @@ class HFClipConfig(PreTrainedConfig):
     def validate_logit_scale(self) -> None:
         if self.logit_scale_init_value is None:
             raise ValueError("HFClipConfig: `logit_scale_init_value` must be a number, got None.")
-        if not 0 < self.logit_scale_max:
-            raise ValueError(f"HFClipConfig: `logit_scale_max` must be positive, got {self.logit_scale_max}.")
-        if math.exp(self.logit_scale_init_value) > self.logit_scale_max:
+        if not 0 < self.logit_scale_max < math.inf:
             raise ValueError(
-                f"HFClipConfig: exp(`logit_scale_init_value`) = {math.exp(self.logit_scale_init_value):.4g} exceeds "
-                f"`logit_scale_max` ({self.logit_scale_max})."
+                f"HFClipConfig: `logit_scale_max` must be positive and finite, got {self.logit_scale_max}.")
+        if not self.logit_scale_init_value <= math.log(self.logit_scale_max):
+            raise ValueError(
+                f"HFClipConfig: `logit_scale_init_value` ({self.logit_scale_init_value}) exceeds ln(`logit_scale_max`) "
+                f"= {math.log(self.logit_scale_max):.4g}; it is the log of the initial temperature scale, "
+                "ln(1/0.07) = 2.659 in CLIP."
             )
 
     @classmethod

@@ -13,7 +13,7 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,15 +59,52 @@ _CARD_TRAINING_KEYS = (
     "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers", "tokenizer_vocab_size",
     "context_length", "seed",
 )
-_PRIVATE_KEY = re.compile(r"(^|_)(token|password|secret)($|_)", re.IGNORECASE)
-_LOCAL_PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint")
+# The training arguments published in `training_args.json` and the card: known hyper-parameters only, so that a
+# credential or a private setting under any name (api_key, passwd, credentials, ...) is never uploaded. Other keys
+# are published only when named in `extra_hyperparameters`.
+PUBLISHED_TRAINING_KEYS = frozenset({
+    "model_name_or_path", "preset", "tokenizer_vocab_size", "context_length", "gradient_checkpointing",
+    "activation_checkpointing", "lock_image", "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers",
+    "task", "templates", "wise_ft_alpha",
+    "dataset_name", "dataset_config_name", "train_split", "eval_splits", "image_column", "caption_column",
+    "label_column", "streaming", "shuffle_buffer_size", "max_train_samples", "max_eval_samples", "embedded_num_train",
+    "seed", "max_steps", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "num_processes", "global_batch_size", "learning_rate", "lr_scheduler_type",
+    "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "optim", "label_smoothing", "label_smoothing_factor", "mixed_precision", "bf16", "fp16",
+    "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
+    "checkpointing_steps", "checkpoints_total_limit", "hub_model_id",
+})
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_ABSOLUTE_PATH = re.compile(r"^(/|~|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
 
 T = TypeVar("T")
 
 
-def _as_dict(training_args: Any) -> dict[str, Any]:
+def _basename(path: str) -> str:
+    return re.split(r"[/\\]", path.rstrip("/\\"))[-1] or path
+
+
+def _public_name(name: str, kind: str) -> str:
+    """A Hub id as is; a local path (or glob) as f"local {kind} {basename}", so no local path is published."""
+    if name.startswith(f"local {kind} ") or (_HUB_ID.match(name) and not Path(name).expanduser().exists()):
+        return name
+    return f"local {kind} {_basename(name)}"
+
+
+def _public_value(key: str, value: Any) -> Any:
+    if key == "dataset_name" and isinstance(value, str):
+        return _public_name(value, "dataset")
+    if key == "model_name_or_path" and isinstance(value, str):
+        return _public_name(value, "model")
+    if isinstance(value, str) and _ABSOLUTE_PATH.match(value):
+        return _basename(value)
+    return value
+
+
+def _as_dict(training_args: Any, extra_hyperparameters: Iterable[str] = ()) -> dict[str, Any]:
     """Mapping, dataclass (ours or `transformers.TrainingArguments`) or object with `to_dict()` -> a JSON-safe dict
-    without tokens, secrets or local output paths."""
+    of the keys in `PUBLISHED_TRAINING_KEYS` or `extra_hyperparameters`, with local paths reduced to basenames."""
     if training_args is None:
         return {}
     if isinstance(training_args, Mapping):
@@ -78,14 +115,21 @@ def _as_dict(training_args: Any) -> dict[str, Any]:
         raw = dataclasses.asdict(training_args)
     else:
         raise TypeError(f"training_args must be a mapping or a dataclass, got {type(training_args).__name__}.")
+    if isinstance(extra_hyperparameters, str):
+        raise TypeError("extra_hyperparameters must be a list of key names, not a string.")
+    allowed = PUBLISHED_TRAINING_KEYS | set(extra_hyperparameters)
+    left_out = sorted(key for key in raw if key not in allowed)
+    if left_out:
+        logger.info("Not publishing training_args keys that are not known hyper-parameters: %s (publish more with "
+                    "extra_hyperparameters=[...]).", ", ".join(map(str, left_out)))
     clean = {}
     for key, value in raw.items():
-        if _PRIVATE_KEY.search(key) or key in _LOCAL_PATH_KEYS:
+        if key not in allowed:
             continue
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
-            clean[key] = list(value)
+            clean[key] = [_public_value(key, v) for v in value]
         elif isinstance(value, (str, int, float, bool)) or value is None:
-            clean[key] = value
+            clean[key] = _public_value(key, value)
         elif hasattr(value, "value"):  # enums such as transformers' IntervalStrategy
             clean[key] = value.value
     return clean
@@ -97,14 +141,18 @@ def _check_metrics(metrics: Mapping[str, Mapping[str, float]] | None) -> dict[st
     if not isinstance(metrics, Mapping) or not all(isinstance(v, Mapping) for v in metrics.values()):
         raise TypeError("metrics must map split names to {metric name: value}, as in eval_results.json, e.g. "
                         "{'test': {'zero_shot_top1': 0.93}}.")
+    for split, values in metrics.items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise ValueError(f"metrics[{split!r}][{key!r}] is {value}: NaN or infinite metrics are not "
+                                 "published. Check the evaluation (empty split? diverged training?).")
     return {split: dict(values) for split, values in metrics.items()}
 
 
 def _dataset_id(dataset_name: str | None) -> str:
     if dataset_name is None:
         return "hf_clip-embedded-shapes"
-    path = Path(dataset_name)
-    return path.name if path.exists() else dataset_name
+    return dataset_name.removeprefix("local dataset ")
 
 
 def _format_value(value: Any) -> str:
@@ -125,19 +173,21 @@ def render_model_card(
     limitations: str | None = None,
     license: str = "apache-2.0",
     template_path: str | Path = MODEL_CARD_TEMPLATE,
+    extra_hyperparameters: Iterable[str] = (),
 ) -> ModelCard:
     """Render the hf_clip model card for `model` (an `HFClipModel`).
 
     Args:
         metrics: {split: {metric: value in [0, 1]}}, as `training.train` writes to `eval_results.json`. Known
             metrics (zero-shot top-1/top-5, retrieval recall@k) become the front matter's `model-index`.
-        training_args: the run's arguments (mapping or dataclass). `dataset_name`, `train_split` and
-            `model_name_or_path` name the data and the base model; tokens and local output paths are dropped.
+        training_args: the run's arguments (mapping or dataclass). Only known hyper-parameters
+            (`PUBLISHED_TRAINING_KEYS`) and `extra_hyperparameters` are shown; `dataset_name` and `model_name_or_path`
+            name the data and the base model by Hub id, or as "local dataset NAME" with only a local path's basename.
         dataset_description: a sentence on the training data, shown under "Training".
         limitations: extra text for "Intended use and limitations".
     """
     metrics = _check_metrics(metrics)
-    args = _as_dict(training_args)
+    args = _as_dict(training_args, extra_hyperparameters)
     dataset_name = args.get("dataset_name")
     dataset_id = _dataset_id(dataset_name)
     base_model = args.get("model_name_or_path")
@@ -172,7 +222,7 @@ def render_model_card(
         for split, values in metrics.items()
     ]
     shown_args = {
-        key: _format_value(args[key]) for key in _CARD_TRAINING_KEYS
+        key: _format_value(args[key]) for key in (*_CARD_TRAINING_KEYS, *extra_hyperparameters)
         if args.get(key) not in (None, False)
         and not (key.endswith("_unlocked_layers") and not args.get(key.removesuffix("_unlocked_layers")))
     }
@@ -272,12 +322,14 @@ def push_to_hub(
     dataset_description: str | None = None,
     max_retries: int = 5,
     retry_base_delay: float = 1.0,
+    extra_hyperparameters: Iterable[str] = (),
 ) -> CommitInfo:
     """Push `model` (an `HFClipModel`) and `processor` to `repo_id` as one commit, with a model card.
 
     Creates the repo (and the `revision` branch, from main) if needed; `private` applies when the repo is created.
     `metrics` ({split: {metric: value}}, as in `eval_results.json`) and `training_args` (mapping or dataclass)
-    fill the card; tokens and local paths in `training_args` are never written. A push whose files equal the remote ones
+    fill the card; of `training_args`, only known hyper-parameters (`PUBLISHED_TRAINING_KEYS`) and the keys named in
+    `extra_hyperparameters` are written, with local paths reduced to basenames. NaN or infinite metrics raise. A push whose files equal the remote ones
     makes no commit and returns the current head. Transient failures are retried with backoff; a retried commit
     whose first attempt did land is detected as unchanged, so it never creates a duplicate commit.
 
@@ -288,7 +340,7 @@ def push_to_hub(
     if processor is None:
         raise ValueError("push_to_hub needs the processor too: without it the repo cannot be used for inference.")
     metrics = _check_metrics(metrics)
-    args = _as_dict(training_args)
+    args = _as_dict(training_args, extra_hyperparameters)
     api = HfApi(token=token)
     try:
         repo_id = _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True).repo_id,
@@ -301,7 +353,8 @@ def push_to_hub(
             processor.save_pretrained(folder)
             processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, for older tools
             render_model_card(model, repo_id, metrics=metrics, training_args=args,
-                              dataset_description=dataset_description).save(Path(folder) / "README.md")
+                              dataset_description=dataset_description,
+                              extra_hyperparameters=extra_hyperparameters).save(Path(folder) / "README.md")
             if metrics:
                 (Path(folder) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
             if args:

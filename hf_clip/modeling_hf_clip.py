@@ -17,6 +17,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -291,6 +292,25 @@ def _left_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | No
     return attention_mask
 
 
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """(batch, seq) ids must index the token embedding. Asserted on device, so it never stalls the host."""
+    torch._assert_async(
+        ((input_ids >= 0) & (input_ids < vocab_size)).all(),
+        f"hf_clip: input_ids hold token ids outside the vocabulary (0..{vocab_size - 1}, `vocab_size` = "
+        f"{vocab_size}); tokenize with this model's tokenizer.",
+    )
+
+
+def _check_end_of_text(is_eos: torch.Tensor, eos_token_id: int | list[int]) -> None:
+    """Each row of the (batch, seq) `is_eos` flags must hold the end-of-text token the text tower pools at.
+    Asserted on device."""
+    torch._assert_async(
+        is_eos.any(dim=-1).all(),
+        f"hf_clip: an input_ids row has no end-of-text token (`eos_token_id` = {eos_token_id}), where the text "
+        "tower pools; tokenize with this model's tokenizer and `truncation=True`, which keeps it.",
+    )
+
+
 class HFClipPreTrainedModel(PreTrainedModel):
     """Weight init follows OpenAI CLIP: std width^-0.5 for attention inputs and projections,
     width^-0.5·(2·layers)^-0.5 for residual outputs, (2·width)^-0.5 for the MLP input, 0.02 for token
@@ -316,6 +336,7 @@ class HFClipPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed, so a
         checkpoint is never unpickled by default. A truncated or corrupt weights file raises `OSError` naming it."""
+        safetensors_by_default = "use_safetensors" not in kwargs
         kwargs.setdefault("use_safetensors", True)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -323,6 +344,20 @@ class HFClipPreTrainedModel(PreTrainedModel):
             raise OSError(
                 f"The safetensors weights of {pretrained_model_name_or_path!r} are truncated or corrupt ({error}). "
                 "Re-download or re-save the checkpoint."
+            ) from error
+        except OSError as error:
+            if not safetensors_by_default or pretrained_model_name_or_path is None:
+                raise
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            pickled = [name for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+                       if (folder / name).is_file()]
+            if not pickled:
+                raise
+            raise OSError(
+                f"{str(folder)!r} has no model.safetensors, only {pickled[0]} (pickled PyTorch weights). hf_clip does "
+                "not read pickles by default because unpickling a file can run arbitrary code. If you trust where it "
+                "came from, load it with `from_pretrained(..., use_safetensors=False)` and re-save it with "
+                "`save_pretrained`, which writes safetensors."
             ) from error
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
@@ -395,17 +430,22 @@ class HFClipTextModel(HFClipPreTrainedModel):
         self.post_init()
 
     def pooling_positions(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, seq) -> (batch,) index of the first `eos_token_id` among the attended tokens (the first attended
-        token if a row has none), computed on device with no host sync."""
+        """(batch, seq) -> (batch,) index of the first `eos_token_id` among the attended tokens, computed on device
+        with no host sync. A row without one raises on device; if the config's `eos_token_id` lies outside the
+        vocabulary (it warned when built, as Transformers' CLIP configs do), rows pool at their first attended token.
+        """
         eos_token_id = self.config.eos_token_id
         if eos_token_id == 2:  # legacy CLIP configs pooled at the highest token id
             return input_ids.argmax(dim=-1)
-        eos_ids = torch.tensor(eos_token_id, device=input_ids.device)
-        is_eos = torch.isin(input_ids, eos_ids).int()
+        eos_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+        is_eos = torch.isin(input_ids, torch.tensor(eos_ids, device=input_ids.device))
+        if padding_mask is not None:
+            is_eos = is_eos & padding_mask.bool()
+        if all(0 <= token_id < self.config.vocab_size for token_id in eos_ids):
+            _check_end_of_text(is_eos, eos_token_id)
         if padding_mask is None:
-            return is_eos.argmax(dim=-1)
-        attended = padding_mask.bool().int()
-        return (2 * is_eos * attended + attended).argmax(dim=-1)
+            return is_eos.int().argmax(dim=-1)
+        return (2 * is_eos.int() + padding_mask.bool().int()).argmax(dim=-1)
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
@@ -417,6 +457,7 @@ class HFClipTextModel(HFClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """input_ids, attention_mask (1 = token, 0 = padding on either side): (batch, seq).
         Returns last_hidden_state (batch, seq, width) and pooler_output (batch, width)."""
+        _check_token_ids(input_ids, self.config.vocab_size)
         padding_mask = _left_padding_mask(attention_mask)
         if padding_mask is not None and position_ids is None:
             position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)

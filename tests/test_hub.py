@@ -18,6 +18,7 @@ from hub_workers import LABELS, model_outputs, probe_image
 from safetensors.torch import load_file
 from transformers import pipeline
 
+import hf_clip
 from hf_clip import HFClipModel, HFClipProcessor, render_model_card
 
 WORKERS = Path(__file__).with_name("hub_workers.py")
@@ -30,6 +31,11 @@ METRICS = {
 }
 TRAINING_ARGS = {"dataset_name": None, "train_split": "train", "learning_rate": 1e-3, "max_steps": 600,
                  "per_device_train_batch_size": 128, "seed": 42, "hub_token": ALICE_TOKEN, "output_dir": "/home/me/x"}
+# Keys a user or a tool may add to its arguments; none is a known hyper-parameter, so none may be published.
+PRIVATE_ARGS = {"api_key": "sk-live-0001", "wandb_api_key": "wandb-0002", "aws_access_key_id": "AKIA0003",
+                "private_key": "-----BEGIN KEY 0004", "passwd": "hunter0005", "credentials": "cred-0006",
+                "logging_dir": "/home/me/x/runs"}
+PUSHED_ARGS = {**TRAINING_ARGS, **PRIVATE_ARGS, "model_name_or_path": "/home/me/checkpoints/base-clip"}
 
 
 def run_worker(command: str, job: dict, env: dict, *flags: str, expect_ok: bool = True) -> dict:
@@ -75,7 +81,7 @@ def pushed_repo(hub_server, saved_checkpoint, tmp_path_factory):
     """alice/round-trip-clip, pushed once with metrics and training arguments."""
     env = hub_env(hub_server, tmp_path_factory.mktemp("hf_home_push"))
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "round-trip-clip",
-           "kwargs": {"metrics": METRICS, "training_args": TRAINING_ARGS, "commit_message": "First model"}}
+           "kwargs": {"metrics": METRICS, "training_args": PUSHED_ARGS, "commit_message": "First model"}}
     report = run_worker("push", job, env)
     return {"repo_id": "alice/round-trip-clip", "oid": report["oid"], "stderr": report["stderr"]}
 
@@ -113,6 +119,30 @@ def test_local_directory_is_not_a_base_model(saved_checkpoint):
         render_model_card(model, "me/m", metrics={"zero_shot_top1": 0.5})
 
 
+def test_card_publishes_known_hyper_parameters_and_no_local_path(saved_checkpoint):
+    model = HFClipModel.from_pretrained(saved_checkpoint)
+    args = {**PRIVATE_ARGS, "dataset_name": "/home/me/datasets/laion-subset", "learning_rate": 1e-3,
+            "model_name_or_path": str(saved_checkpoint), "my_schedule": "cosine-restarts"}
+    text = str(render_model_card(model, "me/m", training_args=args, extra_hyperparameters=["my_schedule"]))
+    assert "Trained on **local dataset laion-subset**" in text and "| `my_schedule` | cosine-restarts |" in text
+    assert ModelCard(text).data.datasets == ["laion-subset"]
+    for value in (*PRIVATE_ARGS.values(), "/home/me", str(saved_checkpoint)):
+        assert value not in text, value
+    assert "my_schedule" not in str(render_model_card(model, "me/m", training_args=args))
+    hub_dataset = render_model_card(model, "me/m", training_args={"dataset_name": "laion/laion400m"})
+    assert "Trained on **laion/laion400m**" in str(hub_dataset)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_metrics_are_refused(saved_checkpoint, value):
+    model = HFClipModel.from_pretrained(saved_checkpoint)
+    metrics = {"test": {"zero_shot_top1": 0.5, "image_to_text_R@1": value}}
+    with pytest.raises(ValueError, match=r"metrics\['test'\]\['image_to_text_R@1'\] is (nan|inf)"):
+        render_model_card(model, "me/m", metrics=metrics)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        hf_clip.push_to_hub(model, HFClipProcessor.from_pretrained(saved_checkpoint), "me/m", metrics=metrics)
+
+
 def test_push_makes_one_commit_with_every_file(hub_server, pushed_repo, saved_checkpoint):
     repo = hub_server.hub.repos[pushed_repo["repo_id"]]
     history = repo.history("main")
@@ -126,7 +156,12 @@ def test_push_makes_one_commit_with_every_file(hub_server, pushed_repo, saved_ch
     assert config["auto_map"]["AutoModel"] == "modeling_hf_clip.HFClipModel"
     assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_hf_clip.HFClipModel"
     assert json.loads(files["eval_results.json"]) == METRICS
-    assert "hub_token" not in json.loads(files["training_args.json"])
+    published = json.loads(files["training_args.json"])
+    assert "hub_token" not in published and not set(PRIVATE_ARGS) & set(published)
+    assert published["model_name_or_path"] == "local model base-clip" and published["learning_rate"] == 1e-3
+    for name, content in files.items():
+        for value in (*PRIVATE_ARGS.values(), ALICE_TOKEN, "/home/me"):
+            assert value.encode() not in content, (name, value)
     assert files["model.safetensors"] == (saved_checkpoint / "model.safetensors").read_bytes()
     card = ModelCard(files["README.md"].decode())
     assert card.data.eval_results[0].metric_value == 96.88
@@ -152,7 +187,7 @@ def test_pull_with_remote_code_and_no_hf_clip(hub_server, pushed_repo, saved_che
 
 def test_repush_without_changes_makes_no_commit(hub_server, pushed_repo, saved_checkpoint, tmp_path):
     job = {"checkpoint": str(saved_checkpoint), "repo_id": pushed_repo["repo_id"],
-           "kwargs": {"metrics": METRICS, "training_args": TRAINING_ARGS}}
+           "kwargs": {"metrics": METRICS, "training_args": PUSHED_ARGS}}
     report = run_worker("push", job, hub_env(hub_server, tmp_path / "hf_home"))
     repo = hub_server.hub.repos[pushed_repo["repo_id"]]
     assert report["oid"] == pushed_repo["oid"] == repo.branches["main"]

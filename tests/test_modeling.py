@@ -143,7 +143,7 @@ def test_right_padding_never_changes_the_pooled_output(tiny_config):
     model = HFClipModel(tiny_config).eval()
     ids, mask, _ = _inputs(tiny_config)
     with torch.no_grad():
-        short = model.get_text_features(ids[:, :12], mask[:, :12]).pooler_output[:2]
+        short = model.get_text_features(ids[:2, :12], mask[:2, :12]).pooler_output
         long = model.get_text_features(ids, mask).pooler_output[:2]
     assert mask[:2, 12:].sum() == 0
     torch.testing.assert_close(short, long, atol=ATOL, rtol=0)
@@ -205,6 +205,28 @@ def test_too_long_text_is_rejected(tiny_config):
     ids = torch.full((1, tiny_config.text_config.max_position_embeddings + 1), 5)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.get_text_features(ids)
+
+
+@pytest.mark.parametrize("bad_id", ["vocab_size", -1])
+def test_token_ids_outside_the_vocabulary_name_the_vocab_size(tiny_config, bad_id):
+    model = HFClipModel(tiny_config).eval()
+    ids, mask, pixels = _inputs(tiny_config)
+    vocab_size = tiny_config.text_config.vocab_size
+    ids[2, 3] = vocab_size if bad_id == "vocab_size" else bad_id
+    with pytest.raises(RuntimeError, match=f"outside the vocabulary \\(0..{vocab_size - 1}, `vocab_size` = {vocab_size}"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+
+
+def test_rows_without_an_end_of_text_token_are_rejected(tiny_config):
+    """Checked on device, so `fullgraph=True` compiles it (a host sync would be a graph break)."""
+    model = HFClipModel(tiny_config).eval()
+    ids, mask, _ = _inputs(tiny_config)
+    eos = tiny_config.text_config.eos_token_id
+    ids[4] = torch.where(ids[4] == eos, ids[4, 1], ids[4])  # pad may be eos too, so an ordinary token
+    compiled = torch.compile(model.text_model, backend="eager", fullgraph=True)
+    for text_model in (model.text_model, compiled):
+        with torch.no_grad(), pytest.raises(RuntimeError, match=f"no end-of-text token \\(`eos_token_id` = {eos}\\)"):
+            text_model(ids, mask)
 
 
 def test_logit_scale_init_and_clamp(tiny_config):
@@ -362,6 +384,17 @@ def test_loading_never_unpickles(tmp_path, tiny_config):
     with pytest.raises(OSError):
         AutoModel.from_pretrained(tmp_path)
     assert not marker.exists()
+
+
+def test_folder_with_only_pytorch_model_bin_names_the_file_and_the_opt_in(tmp_path, tiny_config):
+    model = HFClipModel(tiny_config)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match=r"only pytorch_model.bin .*arbitrary code.*use_safetensors=False"):
+        HFClipModel.from_pretrained(tmp_path)
+    loaded = HFClipModel.from_pretrained(tmp_path, use_safetensors=False)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
 def test_truncated_checkpoint_names_the_problem(tmp_path, tiny_config):

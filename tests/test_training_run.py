@@ -95,6 +95,64 @@ def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_usable(tmp_pa
     assert max(losses) == 6 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
 
+def _log_lines(path) -> list[dict]:
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # a line half-written when the run was killed
+            pass
+    return lines
+
+
+def _truncate(path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+def test_resume_after_sigkill_skips_damaged_checkpoints_and_logs_each_step_once(tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST, "--max_steps", "10",
+         "--checkpointing_steps", "2", "--checkpoints_total_limit", "4", "--log_sample_ids"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while not (out / "metrics.jsonl").exists() or max(
+                (line["step"] for line in _log_lines(out / "metrics.jsonl")), default=0) < 9:
+            assert process.poll() is None and time.monotonic() < deadline, "training ended before step 9"
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed_losses = {line["step"]: line["loss"] for line in _log_lines(out / "metrics.jsonl") if "loss" in line}
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{k}" for k in (2, 4, 6, 8)]
+    state = out / "checkpoint-8" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])
+    _truncate(out / "checkpoint-6" / "optimizer.bin")
+    _truncate(out / "checkpoint-4" / "model.safetensors")
+
+    named = _train(out, "--max_steps", "10", "--resume_from_checkpoint", str(out / "checkpoint-6"), check=False)
+    assert named.returncode != 0
+    assert "DamagedCheckpointError" in named.stderr and "checkpoint-6: optimizer.bin has" in named.stderr
+
+    resumed = _train(out, "--max_steps", "10", "--resume_from_checkpoint", "latest", "--log_sample_ids",
+                     "--eval_splits", "test")
+    for checkpoint, file in ((8, "trainer_state.json"), (6, "optimizer.bin"), (4, "model.safetensors")):
+        assert f"checkpoint-{checkpoint}: {file}" in resumed.stderr, (checkpoint, file)
+    assert f"Resumed from {out / 'checkpoint-2'} at step 2" in resumed.stderr
+
+    lines = _log_lines(out / "metrics.jsonl")
+    assert [line["step"] for line in lines if "loss" in line] == list(range(1, 11))
+    assert [line["step"] for line in lines if "eval/test/zero_shot_top1" in line] == [10]
+    losses = _losses(out)
+    for step in range(1, 10):
+        assert losses[step] == killed_losses[step], step  # the resumed run repeats the killed run's steps exactly
+    ids = [line["step"] for line in _log_lines(out / "sample_ids_rank0.jsonl")]
+    assert ids == list(range(1, 11))
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """2 ranks × 8 rows vs 1 process × 16 rows: different data per rank, same losses and weights."""
     steps = ["--max_steps", "3", "--log_sample_ids", "--eval_splits", "test"]

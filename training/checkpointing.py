@@ -1,11 +1,15 @@
-"""Atomic, rotating training checkpoints on top of `Accelerator.save_state`.
+"""Atomic, rotating, verifiable training checkpoints on top of `Accelerator.save_state`.
 
 A checkpoint is written to `.tmp-checkpoint-N`, completed with `trainer_state.json`, then renamed to
 `checkpoint-N`. A run killed mid-save leaves only a temporary folder, which is never resumed from, so the
-previous checkpoint stays usable.
+previous checkpoint stays usable. `trainer_state.json` (the completion marker) records the size and SHA-256 of every
+other file of the checkpoint, so a file truncated or altered later (a full disk, a bad copy) is found before
+Accelerate reads it: `--resume_from_checkpoint latest` then falls back to the newest checkpoint that verifies.
 """
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -13,8 +17,15 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+logger = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.json"
+FILES_KEY = "files"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class DamagedCheckpointError(OSError):
+    """A checkpoint whose files do not match its completion marker. The message names the checkpoint and the file."""
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -27,21 +38,90 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_manifest(folder: Path) -> dict[str, dict[str, int | str]]:
+    """{relative path: {"size", "sha256"}} of every file in `folder` but the completion marker."""
+    return {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != STATE_FILE}
+
+
+def verify_checkpoint(checkpoint: str | Path) -> dict:
+    """The training state of `checkpoint` after checking each file against the completion marker's sizes and hashes.
+
+    Raises `DamagedCheckpointError` naming the first file that is missing, truncated or altered (or the marker itself
+    when it is not valid JSON). A checkpoint written before manifests existed is only checked for a readable marker.
+    """
+    checkpoint = Path(checkpoint)
+    marker = checkpoint / STATE_FILE
+    if not marker.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
+    try:
+        state = json.loads(marker.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {STATE_FILE} is damaged ({error}).") from None
+    if not isinstance(state, dict) or not {"step", "micro_step"} <= set(state):
+        raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {STATE_FILE} holds no training state.")
+    for name, expected in state.get(FILES_KEY, {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {name} is missing.")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise DamagedCheckpointError(
+                f"Checkpoint {checkpoint}: {name} has {size} bytes, {expected['size']} were saved (truncated?).")
+        if _sha256(path) != expected["sha256"]:
+            raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {name} does not match its saved SHA-256.")
+    return state
+
+
 def resolve_checkpoint(output_dir: str | Path, requested: str) -> Path:
-    """`requested` is "latest" or a checkpoint directory."""
-    if requested == "latest":
-        checkpoints = complete_checkpoints(output_dir)
-        if not checkpoints:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
-        return checkpoints[-1]
-    path = Path(requested)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}).")
-    return path
+    """`requested` is "latest" (the newest checkpoint in `output_dir` that verifies; damaged newer ones are logged
+    and skipped) or a checkpoint directory, which must verify (see `verify_checkpoint`)."""
+    if requested != "latest":
+        verify_checkpoint(requested)
+        return Path(requested)
+    checkpoints = complete_checkpoints(output_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
+    damaged = []
+    for checkpoint in reversed(checkpoints):
+        try:
+            verify_checkpoint(checkpoint)
+        except DamagedCheckpointError as error:
+            logger.warning("%s Falling back to an older checkpoint.", error)
+            damaged.append(str(error))
+            continue
+        return checkpoint
+    raise DamagedCheckpointError(
+        f"--resume_from_checkpoint latest: every checkpoint in {output_dir} is damaged: " + " ".join(damaged))
 
 
 def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    """The training state saved with `checkpoint` (without the file manifest)."""
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    state.pop(FILES_KEY, None)
+    return state
+
+
+def truncate_step_log(path: Path, step: int) -> None:
+    """Keep only the lines of a JSON-lines log (`{"step": ...}` per line) up to `step`, dropping lines that a killed
+    run left past it (and a half-written last line), so a resumed run logs each step exactly once."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
@@ -57,7 +137,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process:
         state_path = temporary / STATE_FILE
         with open(state_path, "w") as handle:
-            json.dump(state, handle, indent=2)
+            json.dump({**state, FILES_KEY: file_manifest(temporary)}, handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
         if final.exists():

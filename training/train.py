@@ -34,7 +34,7 @@ from hf_clip import (
 )
 
 from .args import DataArguments, DatasetArguments, ModelArguments, TowerLockArguments, TrainingArguments, parse_args
-from .checkpointing import read_state, resolve_checkpoint, save_checkpoint
+from .checkpointing import read_state, resolve_checkpoint, save_checkpoint, truncate_step_log
 from .data import (
     ImageTextCollator,
     TrainBatches,
@@ -230,13 +230,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
 
     train_split = load_train_split(data_args, {"image_column": data_args.image_column,
                                                "caption_column": data_args.caption_column})
     check_usable_rows(train_split, data_args, data_args.train_split)
     eval_splits = load_eval_splits(data_args)
 
-    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     model, processor = build_model_and_processor(model_args, data_args, train_split, accelerator, output_dir,
                                                  resuming=checkpoint is not None)
     lock_towers(model, model_args)
@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                                                   if isinstance(v, (int, float, str, bool))})
     metrics_log = MetricsLog(accelerator, output_dir / "metrics.jsonl")
     ids_log = output_dir / f"sample_ids_rank{accelerator.process_index}.jsonl" if args.log_sample_ids else None
+    if checkpoint is not None and accelerator.is_main_process:
+        truncate_step_log(metrics_log.path, step)
+    if checkpoint is not None and ids_log is not None:
+        truncate_step_log(ids_log, step)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     card_args = {**run_config, "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
                  "mixed_precision": accelerator.mixed_precision}
