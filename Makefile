@@ -1,12 +1,13 @@
 # `make test` builds .venv from the pinned requirements (torch comes from the wheels on this machine's disk),
-# extracts Transformers' common test mixins from the pinned transformers sdist (PyPI) and runs the test suite.
-# `make demo` trains, evaluates and saves a model on the embedded dataset. `make bench` runs the benchmarks.
+# extracts Transformers' common test mixins from the pinned transformers sdist (PyPI), runs `make lint` (ruff) and
+# the whole test suite. `make demo` trains, evaluates and saves a model on the embedded dataset. `make bench` runs
+# the benchmarks.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench freeze clean
+.PHONY: install lint test demo bench freeze clean
 
 $(STAMP): requirements/dev.txt requirements/constraints.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,10 @@ $(STAMP): requirements/dev.txt requirements/constraints.txt setup.cfg pyproject.
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	HF_CLIP_REQUIRE_COMMON_TESTS=1 $(PY) -m pytest tests
 
 demo: $(STAMP)

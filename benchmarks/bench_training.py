@@ -17,13 +17,14 @@ import argparse
 import itertools
 import statistics
 import time
-from argparse import Namespace
 
 import torch
 
-from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor
+from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor
 from hf_clip.convert import transformers_from_hf_clip
-from training.data import ImageTextCollator, TrainBatches, build_train_dataset, image_transform_for, load_split
+from hf_clip.data import image_transform_for
+from training.args import DatasetArguments, RunArguments
+from training.data import TrainBatches, build_train_dataset, load_split
 from training.synthetic import caption_corpus
 from training.train import build_optimizer, resolve_mixed_precision
 
@@ -35,12 +36,10 @@ def make_batches(preset: str, batch_size: int, count: int, num_workers: int):
     tokenizer = train_clip_tokenizer(caption_corpus(), vocab_size=2048, model_max_length=32)
     config = HFClipConfig.from_preset(preset, tokenizer=tokenizer)
     processor = HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
-    data_args = Namespace(dataset_name=None, dataset_config_name=None, embedded_num_train=max(4096, batch_size * 8),
-                          image_column="image", caption_column="caption", streaming=False, max_train_samples=None)
+    data_args = DatasetArguments(embedded_num_train=max(4096, batch_size * 8))
     dataset = build_train_dataset(load_split(data_args, "train"), data_args,
-                                  image_transform_for(processor, train=True), seed=0, num_processes=1,
-                                  process_index=0)
-    batches = TrainBatches(dataset, ImageTextCollator(tokenizer), batch_size, num_workers, 1, 0, 0, False)
+                                  image_transform_for(processor, train=True), seed=0)
+    batches = TrainBatches(dataset, ContrastiveDataCollator(processor), batch_size, seed=0, num_workers=num_workers)
     return config, batches, [batch for _, batch in itertools.islice(batches.iterate(), count)]
 
 
@@ -61,7 +60,7 @@ def make_trainer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, preci
     return step
 
 
-RECIPE = Namespace(weight_decay=0.1, learning_rate=5e-4, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6)
+RECIPE = RunArguments(weight_decay=0.1, learning_rate=5e-4, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6)
 
 
 def race(config: HFClipConfig, batches: list, steps: int, precision: str) -> dict[str, dict[str, float]]:

@@ -13,9 +13,9 @@ from transformers import (
 )
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
+from .data import ContrastiveDataCollator, ImageClassificationDataCollator, ImageTextColumns
+from .evaluation import embed_split, evaluate_split, retrieval_recall, top_k_accuracy
 from .finetuning import (
-    ContrastiveDataCollator,
-    ImageClassificationDataCollator,
     compute_classification_metrics,
     compute_contrastive_metrics,
     contrastive_accuracy_flags,
@@ -34,7 +34,7 @@ from .modeling_hf_clip import (
     HFClipVisionModelWithProjection,
 )
 from .processing_hf_clip import HFClipProcessor, to_rgb_image
-from .templates import PHOTO_TEMPLATES, SHAPES_TEMPLATES
+from .templates import PHOTO_TEMPLATES
 from .tokenization import train_clip_tokenizer
 from .zero_shot import from_zero_shot, weight_space_ensemble, zero_shot_classifier
 
@@ -59,7 +59,6 @@ HFClipProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "PHOTO_TEMPLATES",
-    "SHAPES_TEMPLATES",
     "ContrastiveDataCollator",
     "HFClipConfig",
     "HFClipForImageClassification",
@@ -74,16 +73,21 @@ __all__ = [
     "HFClipVisionModel",
     "HFClipVisionModelWithProjection",
     "ImageClassificationDataCollator",
+    "ImageTextColumns",
     "compute_classification_metrics",
     "compute_contrastive_metrics",
     "contrastive_accuracy_flags",
     "contrastive_loss",
+    "embed_split",
+    "evaluate_split",
     "from_zero_shot",
     "gather_features",
     "match_special_tokens",
     "push_to_hub",
     "render_model_card",
+    "retrieval_recall",
     "to_rgb_image",
+    "top_k_accuracy",
     "train_clip_tokenizer",
     "weight_space_ensemble",
     "zero_shot_classifier",

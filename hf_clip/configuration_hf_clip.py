@@ -129,7 +129,9 @@ class HFClipVisionConfig(PreTrainedConfig):
         _check_width_and_heads(self)
         _check_dropout(self)
         if self.num_hidden_layers < 0:
-            raise ValueError(f"HFClipVisionConfig: `num_hidden_layers` must be 0 or more, got {self.num_hidden_layers}.")
+            raise ValueError(
+                f"HFClipVisionConfig: `num_hidden_layers` must be 0 or more, got {self.num_hidden_layers}."
+            )
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"HFClipVisionConfig: `image_size` ({self.image_size}) must be divisible by "
@@ -179,7 +181,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-_CLIP_MODEL_TYPES = {"clip": "hf_clip", "clip_text_model": "hf_clip_text_model", "clip_vision_model": "hf_clip_vision_model"}
+_CLIP_MODEL_TYPES = {
+    "clip": "hf_clip", "clip_text_model": "hf_clip_text_model", "clip_vision_model": "hf_clip_vision_model"
+}
 
 
 @strict

@@ -1,4 +1,5 @@
-"""Pieces for fine-tuning with `transformers.Trainer`: data collators, evaluation metrics and a special-token check.
+"""Pieces for fine-tuning with `transformers.Trainer`: evaluation metrics and a special-token check (the data
+collators are in `hf_clip.data`).
 
     trainer = Trainer(
         model=model,
@@ -13,104 +14,11 @@ Trainer removes the dataset columns that the model's `forward` does not name bef
 raw `image` and `caption` columns these collators read: `remove_unused_columns=False` is the one flag to set.
 """
 
-import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import EvalPrediction
-
-from .processing_hf_clip import to_rgb_image
-
-
-class _ImageRowsCollator:
-    """Reads images (PIL images, arrays, paths, bytes or `{"bytes", "path"}` cells) from dataset rows."""
-
-    def __init__(self, processor, image_column: str, base_dir: str | os.PathLike | None):
-        self.processor = processor
-        self.image_column = image_column
-        self.base_dir = base_dir
-
-    def column(self, rows: Sequence[dict[str, Any]], name: str) -> list[Any]:
-        for row in rows:
-            if name not in row:
-                raise KeyError(
-                    f"{type(self).__name__}: a row has no column {name!r} (it has {sorted(row)}). With "
-                    "transformers.Trainer, set remove_unused_columns=False so the raw columns reach the collator."
-                )
-        return [row[name] for row in rows]
-
-    def pixel_values(self, rows: Sequence[dict[str, Any]]) -> torch.Tensor:
-        """(batch, 3, size, size), preprocessed by the processor's image processor."""
-        images = [to_rgb_image(image, self.base_dir) for image in self.column(rows, self.image_column)]
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
-
-
-class ContrastiveDataCollator(_ImageRowsCollator):
-    """Image-caption rows -> `HFClipModel` inputs that make it return the contrastive loss.
-
-    Each row holds an image under `image_column` (PIL image, array, file path, encoded bytes or a datasets
-    `{"bytes", "path"}` cell; relative paths are read from `base_dir`) and a caption or a list of captions under
-    `caption_column`. From a list, one caption is drawn at random (seeded by `seed`) when `sample_captions`, else the
-    first is taken (deterministic, for evaluation).
-
-    Returns pixel_values (batch, 3, size, size), input_ids and attention_mask (batch, seq) and return_loss=True.
-    """
-
-    def __init__(
-        self,
-        processor,
-        image_column: str = "image",
-        caption_column: str = "caption",
-        sample_captions: bool = True,
-        seed: int | None = None,
-        base_dir: str | os.PathLike | None = None,
-    ):
-        super().__init__(processor, image_column, base_dir)
-        self.caption_column = caption_column
-        self.sample_captions = sample_captions
-        self.rng = np.random.default_rng(seed)
-
-    def caption(self, value: Any) -> str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (list, tuple)) and value:
-            return value[self.rng.integers(len(value))] if self.sample_captions else value[0]
-        raise ValueError(
-            f"Column {self.caption_column!r} must hold a caption or a non-empty list of captions, got {value!r}."
-        )
-
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        captions = [self.caption(value) for value in self.column(rows, self.caption_column)]
-        text = self.processor(text=captions, padding=True, truncation=True, return_tensors="pt")
-        return {
-            "pixel_values": self.pixel_values(rows),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-            "return_loss": True,
-        }
-
-
-class ImageClassificationDataCollator(_ImageRowsCollator):
-    """Labelled image rows -> `HFClipForImageClassification` inputs: pixel_values (batch, 3, size, size) and
-    labels (batch,) from the integer class ids in `label_column`."""
-
-    def __init__(
-        self,
-        processor,
-        image_column: str = "image",
-        label_column: str = "label",
-        base_dir: str | os.PathLike | None = None,
-    ):
-        super().__init__(processor, image_column, base_dir)
-        self.label_column = label_column
-
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        labels = self.column(rows, self.label_column)
-        if not all(isinstance(label, (int, np.integer)) and not isinstance(label, bool) for label in labels):
-            raise ValueError(f"Column {self.label_column!r} must hold integer class ids, got {labels[:5]!r}.")
-        return {"pixel_values": self.pixel_values(rows), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 def contrastive_accuracy_flags(logits: tuple[torch.Tensor, ...], labels: Any = None) -> torch.Tensor:
@@ -162,8 +70,6 @@ def match_special_tokens(model, tokenizer) -> None:
 
 
 __all__ = [
-    "ContrastiveDataCollator",
-    "ImageClassificationDataCollator",
     "compute_classification_metrics",
     "compute_contrastive_metrics",
     "contrastive_accuracy_flags",

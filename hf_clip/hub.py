@@ -3,17 +3,16 @@
 `push_to_hub` uploads, in one commit: `config.json` (with `auto_map`), `model.safetensors` (sharded above
 `max_shard_size`, never a pickle), the processor / tokenizer / image-processor files, the model's code files (so
 `trust_remote_code=True` works without hf_clip), `README.md` (the model card), `eval_results.json` and
-`training_args.json`. `HF_ENDPOINT` chooses the Hub (huggingface.co when unset).
+`hyperparameters.json`. `HF_ENDPOINT` chooses the Hub (huggingface.co when unset).
 """
 
-import dataclasses
 import json
 import logging
 import math
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,33 +49,10 @@ _METRICS = (
     *((f"text_to_image_R@{k}", f"text→image R@{k}", "text-to-image-retrieval", "Text-to-image retrieval",
        f"recall@{k}", f"Text-to-image recall@{k}") for k in (1, 5, 10)),
 )
-_CARD_TRAINING_KEYS = (
-    "model_name_or_path", "preset", "dataset_name", "dataset_config_name", "train_split", "image_column",
-    "caption_column", "max_train_samples", "max_steps", "num_train_epochs", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "num_processes", "global_batch_size", "learning_rate", "lr_scheduler_type",
-    "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
-    "mixed_precision", "bf16", "fp16", "gradient_checkpointing", "activation_checkpointing", "lock_image",
-    "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers", "tokenizer_vocab_size",
-    "context_length", "seed",
-)
-# The training arguments published in `training_args.json` and the card: known hyper-parameters only, so that a
-# credential or a private setting under any name (api_key, passwd, credentials, ...) is never uploaded. Other keys
-# are published only when named in `extra_hyperparameters`.
-PUBLISHED_TRAINING_KEYS = frozenset({
-    "model_name_or_path", "preset", "tokenizer_vocab_size", "context_length", "gradient_checkpointing",
-    "activation_checkpointing", "lock_image", "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers",
-    "task", "templates", "wise_ft_alpha",
-    "dataset_name", "dataset_config_name", "train_split", "eval_splits", "image_column", "caption_column",
-    "label_column", "streaming", "shuffle_buffer_size", "max_train_samples", "max_eval_samples", "embedded_num_train",
-    "seed", "max_steps", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-    "gradient_accumulation_steps", "num_processes", "global_batch_size", "learning_rate", "lr_scheduler_type",
-    "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-    "optim", "label_smoothing", "label_smoothing_factor", "mixed_precision", "bf16", "fp16",
-    "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
-    "checkpointing_steps", "checkpoints_total_limit", "hub_model_id",
-})
+# Keys that name a credential are never published, whatever the caller passes.
+_PRIVATE_KEY = re.compile(r"(^|_)(token|password|passwd|secret|key|credentials?|auth)($|_)", re.IGNORECASE)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_ABSOLUTE_PATH = re.compile(r"^(/|~|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
+_PATH_LIKE = re.compile(r"^(/|~|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
 
 T = TypeVar("T")
 
@@ -85,51 +61,34 @@ def _basename(path: str) -> str:
     return re.split(r"[/\\]", path.rstrip("/\\"))[-1] or path
 
 
-def _public_name(name: str, kind: str) -> str:
-    """A Hub id as is; a local path (or glob) as f"local {kind} {basename}", so no local path is published."""
+def public_name(name: str, kind: str) -> str:
+    """A Hub id as is; a local path (or glob) as f"local {kind} {basename}", so that no local path is published."""
     if name.startswith(f"local {kind} ") or (_HUB_ID.match(name) and not Path(name).expanduser().exists()):
         return name
     return f"local {kind} {_basename(name)}"
 
 
-def _public_value(key: str, value: Any) -> Any:
-    if key == "dataset_name" and isinstance(value, str):
-        return _public_name(value, "dataset")
-    if key == "model_name_or_path" and isinstance(value, str):
-        return _public_name(value, "model")
-    if isinstance(value, str) and _ABSOLUTE_PATH.match(value):
-        return _basename(value)
+def _public_value(value: Any) -> Any:
+    if isinstance(value, str) and (_PATH_LIKE.match(value) or ("/" in value and Path(value).exists())):
+        return public_name(value, "path")
     return value
 
 
-def _as_dict(training_args: Any, extra_hyperparameters: Iterable[str] = ()) -> dict[str, Any]:
-    """Mapping, dataclass (ours or `transformers.TrainingArguments`) or object with `to_dict()` -> a JSON-safe dict
-    of the keys in `PUBLISHED_TRAINING_KEYS` or `extra_hyperparameters`, with local paths reduced to basenames."""
-    if training_args is None:
+def _clean_hyperparameters(hyperparameters: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A JSON-safe copy: keys naming a credential (token, password, secret, key, credentials, auth) and values that
+    are not scalars, lists of scalars or enums are dropped; local paths become "local path NAME"."""
+    if hyperparameters is None:
         return {}
-    if isinstance(training_args, Mapping):
-        raw = dict(training_args)
-    elif hasattr(training_args, "to_dict"):
-        raw = training_args.to_dict()
-    elif dataclasses.is_dataclass(training_args):
-        raw = dataclasses.asdict(training_args)
-    else:
-        raise TypeError(f"training_args must be a mapping or a dataclass, got {type(training_args).__name__}.")
-    if isinstance(extra_hyperparameters, str):
-        raise TypeError("extra_hyperparameters must be a list of key names, not a string.")
-    allowed = PUBLISHED_TRAINING_KEYS | set(extra_hyperparameters)
-    left_out = sorted(key for key in raw if key not in allowed)
-    if left_out:
-        logger.info("Not publishing training_args keys that are not known hyper-parameters: %s (publish more with "
-                    "extra_hyperparameters=[...]).", ", ".join(map(str, left_out)))
+    if not isinstance(hyperparameters, Mapping):
+        raise TypeError(f"hyperparameters must be a mapping of names to values, got {type(hyperparameters).__name__}.")
     clean = {}
-    for key, value in raw.items():
-        if key not in allowed:
+    for key, value in hyperparameters.items():
+        if _PRIVATE_KEY.search(key):
             continue
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
-            clean[key] = [_public_value(key, v) for v in value]
+            clean[key] = [_public_value(v) for v in value]
         elif isinstance(value, (str, int, float, bool)) or value is None:
-            clean[key] = _public_value(key, value)
+            clean[key] = _public_value(value)
         elif hasattr(value, "value"):  # enums such as transformers' IntervalStrategy
             clean[key] = value.value
     return clean
@@ -149,12 +108,6 @@ def _check_metrics(metrics: Mapping[str, Mapping[str, float]] | None) -> dict[st
     return {split: dict(values) for split, values in metrics.items()}
 
 
-def _dataset_id(dataset_name: str | None) -> str:
-    if dataset_name is None:
-        return "hf_clip-embedded-shapes"
-    return dataset_name.removeprefix("local dataset ")
-
-
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4) else f"{value:g}"
@@ -168,39 +121,44 @@ def render_model_card(
     repo_id: str,
     *,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
-    training_args: Any = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    dataset: str | None = None,
+    dataset_split: str | None = None,
     dataset_description: str | None = None,
+    base_model: str | None = None,
     limitations: str | None = None,
     license: str = "apache-2.0",
     template_path: str | Path = MODEL_CARD_TEMPLATE,
-    extra_hyperparameters: Iterable[str] = (),
 ) -> ModelCard:
     """Render the hf_clip model card for `model` (an `HFClipModel`).
 
     Args:
-        metrics: {split: {metric: value in [0, 1]}}, as `training.train` writes to `eval_results.json`. Known
-            metrics (zero-shot top-1/top-5, retrieval recall@k) become the front matter's `model-index`.
-        training_args: the run's arguments (mapping or dataclass). Only known hyper-parameters
-            (`PUBLISHED_TRAINING_KEYS`) and `extra_hyperparameters` are shown; `dataset_name` and `model_name_or_path`
-            name the data and the base model by Hub id, or as "local dataset NAME" with only a local path's basename.
-        dataset_description: a sentence on the training data, shown under "Training".
+        metrics: {split: {metric: value in [0, 1]}}, as `hf_clip.evaluate_split` returns per split. Known metrics
+            (zero-shot top-1/top-5, retrieval recall@k) become the front matter's `model-index`.
+        hyperparameters: {name: value}: what to publish, shown as a table in the order given. Pass the recipe, not a
+            whole configuration: None values are left out, and so are keys naming a credential (token, password,
+            secret, key, credentials, auth); local paths are shown as "local path NAME".
+        dataset: the training data's Hub id, or a local path, shown as "local dataset NAME" (its basename only);
+            `dataset_split` is the split trained on and `dataset_description` a sentence on the data.
+        base_model: the Hub id fine-tuned from; a local directory is not linked.
         limitations: extra text for "Intended use and limitations".
     """
     metrics = _check_metrics(metrics)
-    args = _as_dict(training_args, extra_hyperparameters)
-    dataset_name = args.get("dataset_name")
-    dataset_id = _dataset_id(dataset_name)
-    base_model = args.get("model_name_or_path")
+    shown = {key: _format_value(value) for key, value in _clean_hyperparameters(hyperparameters).items()
+             if value is not None}
+    dataset_name = public_name(dataset, "dataset") if dataset else None
+    dataset_id = dataset_name.removeprefix("local dataset ") if dataset_name else None
     if base_model is not None and (Path(base_model).exists() or base_model.count("/") != 1):
-        base_model = None  # a local directory is not a Hub id the card can link to
+        base_model = None
 
     eval_results = []
     for split, values in metrics.items():
         for key, _, task_type, task_name, metric_type, metric_name in _METRICS:
             if values.get(key) is not None:
                 eval_results.append(EvalResult(
-                    task_type=task_type, task_name=task_name, dataset_type=dataset_id, dataset_name=dataset_id,
-                    dataset_split=split, metric_type=metric_type, metric_name=metric_name,
+                    task_type=task_type, task_name=task_name, dataset_type=dataset_id or "unknown",
+                    dataset_name=dataset_id or "unknown", dataset_split=split, metric_type=metric_type,
+                    metric_name=metric_name,
                     metric_value=round(100 * float(values[key]), 2),
                 ))
     model_name = repo_id.split("/")[-1]
@@ -210,7 +168,7 @@ def render_model_card(
         pipeline_tag="zero-shot-image-classification",
         license=license,
         tags=["hf_clip", "clip", "vision", "contrastive-image-text", "zero-shot-image-classification"],
-        datasets=[dataset_id] if args else None,
+        datasets=[dataset_id] if dataset_id else None,
         base_model=base_model,
         eval_results=eval_results or None,
     )
@@ -221,11 +179,6 @@ def render_model_card(
         + [str(values.get("num_samples", "–"))]
         for split, values in metrics.items()
     ]
-    shown_args = {
-        key: _format_value(args[key]) for key in (*_CARD_TRAINING_KEYS, *extra_hyperparameters)
-        if args.get(key) not in (None, False)
-        and not (key.endswith("_unlocked_layers") and not args.get(key.removesuffix("_unlocked_layers")))
-    }
     config = model.config
     vision_parameters = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("vision", "visual")))
     text_parameters = sum(p.numel() for n, p in model.named_parameters() if n.startswith("text"))
@@ -242,10 +195,10 @@ def render_model_card(
         total_parameters=f"{model.num_parameters() / 1e6:.2f} M",
         logit_scale=math.exp(min(model.logit_scale.item(), math.log(config.logit_scale_max))),
         logit_scale_max=config.logit_scale_max,
-        dataset_display_name=dataset_name or "the embedded shapes dataset of hf_clip",
+        dataset_name=dataset_name,
+        dataset_split=dataset_split,
         dataset_description=dataset_description,
-        train_split=args.get("train_split", "train"),
-        training_args=shown_args,
+        hyperparameters=shown,
         results_columns=results_columns,
         results_rows=results_rows,
         limitations=limitations,
@@ -313,25 +266,30 @@ def push_to_hub(
     repo_id: str,
     *,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
-    training_args: Any = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    dataset: str | None = None,
+    dataset_split: str | None = None,
+    dataset_description: str | None = None,
+    base_model: str | None = None,
+    state_dict: dict[str, Any] | None = None,
     private: bool = False,
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
     max_shard_size: int | str = "5GB",
-    dataset_description: str | None = None,
     max_retries: int = 5,
     retry_base_delay: float = 1.0,
-    extra_hyperparameters: Iterable[str] = (),
 ) -> CommitInfo:
     """Push `model` (an `HFClipModel`) and `processor` to `repo_id` as one commit, with a model card.
 
     Creates the repo (and the `revision` branch, from main) if needed; `private` applies when the repo is created.
-    `metrics` ({split: {metric: value}}, as in `eval_results.json`) and `training_args` (mapping or dataclass)
-    fill the card; of `training_args`, only known hyper-parameters (`PUBLISHED_TRAINING_KEYS`) and the keys named in
-    `extra_hyperparameters` are written, with local paths reduced to basenames. NaN or infinite metrics raise. A push whose files equal the remote ones
-    makes no commit and returns the current head. Transient failures are retried with backoff; a retried commit
-    whose first attempt did land is detected as unchanged, so it never creates a duplicate commit.
+    `metrics`, `hyperparameters`, `dataset`, `dataset_split`, `dataset_description` and `base_model` fill the card
+    (see `render_model_card`); the metrics are also written to `eval_results.json` and the hyper-parameters, as the
+    card shows them, to `hyperparameters.json`. NaN or infinite metrics raise `ValueError`. `state_dict` is saved
+    instead of `model.state_dict()` (as `save_pretrained` takes it, e.g. gathered from a sharded model). A push whose
+    files equal the remote ones makes no commit and returns the current head. Transient failures are retried with
+    backoff; a retried commit whose first attempt did land is detected as unchanged, so it never creates a duplicate
+    commit.
 
     Returns the `CommitInfo` of the new (or current) head commit.
     """
@@ -340,7 +298,7 @@ def push_to_hub(
     if processor is None:
         raise ValueError("push_to_hub needs the processor too: without it the repo cannot be used for inference.")
     metrics = _check_metrics(metrics)
-    args = _as_dict(training_args, extra_hyperparameters)
+    hyperparameters = _clean_hyperparameters(hyperparameters)
     api = HfApi(token=token)
     try:
         repo_id = _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True).repo_id,
@@ -349,16 +307,18 @@ def push_to_hub(
             _with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True),
                           f"Creating branch {revision!r} of {repo_id}", max_retries, retry_base_delay)
         with tempfile.TemporaryDirectory(prefix="hf_clip_push_") as folder:
-            model.save_pretrained(folder, max_shard_size=max_shard_size)
+            # save_pretrained empties the state dict it is given; the caller's stays whole
+            model.save_pretrained(folder, max_shard_size=max_shard_size,
+                                  state_dict=None if state_dict is None else dict(state_dict))
             processor.save_pretrained(folder)
             processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, for older tools
-            render_model_card(model, repo_id, metrics=metrics, training_args=args,
-                              dataset_description=dataset_description,
-                              extra_hyperparameters=extra_hyperparameters).save(Path(folder) / "README.md")
+            render_model_card(model, repo_id, metrics=metrics, hyperparameters=hyperparameters, dataset=dataset,
+                              dataset_split=dataset_split, dataset_description=dataset_description,
+                              base_model=base_model).save(Path(folder) / "README.md")
             if metrics:
                 (Path(folder) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
-            if args:
-                (Path(folder) / "training_args.json").write_text(json.dumps(args, indent=2))
+            if hyperparameters:
+                (Path(folder) / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
             pickles = [p.name for p in Path(folder).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
             if pickles:
                 raise RuntimeError(f"Refusing to push pickle files {pickles}: hf_clip pushes safetensors only.")
@@ -371,4 +331,4 @@ def push_to_hub(
         raise clear from None
 
 
-__all__ = ["push_to_hub", "render_model_card"]
+__all__ = ["public_name", "push_to_hub", "render_model_card"]

@@ -168,7 +168,8 @@ class HFClipProcessor(ProcessorMixin):
 
     @classmethod
     def from_tokenizer(cls, tokenizer, image_size: int = 224) -> "HFClipProcessor":
-        """A processor with CLIP's image preprocessing (bicubic resize, centre crop, OpenAI mean/std) at `image_size`."""
+        """A processor with CLIP's image preprocessing (bicubic resize, centre crop, OpenAI mean/std) at
+        `image_size`."""
         if is_torchvision_available():
             from transformers import CLIPImageProcessor as image_processor_class
         else:

@@ -23,9 +23,9 @@ CAPTIONS = [
 # A small, fast `training.train` run on the embedded dataset.
 FAST_TRAINING_ARGS = [
     "--embedded_num_train", "512", "--per_device_train_batch_size", "16", "--max_eval_samples", "48",
-    "--per_device_eval_batch_size", "48", "--num_workers", "0", "--logging_steps", "1", "--warmup_steps", "2",
-    "--learning_rate", "1e-3", "--report_to", "none", "--mixed_precision", "no", "--context_length", "24",
-    "--tokenizer_vocab_size", "700",
+    "--per_device_eval_batch_size", "48", "--dataloader_num_workers", "0", "--logging_steps", "1",
+    "--warmup_steps", "2", "--learning_rate", "1e-3", "--report_to", "none", "--mixed_precision", "no",
+    "--context_length", "24", "--tokenizer_vocab_size", "700",
 ]
 
 

@@ -269,7 +269,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             elif key == "deletedFolder":
                 files = {p: c for p, c in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
             else:
-                return 400, {"error": f"unsupported commit operation {key!r} (this server only takes regular files)"}, {}
+                error = f"unsupported commit operation {key!r} (this server only takes regular files)"
+                return 400, {"error": error}, {}
         new = hub_repo.commit(rev, message, files)
         return 200, {"success": True, "commitOid": new.oid, "commitUrl": f"{self.hub.url}/{repo}/commit/{new.oid}"}, {}
 

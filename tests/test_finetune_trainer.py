@@ -12,7 +12,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModel, Trainer, TrainingArguments, pipeline
+from transformers import (
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoProcessor,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
 
 from hf_clip import (
     ContrastiveDataCollator,
@@ -33,6 +40,7 @@ def _finetune(output_dir, *flags, launcher=(sys.executable, "-m", "training.fine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, "--output_dir", str(output_dir), *flags], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
+    print(result.stdout)  # the script's report: shown with `pytest -s`, and by pytest when a test fails
     assert result.returncode == 0, result.stderr[-6000:]
     return result
 
@@ -66,20 +74,28 @@ def contrastive_run(start_checkpoint, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_contrastive_fine_tuning_lowers_eval_loss_and_saves_loadable_checkpoints(contrastive_run):
     out, result = contrastive_run
     results = json.loads((out / "eval_results.json").read_text())
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
     for direction in ("image_to_text", "text_to_image"):
-        assert 0.0 <= results["after"][f"eval_{direction}_accuracy"] <= 1.0
+        assert results["after"][f"eval_{direction}_accuracy"] > results["before"][f"eval_{direction}_accuracy"]
     assert "pipeline on one image of a" in result.stdout
     image = Image.new("RGB", (64, 64), (220, 40, 40))
+    labels = ["red circle", "blue square"]
     for path in (out / "checkpoint-60", out):  # the checkpoint Trainer saved, and the final model
-        assert type(AutoModel.from_pretrained(path)) is HFClipModel
-        scores = pipeline("zero-shot-image-classification", model=str(path))(image, candidate_labels=["red", "blue"])
-        assert sorted(s["label"] for s in scores) == ["blue", "red"]
+        model, processor = AutoModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+        assert type(model) is HFClipModel
+        with torch.no_grad():
+            inputs = processor(text=[f"This is a photo of {label}." for label in labels], images=image, padding=True,
+                               return_tensors="pt")
+            probs = model(**inputs).logits_per_image.softmax(-1)[0]
+        scores = pipeline("zero-shot-image-classification", model=str(path))(image, candidate_labels=labels)
+        assert {s["label"]: s["score"] for s in scores} == pytest.approx(dict(zip(labels, probs.tolist())), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_classifier_from_zero_shot_fine_tuned_with_trainer_beats_zero_shot(contrastive_run, tmp_path):
     trained, _ = contrastive_run
     out = tmp_path / "classifier"
@@ -87,16 +103,30 @@ def test_classifier_from_zero_shot_fine_tuned_with_trainer_beats_zero_shot(contr
                        "--label_column", "shape", *SMALL, "--max_eval_samples", "300", "--max_steps", "100",
                        "--learning_rate", "3e-3", "--save_strategy", "no", "--wise_ft_alpha", "0.5")
     results = json.loads((out / "eval_results.json").read_text())
-    print(json.dumps(results))
     assert results["fine_tuned"]["eval_accuracy"] > results["zero_shot"]["eval_accuracy"]
-    assert 0.0 <= results["wise_ft_0.5"]["eval_accuracy"] <= 1.0
     assert "pipeline on one image of a" in result.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "circle", "1": "square", "2": "triangle", "3": "cross"}
-    top = pipeline("image-classification", model=str(out))(Image.new("RGB", (64, 64), (20, 20, 20)))
-    assert {p["label"] for p in top} <= {"circle", "square", "triangle", "cross"}
+
+    # The saved model is the WiSE-FT ensemble: its accuracy on the 300 eval rows, recomputed here, is the reported one.
+    from training.synthetic import build_shapes_dataset
+
+    rows = build_shapes_dataset(num_train=1024)["test"].select(range(300))
+    classifier = AutoModelForImageClassification.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    images = rows["image"]
+    with torch.no_grad():
+        batches = [processor(images=images[i : i + 100], return_tensors="pt") for i in range(0, 300, 100)]
+        logits = torch.cat([classifier(**batch).logits for batch in batches])
+    accuracy = (logits.argmax(-1) == torch.tensor(rows["shape"])).float().mean().item()
+    assert accuracy == pytest.approx(results["wise_ft_0.5"]["eval_accuracy"], abs=1e-6)
+    top = pipeline("image-classification", model=str(out))(images[0])[0]
+    probs = logits[0].softmax(-1)
+    assert top["label"] == config["id2label"][str(int(probs.argmax()))]
+    assert top["score"] == pytest.approx(probs.max().item(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_trainer_under_torchrun_uses_the_global_batch(start_checkpoint, tmp_path):
     """2 ranks × 8 rows vs 1 process × 16 rows: each rank's loss sees all 16 captions, so losses and weights agree."""
     from training.synthetic import build_shapes_dataset
@@ -145,7 +175,8 @@ def test_trainer_special_token_alignment_keeps_the_pooled_token(tmp_path):
         positions_before = model.text_model.pooling_positions(text["input_ids"])
     match_special_tokens(model, processor.tokenizer)
     tokenizer = processor.tokenizer
-    matched = {name: getattr(model.config.text_config, name) for name in ("eos_token_id", "bos_token_id", "pad_token_id")}
+    names = ("eos_token_id", "bos_token_id", "pad_token_id")
+    matched = {name: getattr(model.config.text_config, name) for name in names}
     assert matched == {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
                        "pad_token_id": tokenizer.pad_token_id}
     assert torch.equal(model.text_model.pooling_positions(text["input_ids"]), positions_before)
@@ -199,11 +230,13 @@ def test_collators_read_every_image_form_and_name_missing_columns(tmp_path):
         ImageClassificationDataCollator(processor)([{"image": image, "label": "red"}])
 
 
+@pytest.mark.slow
 def test_locked_towers_bf16_and_activation_checkpointing(start_checkpoint, tmp_path):
     out = tmp_path / "locked"
     _finetune(out, "--model_name_or_path", str(start_checkpoint), *SMALL, "--embedded_num_train", "64",
               "--max_eval_samples", "16", "--max_steps", "2", "--learning_rate", "1e-3", "--save_strategy", "no",
-              "--lock_image", "--lock_text", "--lock_text_unlocked_layers", "1", "--bf16", "--activation_checkpointing", "--use_cpu")
+              "--lock_image", "--lock_text", "--lock_text_unlocked_layers", "1", "--bf16", "--activation_checkpointing",
+              "--use_cpu")
     before, after = load_file(start_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
     for name in ("vision_model.encoder.layers.1.mlp.fc1.weight", "visual_projection.weight",
                  "text_model.encoder.layers.0.mlp.fc1.weight"):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ALICE_TOKEN, BOB_TOKEN, FAST_TRAINING_ARGS, hub_env, write_pickle_bomb
+from hub_workers import LABELS, model_outputs, probe_image
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from hub_workers import LABELS, model_outputs, probe_image
 from safetensors.torch import load_file
 from transformers import pipeline
 
@@ -29,13 +29,14 @@ METRICS = {
              "text_to_image_R@5": 0.8125, "text_to_image_R@10": 0.90625},
     "test_unseen": {"num_samples": 48, "zero_shot_top1": 0.75, "zero_shot_top5": 0.9375},
 }
-TRAINING_ARGS = {"dataset_name": None, "train_split": "train", "learning_rate": 1e-3, "max_steps": 600,
-                 "per_device_train_batch_size": 128, "seed": 42, "hub_token": ALICE_TOKEN, "output_dir": "/home/me/x"}
-# Keys a user or a tool may add to its arguments; none is a known hyper-parameter, so none may be published.
+HYPERPARAMETERS = {"learning_rate": 1e-3, "max_steps": 600, "per_device_train_batch_size": 128, "seed": 42,
+                   "lock_image": False, "max_train_samples": None, "hub_token": ALICE_TOKEN}
+CARD_DATA = {"dataset": "me/shapes", "dataset_split": "train", "base_model": "openai/clip-vit-base-patch32"}
+# Keys a user or a tool may add to its arguments: credentials, which are never published, and a local path.
 PRIVATE_ARGS = {"api_key": "sk-live-0001", "wandb_api_key": "wandb-0002", "aws_access_key_id": "AKIA0003",
                 "private_key": "-----BEGIN KEY 0004", "passwd": "hunter0005", "credentials": "cred-0006",
                 "logging_dir": "/home/me/x/runs"}
-PUSHED_ARGS = {**TRAINING_ARGS, **PRIVATE_ARGS, "model_name_or_path": "/home/me/checkpoints/base-clip"}
+PUSHED_ARGS = {**HYPERPARAMETERS, **PRIVATE_ARGS, "model_name_or_path": "/home/me/checkpoints/base-clip"}
 
 
 def run_worker(command: str, job: dict, env: dict, *flags: str, expect_ok: bool = True) -> dict:
@@ -81,20 +82,20 @@ def pushed_repo(hub_server, saved_checkpoint, tmp_path_factory):
     """alice/round-trip-clip, pushed once with metrics and training arguments."""
     env = hub_env(hub_server, tmp_path_factory.mktemp("hf_home_push"))
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "round-trip-clip",
-           "kwargs": {"metrics": METRICS, "training_args": PUSHED_ARGS, "commit_message": "First model"}}
+           "kwargs": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS, "commit_message": "First model"}}
     report = run_worker("push", job, env)
     return {"repo_id": "alice/round-trip-clip", "oid": report["oid"], "stderr": report["stderr"]}
 
 
 def test_model_card_front_matter_is_valid_and_carries_the_metrics(saved_checkpoint):
     model = HFClipModel.from_pretrained(saved_checkpoint)
-    card = render_model_card(model, "alice/round-trip-clip", metrics=METRICS,
-                             training_args={**TRAINING_ARGS, "model_name_or_path": "openai/clip-vit-base-patch32"})
+    card = render_model_card(model, "alice/round-trip-clip", metrics=METRICS, hyperparameters=HYPERPARAMETERS,
+                             **CARD_DATA)
     parsed = ModelCard(str(card))  # parses and validates the YAML front matter with ModelCardData
     data = parsed.data
     assert data.library_name == "transformers" and data.pipeline_tag == "zero-shot-image-classification"
     assert data.license == "apache-2.0" and "hf_clip" in data.tags
-    assert data.base_model == "openai/clip-vit-base-patch32" and data.datasets == ["hf_clip-embedded-shapes"]
+    assert data.base_model == "openai/clip-vit-base-patch32" and data.datasets == ["me/shapes"]
     model_name, eval_results = model_index_to_eval_results(data.to_dict()["model-index"])
     assert model_name == "round-trip-clip"
     values = {(r.dataset_split, r.metric_name): r.metric_value for r in eval_results}
@@ -105,31 +106,36 @@ def test_model_card_front_matter_is_valid_and_carries_the_metrics(saved_checkpoi
     assert {r.task_type for r in eval_results} == {"zero-shot-image-classification", "image-to-text-retrieval",
                                                    "text-to-image-retrieval"}
     body = parsed.text
-    assert "| test | 96.9 | 100.0 | 50.0 |" in body and "| `learning_rate` | 0.001 |" in body
+    assert "| test | 96.9 | 100.0 | 50.0 |" in body and "Trained on **me/shapes** (split `train`)." in body
+    table = [line for line in body.splitlines() if line.startswith("| `")]
+    assert table == ["| `learning_rate` | 0.001 |", "| `max_steps` | 600 |", "| `per_device_train_batch_size` | 128 |",
+                     "| `seed` | 42 |", "| `lock_image` | False |"]  # in the order given; None and the token left out
     assert f"{model.config.vision_config.hidden_size} × {model.config.vision_config.num_hidden_layers}" in body
     assert 'AutoModel.from_pretrained("alice/round-trip-clip", trust_remote_code=True)' in body
-    assert ALICE_TOKEN not in str(card) and "/home/me" not in str(card)
+    assert ALICE_TOKEN not in str(card)
 
 
 def test_local_directory_is_not_a_base_model(saved_checkpoint):
     model = HFClipModel.from_pretrained(saved_checkpoint)
-    card = render_model_card(model, "me/m", training_args={"model_name_or_path": str(saved_checkpoint)})
+    card = render_model_card(model, "me/m", base_model=str(saved_checkpoint), dataset=str(saved_checkpoint))
     assert ModelCard(str(card)).data.base_model is None
+    assert ModelCard(str(card)).data.datasets == [saved_checkpoint.name]  # a local dataset path shows by its name
+    assert "No training data or hyper-parameters were recorded" in str(render_model_card(model, "me/m"))
     with pytest.raises(TypeError, match="split names"):
         render_model_card(model, "me/m", metrics={"zero_shot_top1": 0.5})
 
 
-def test_card_publishes_known_hyper_parameters_and_no_local_path(saved_checkpoint):
+def test_card_publishes_no_credential_and_no_local_path(saved_checkpoint):
     model = HFClipModel.from_pretrained(saved_checkpoint)
-    args = {**PRIVATE_ARGS, "dataset_name": "/home/me/datasets/laion-subset", "learning_rate": 1e-3,
-            "model_name_or_path": str(saved_checkpoint), "my_schedule": "cosine-restarts"}
-    text = str(render_model_card(model, "me/m", training_args=args, extra_hyperparameters=["my_schedule"]))
+    hyperparameters = {**PRIVATE_ARGS, "learning_rate": 1e-3, "my_schedule": "cosine-restarts"}
+    text = str(render_model_card(model, "me/m", hyperparameters=hyperparameters,
+                                 dataset="/home/me/datasets/laion-subset", base_model=str(saved_checkpoint)))
     assert "Trained on **local dataset laion-subset**" in text and "| `my_schedule` | cosine-restarts |" in text
+    assert "| `logging_dir` | local path runs |" in text
     assert ModelCard(text).data.datasets == ["laion-subset"]
     for value in (*PRIVATE_ARGS.values(), "/home/me", str(saved_checkpoint)):
         assert value not in text, value
-    assert "my_schedule" not in str(render_model_card(model, "me/m", training_args=args))
-    hub_dataset = render_model_card(model, "me/m", training_args={"dataset_name": "laion/laion400m"})
+    hub_dataset = render_model_card(model, "me/m", dataset="laion/laion400m")
     assert "Trained on **laion/laion400m**" in str(hub_dataset)
 
 
@@ -143,6 +149,7 @@ def test_non_finite_metrics_are_refused(saved_checkpoint, value):
         hf_clip.push_to_hub(model, HFClipProcessor.from_pretrained(saved_checkpoint), "me/m", metrics=metrics)
 
 
+@pytest.mark.slow
 def test_push_makes_one_commit_with_every_file(hub_server, pushed_repo, saved_checkpoint):
     repo = hub_server.hub.repos[pushed_repo["repo_id"]]
     history = repo.history("main")
@@ -150,15 +157,15 @@ def test_push_makes_one_commit_with_every_file(hub_server, pushed_repo, saved_ch
     files = history[0].files
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json",
             "preprocessor_config.json", "configuration_hf_clip.py", "modeling_hf_clip.py", "loss.py",
-            "processing_hf_clip.py", "README.md", "eval_results.json", "training_args.json"} <= set(files)
+            "processing_hf_clip.py", "README.md", "eval_results.json", "hyperparameters.json"} <= set(files)
     assert not [name for name in files if name.endswith((".bin", ".pt", ".pkl"))]
     config = json.loads(files["config.json"])
     assert config["auto_map"]["AutoModel"] == "modeling_hf_clip.HFClipModel"
     assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_hf_clip.HFClipModel"
     assert json.loads(files["eval_results.json"]) == METRICS
-    published = json.loads(files["training_args.json"])
-    assert "hub_token" not in published and not set(PRIVATE_ARGS) & set(published)
-    assert published["model_name_or_path"] == "local model base-clip" and published["learning_rate"] == 1e-3
+    published = json.loads(files["hyperparameters.json"])
+    assert published == {**{k: v for k, v in HYPERPARAMETERS.items() if k != "hub_token"},
+                         "logging_dir": "local path runs", "model_name_or_path": "local path base-clip"}
     for name, content in files.items():
         for value in (*PRIVATE_ARGS.values(), ALICE_TOKEN, "/home/me"):
             assert value.encode() not in content, (name, value)
@@ -168,6 +175,7 @@ def test_push_makes_one_commit_with_every_file(hub_server, pushed_repo, saved_ch
     assert ALICE_TOKEN not in pushed_repo["stderr"]
 
 
+@pytest.mark.slow
 def test_pull_with_hf_clip_installed_is_bit_identical(hub_server, pushed_repo, saved_checkpoint, tmp_path):
     report = pull(hub_server, tmp_path, "installed", {"repo_id": pushed_repo["repo_id"], "pipeline": True})
     assert report["model_class"] == "hf_clip.modeling_hf_clip.HFClipModel"
@@ -177,23 +185,29 @@ def test_pull_with_hf_clip_installed_is_bit_identical(hub_server, pushed_repo, s
     assert report["pipeline"] == local(probe_image(), candidate_labels=LABELS)
 
 
+@pytest.mark.slow
 def test_pull_with_remote_code_and_no_hf_clip(hub_server, pushed_repo, saved_checkpoint, tmp_path):
     report = pull(hub_server, tmp_path, "remote", {"repo_id": pushed_repo["repo_id"], "trust_remote_code": True,
                                                    "pipeline": True}, "--without-hf-clip")
     assert report["model_class"].startswith("transformers_modules.")
     assert_bit_identical(local_outputs(saved_checkpoint), tmp_path / "remote.safetensors")
-    assert [r["label"] for r in report["pipeline"]]
+    local = pipeline("zero-shot-image-classification", model=str(saved_checkpoint))(probe_image(),
+                                                                                    candidate_labels=LABELS)
+    assert [r["label"] for r in report["pipeline"]] == [r["label"] for r in local]
+    assert [r["score"] for r in report["pipeline"]] == pytest.approx([r["score"] for r in local], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_repush_without_changes_makes_no_commit(hub_server, pushed_repo, saved_checkpoint, tmp_path):
     job = {"checkpoint": str(saved_checkpoint), "repo_id": pushed_repo["repo_id"],
-           "kwargs": {"metrics": METRICS, "training_args": PUSHED_ARGS}}
+           "kwargs": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS}}
     report = run_worker("push", job, hub_env(hub_server, tmp_path / "hf_home"))
     repo = hub_server.hub.repos[pushed_repo["repo_id"]]
     assert report["oid"] == pushed_repo["oid"] == repo.branches["main"]
     assert len(repo.history("main")) == 2
 
 
+@pytest.mark.slow
 def test_push_to_a_revision_branch(hub_server, pushed_repo, saved_checkpoint, tmp_path):
     repo = hub_server.hub.repos[pushed_repo["repo_id"]]
     main_head = repo.branches["main"]
@@ -205,6 +219,7 @@ def test_push_to_a_revision_branch(hub_server, pushed_repo, saved_checkpoint, tm
     assert_bit_identical(local_outputs(saved_checkpoint, 0.5), tmp_path / "branch.safetensors")
 
 
+@pytest.mark.slow
 def test_private_repo(hub_server, saved_checkpoint, tmp_path):
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "alice/private-clip", "kwargs": {"private": True}}
     run_worker("push", job, hub_env(hub_server, tmp_path / "hf_home_push"))
@@ -219,6 +234,7 @@ def test_private_repo(hub_server, saved_checkpoint, tmp_path):
     assert_bit_identical(local_outputs(saved_checkpoint), tmp_path / "owner.safetensors")
 
 
+@pytest.mark.slow
 def test_transient_failures_are_retried_without_duplicate_commits(hub_server, saved_checkpoint, tmp_path):
     env = hub_env(hub_server, tmp_path / "hf_home")
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "alice/flaky-clip"}
@@ -235,6 +251,7 @@ def test_transient_failures_are_retried_without_duplicate_commits(hub_server, sa
     assert not hub_server.hub.faults
 
 
+@pytest.mark.slow
 def test_auth_errors_are_clear_and_never_echo_the_token(hub_server, saved_checkpoint, tmp_path):
     wrong_token = "hf_wrong_secret_token_42"
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "alice/denied-clip"}
@@ -256,6 +273,7 @@ def test_auth_errors_are_clear_and_never_echo_the_token(hub_server, saved_checkp
     assert len(hub_server.hub.repos["bob/bobs-private"].history("main")) == 2
 
 
+@pytest.mark.slow
 def test_sharded_push_and_stale_shards_removed_on_repush(hub_server, saved_checkpoint, tmp_path):
     env = hub_env(hub_server, tmp_path / "hf_home")
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "alice/sharded-clip", "kwargs": {"max_shard_size": "60KB"}}
@@ -273,6 +291,7 @@ def test_sharded_push_and_stale_shards_removed_on_repush(hub_server, saved_check
     assert [name for name in files if "safetensors" in name] == ["model.safetensors"]
 
 
+@pytest.mark.slow
 def test_transformers_clip_repo_loads_into_hf_clip(hub_server, tokenizer, tmp_path):
     """A repo laid out like openai/clip-vit-base-patch32 (Transformers CLIPModel, CLIPProcessor and a pickled
     pytorch_model.bin beside model.safetensors) loads with HFClipModel.from_pretrained(repo_id), never unpickling."""
@@ -310,12 +329,13 @@ def test_transformers_clip_repo_loads_into_hf_clip(hub_server, tokenizer, tmp_pa
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_training_run_pushes_model_card_and_results(hub_server, tmp_path):
     out = tmp_path / "run"
     env = {**hub_env(hub_server, tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS,
                "--max_steps", "2", "--eval_splits", "test", "--push_to_hub", "--hub_model_id", "shapes-run",
-               "--hub_private_repo", "--checkpointing_steps", "1", "--hub_push_checkpoints"]
+               "--hub_private_repo", "--save_steps", "1", "--hub_push_checkpoints"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Pushed to the Hub: " in result.stdout and ALICE_TOKEN not in result.stdout + result.stderr
@@ -330,13 +350,15 @@ def test_training_run_pushes_model_card_and_results(hub_server, tmp_path):
         assert [(r.dataset_split, r.metric_value) for r in top1] == [
             ("test", round(100 * results["test"]["zero_shot_top1"], 2))]
         assert "| `max_steps` | 2 |" in card.text and "never appear in training" in card.text
-    assert json.loads(files["training_args.json"])["hub_model_id"] == "shapes-run"
+        assert str(tmp_path) not in card.text and "hub_model_id" not in card.text  # the recipe, no paths or Hub setup
+    assert json.loads(files["hyperparameters.json"])["max_steps"] == 2
     checkpoints = repo.history("checkpoints")
     assert [c.message for c in checkpoints[:2]] == ["Checkpoint at step 2", "Checkpoint at step 1"]
     assert checkpoints[0].files["model.safetensors"] == files["model.safetensors"]
     assert checkpoints[1].files["model.safetensors"] != files["model.safetensors"]
 
 
+@pytest.mark.slow
 def test_transformers_push_to_hub_method_still_works(hub_server, saved_checkpoint, tmp_path):
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "alice/method-clip", "transformers_method": True}
     run_worker("push", job, hub_env(hub_server, tmp_path / "hf_home_push"))

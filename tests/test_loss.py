@@ -65,6 +65,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path, tiny_config):
     """2 gloo ranks, each with half the global batch, under real DDP: loss and every parameter gradient equal the
     single-process loss and gradients on the concatenated batch."""

@@ -1,9 +1,11 @@
 import importlib.util
 import math
 import os
+
 import pytest
 import torch
 from conftest import text_batch, write_pickle_bomb
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
     CLIPModel,
@@ -14,8 +16,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.utils import logging as transformers_logging
-
-from safetensors.torch import load_file, save_file
 
 from hf_clip import (
     HFClipConfig,
@@ -213,7 +213,8 @@ def test_token_ids_outside_the_vocabulary_name_the_vocab_size(tiny_config, bad_i
     ids, mask, pixels = _inputs(tiny_config)
     vocab_size = tiny_config.text_config.vocab_size
     ids[2, 3] = vocab_size if bad_id == "vocab_size" else bad_id
-    with pytest.raises(RuntimeError, match=f"outside the vocabulary \\(0..{vocab_size - 1}, `vocab_size` = {vocab_size}"):
+    expected = f"outside the vocabulary \\(0..{vocab_size - 1}, `vocab_size` = {vocab_size}"
+    with pytest.raises(RuntimeError, match=expected):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 

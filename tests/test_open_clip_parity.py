@@ -74,7 +74,8 @@ def test_inferred_config(open_clip_model):
     config = config_from_openai_state_dict(reference.state_dict(), text_head_width=32, vision_head_width=16)
     text, vision = config.text_config, config.vision_config
     assert (text.vocab_size, text.hidden_size, text.num_hidden_layers, text.max_position_embeddings) == (301, 96, 3, 19)
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.intermediate_size) == (80, 2, 9, 160)
+    vision_sizes = (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.intermediate_size)
+    assert vision_sizes == (80, 2, 9, 160)
     assert config.projection_dim == 40 and text.eos_token_id == 300
 
 

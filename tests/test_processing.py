@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
 from transformers import CLIPProcessor
 
 from hf_clip import HFClipConfig, HFClipProcessor, to_rgb_image, train_clip_tokenizer
@@ -168,6 +167,7 @@ def test_tokenizer_training_rejects_bad_input():
         train_clip_tokenizer(iter([]))
 
 
+@pytest.mark.slow
 def test_save_writes_what_auto_classes_need(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     processor_config = json.loads((tmp_path / "processor_config.json").read_text())
@@ -193,6 +193,7 @@ def test_save_writes_what_auto_classes_need(processor, tmp_path):
     assert json.loads(shape) == [1, 3, SIZE, SIZE]
 
 
+@pytest.mark.slow
 def test_works_without_torchvision(tokenizer, tmp_path):
     """In a process where torchvision cannot be imported, the PIL backend is used with the same results."""
     reference = HFClipProcessor.from_tokenizer(tokenizer, image_size=SIZE)
@@ -228,6 +229,7 @@ def test_works_without_torchvision(tokenizer, tmp_path):
     assert (pixels - expected).abs().mean() < 0.02
 
 
+@pytest.mark.slow
 def test_tokenizer_training_is_deterministic_across_processes():
     """tokenizers' BpeTrainer breaks merge ties by ids it assigns in hash-map order; ours must not vary."""
     script = textwrap.dedent("""

@@ -7,10 +7,13 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import ALICE_TOKEN, hub_env
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+
+pytestmark = pytest.mark.slow
 
 
 def test_readme_python_blocks_run(tmp_path, hub_server):

@@ -2,7 +2,7 @@
 
 import io
 import json
-from argparse import Namespace
+import logging
 from dataclasses import fields
 
 import datasets
@@ -11,21 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_clip import HFClipProcessor
-from training.args import ARGUMENT_CLASSES, parse_args
+from hf_clip import ContrastiveDataCollator, HFClipProcessor, ImageTextColumns
+from hf_clip.data import ImageTextDataset, image_transform_for
+from training import evaluate, finetune_trainer
+from training.args import DatasetArguments
+from training.checkpointing import STATE_FILE, read_state, resolve_checkpoint
 from training.data import (
     GlobalBatchSampler,
-    ImageTextCollator,
-    ImageTextDataset,
+    ProcessShare,
     TrainBatches,
     base_directory,
     build_train_dataset,
     check_columns,
     check_usable_rows,
-    image_transform_for,
     load_split,
 )
-from training.train import cpu_has_native_bf16, resolve_mixed_precision
+from training.train import ARGUMENT_CLASSES, cpu_has_native_bf16, parse_args, resolve_mixed_precision
 
 
 def _png(color=(200, 20, 20), size=(20, 16)) -> bytes:
@@ -34,11 +35,12 @@ def _png(color=(200, 20, 20), size=(20, 16)) -> bytes:
     return buffer.getvalue()
 
 
-def _data_args(**overrides):
-    defaults = dict(dataset_name=None, dataset_config_name=None, image_column="image", caption_column="caption",
-                    label_column="label", streaming=False, shuffle_buffer_size=100, max_train_samples=None,
-                    embedded_num_train=64)
-    return Namespace(**{**defaults, **overrides})
+def _data_args(**overrides) -> DatasetArguments:
+    return DatasetArguments(**{"shuffle_buffer_size": 100, "embedded_num_train": 64, **overrides})
+
+
+def _columns(dataset_name: str | None = None) -> ImageTextColumns:
+    return ImageTextColumns(base_dir=base_directory(dataset_name))
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +57,56 @@ def test_every_argument_has_help():
 def test_config_file_with_command_line_override(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("learning_rate: 0.5\nmax_steps: 3\ndataset_name: somewhere\n")
-    model_args, data_args, args = parse_args([str(recipe), "--max_steps", "7"])
-    assert (args.learning_rate, args.max_steps, data_args.dataset_name) == (0.5, 7, "somewhere")
+    args = parse_args([str(recipe), "--max_steps", "7"])
+    assert (args.run.learning_rate, args.run.max_steps, args.data.dataset_name) == (0.5, 7, "somewhere")
     (tmp_path / "recipe.json").write_text(json.dumps({"preset": "ViT-B-32"}))
-    assert parse_args([str(tmp_path / "recipe.json")])[0].preset == "ViT-B-32"
+    assert parse_args([str(tmp_path / "recipe.json")]).scratch.preset == "ViT-B-32"
     recipe.write_text("learning_rat: 0.5\n")
     with pytest.raises(ValueError, match="unknown argument.*learning_rat"):
         parse_args([str(recipe)])
+
+
+def test_old_flag_spellings_still_work_with_a_deprecation_message(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="training.args")
+    args = parse_args(["--checkpointing_steps", "5", "--checkpoints_total_limit=3", "--gradient_checkpointing",
+                       "--num_workers", "0"])
+    assert (args.run.save_steps, args.run.save_total_limit, args.run.activation_checkpointing) == (5, 3, True)
+    assert args.loader.dataloader_num_workers == 0
+    for old, new in (("checkpointing_steps", "save_steps"), ("checkpoints_total_limit", "save_total_limit"),
+                     ("gradient_checkpointing", "activation_checkpointing"), ("num_workers", "dataloader_num_workers")):
+        assert f"--{old} is deprecated and will be removed in the next release; use --{new}." in caplog.text
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("checkpointing_steps: 4\n")
+    assert parse_args([str(recipe)]).run.save_steps == 4
+    assert "'checkpointing_steps' is deprecated" in caplog.text
+
+    model_args, data_args, eval_args, loader_args, _ = evaluate.parse_args(
+        ["--model", "some/model", "--dataset", "data", "--splits", "test", "val", "--batch_size", "8"])
+    assert (model_args.model_name_or_path, data_args.dataset_name, eval_args.eval_splits,
+            loader_args.per_device_eval_batch_size) == ("some/model", "data", ["test", "val"], 8)
+    assert "--splits is deprecated and will be removed in the next release; use --eval_splits." in caplog.text
+
+
+def test_the_scripts_share_one_argument_vocabulary():
+    """The same flag names the same thing in train, evaluate and finetune_trainer."""
+    flags = ["--model_name_or_path", "m", "--dataset_name", "d", "--image_column", "img", "--caption_column", "txt",
+             "--label_column", "lbl", "--eval_splits", "a", "b", "--max_eval_samples", "9",
+             "--per_device_eval_batch_size", "7", "--dataloader_num_workers", "1", "--templates", "a {}."]
+    locks = ["--lock_image", "--lock_image_unlocked_layers", "2", "--lock_text"]
+    train = parse_args([*flags, *locks])
+    evaluated = evaluate.parse_args(flags)
+    finetune = finetune_trainer.parse_args([*flags, *locks, "--output_dir", "out"])
+    expected = {"model_name_or_path": "m", "dataset_name": "d", "image_column": "img", "caption_column": "txt",
+                "label_column": "lbl", "eval_splits": ["a", "b"], "max_eval_samples": 9, "templates": ["a {}."]}
+    for model_args, data_args, eval_args in ((train.model, train.data, train.eval), evaluated[:3],
+                                             (finetune.model, finetune.data, finetune.eval)):
+        parsed = {**vars(model_args), **vars(data_args), **vars(eval_args)}
+        assert {key: parsed[key] for key in expected} == expected
+    for loader in (train.loader, evaluated[3], finetune.training):
+        assert (loader.per_device_eval_batch_size, loader.dataloader_num_workers) == (7, 1)
+    for lock_args in (train.locks, finetune.locks):
+        assert (lock_args.lock_image, lock_args.lock_image_unlocked_layers, lock_args.lock_text) == (True, 2, True)
 
 
 def test_mixed_precision_defaults_to_native_bf16():
@@ -115,8 +160,7 @@ def test_dataset_formats(tmp_path, processor):
         assert split is not None and len(split) == 6, kind
         check_columns(split, name, "train", {"image_column": "image", "caption_column": "caption"})
         check_usable_rows(split, data_args, "train")
-        dataset = ImageTextDataset(split, "image", "caption", image_transform_for(processor, train=True),
-                                   base_directory(name), seed=0)
+        dataset = ImageTextDataset(split, image_transform_for(processor, train=True), _columns(name), seed=0)
         sample = dataset[0]
         assert sample["pixel_values"].shape == (3, 24, 24) and sample["skipped"] == 0, kind
         assert sample["caption"].startswith("a red square") or sample["caption"] == "red", kind
@@ -154,10 +198,8 @@ def test_bad_rows_are_skipped_counted_and_batches_stay_full(processor):
     rows["caption"][7] = [""]  # empty caption
     rows["caption"][15] = ["   ", None]  # no usable caption in the list
     split = datasets.Dataset.from_dict(rows)
-    dataset = build_train_dataset(split, _data_args(), image_transform_for(processor, train=True), seed=0,
-                                  num_processes=1, process_index=0)
-    batches = TrainBatches(dataset, ImageTextCollator(processor.tokenizer), batch_size=8, num_workers=0,
-                           num_processes=1, process_index=0, seed=0, streaming=False).iterate()
+    dataset = build_train_dataset(split, _data_args(), image_transform_for(processor, train=True), seed=0)
+    batches = TrainBatches(dataset, ContrastiveDataCollator(processor), batch_size=8, seed=0).iterate()
     first_epoch = [next(batches)[1] for _ in range(3)]
     assert all(len(batch["row_ids"]) == 8 for batch in first_epoch)
     assert sum(int(batch["skipped"]) for batch in first_epoch) >= 5
@@ -171,7 +213,7 @@ def test_streaming_is_split_across_processes_and_skips_bad_rows(processor):
     seen, skipped = [], 0
     for rank in range(2):
         dataset = build_train_dataset(split, _data_args(streaming=True), image_transform_for(processor, train=True),
-                                      seed=0, num_processes=2, process_index=rank)
+                                      seed=0, process=ProcessShare(index=rank, count=2))
         samples = list(dataset)
         seen.append({int(sample["caption"].split()[-1]) for sample in samples})
         skipped += sum(sample["skipped"] for sample in samples)
@@ -181,12 +223,12 @@ def test_streaming_is_split_across_processes_and_skips_bad_rows(processor):
 
 
 def test_global_batches_are_split_between_ranks():
-    single = list(GlobalBatchSampler(100, 8, 1, 0, seed=3))
-    ranks = [list(GlobalBatchSampler(100, 4, 2, rank, seed=3)) for rank in range(2)]
+    single = list(GlobalBatchSampler(100, 8, ProcessShare(), seed=3))
+    ranks = [list(GlobalBatchSampler(100, 4, ProcessShare(rank, 2), seed=3)) for rank in range(2)]
     assert len(single) == len(ranks[0]) == 12
     for step, batch in enumerate(single):
         assert ranks[0][step] + ranks[1][step] == batch
-    sampler = GlobalBatchSampler(100, 8, 1, 0, seed=3)
+    sampler = GlobalBatchSampler(100, 8, ProcessShare(), seed=3)
     sampler.set_epoch(0, start_batch=5)
     assert list(sampler) == single[5:]
     sampler.set_epoch(1)
@@ -195,8 +237,7 @@ def test_global_batches_are_split_between_ranks():
 
 def test_augmentation_and_caption_choice_are_deterministic(processor):
     split = datasets.Dataset.from_dict(_rows(4))
-    make = lambda: ImageTextDataset(split, "image", "caption", image_transform_for(processor, train=True),  # noqa
-                                    base_directory(None), seed=7)
+    make = lambda: ImageTextDataset(split, image_transform_for(processor, train=True), _columns(), seed=7)  # noqa
     first, second = make(), make()
     assert torch.equal(first[2]["pixel_values"], second[2]["pixel_values"])
     captions = set()
@@ -216,10 +257,19 @@ def test_eval_transform_matches_the_image_processor(processor):
 
 def test_evaluation_drops_and_counts_bad_rows_even_whole_batches(processor):
     rows = _rows(6, bad={0, 1, 2})
-    dataset = ImageTextDataset(datasets.Dataset.from_dict(rows), "image", "caption",
-                               image_transform_for(processor, train=False), base_directory(None), seed=0,
-                               replace_bad_rows=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=ImageTextCollator(processor.tokenizer))
+    dataset = ImageTextDataset(datasets.Dataset.from_dict(rows), image_transform_for(processor, train=False),
+                               _columns(), replace_bad_rows=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=ContrastiveDataCollator(processor))
     first, second = list(loader)
     assert first["row_ids"].numel() == 0 and int(first["skipped"]) == 3
     assert second["row_ids"].tolist() == [3, 4, 5] and second["pixel_values"].shape == (3, 3, 24, 24)
+
+
+def test_checkpoints_of_the_previous_release_still_resume(tmp_path):
+    """Their completion marker was called trainer_state.json; it is read, and run_state.json is written now."""
+    old = tmp_path / "checkpoint-3"
+    old.mkdir()
+    (old / "trainer_state.json").write_text(json.dumps({"step": 3, "micro_step": 6, "skipped_samples": 1}))
+    assert resolve_checkpoint(tmp_path, "latest") == old
+    assert read_state(old) == {"step": 3, "micro_step": 6, "skipped_samples": 1}
+    assert STATE_FILE == "run_state.json"

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
-
+pytestmark = pytest.mark.slow
 
 def _train(output_dir, *extra, launcher=(sys.executable, "-m", "training.train"), check=True, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -33,13 +33,20 @@ def _losses(output_dir) -> dict[int, float]:
 
 
 def test_main_job_trains_evaluates_saves_and_runs_the_pipeline(tmp_path):
-    result = _train(tmp_path / "run", "--max_steps", "4", "--checkpointing_steps", "2")
+    result = _train(tmp_path / "run", "--max_steps", "4", "--save_steps", "2")
     out = tmp_path / "run"
     assert "ZS top1" in result.stdout and "test_unseen" in result.stdout
     assert "pipeline on one image of a" in result.stdout
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results) == {"test", "test_unseen"}
-    assert 0.0 <= results["test"]["zero_shot_top1"] <= 1.0 and "image_to_text_R@10" in results["test"]
+    test = results["test"]
+    assert test["num_samples"] == 48 and test["skipped_samples"] == 0
+    assert (48 * test["zero_shot_top1"]) == pytest.approx(round(48 * test["zero_shot_top1"]), abs=1e-4)
+    assert test["zero_shot_top1"] <= test["zero_shot_top5"]
+    for direction in ("image_to_text", "text_to_image"):
+        assert test[f"{direction}_R@1"] <= test[f"{direction}_R@5"] <= test[f"{direction}_R@10"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {k.removeprefix("eval/test/"): v for k, v in logged[-2].items() if k.startswith("eval/test/")} == test
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert len(_losses(out)) == 4
@@ -50,8 +57,9 @@ def test_main_job_trains_evaluates_saves_and_runs_the_pipeline(tmp_path):
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert loaded.stdout.split() == ["HFClipModel", "HFClipProcessor"], loaded.stderr
 
-    evaluated = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(out), "--max_eval_samples",
-                                "48", "--num_workers", "0", "--output_file", str(tmp_path / "eval.json")],
+    evaluated = subprocess.run([sys.executable, "-m", "training.evaluate", "--model_name_or_path", str(out),
+                                "--max_eval_samples", "48", "--dataloader_num_workers", "0", "--output_file",
+                                str(tmp_path / "eval.json")],
                                cwd=REPO, capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     standalone = json.loads((tmp_path / "eval.json").read_text())
@@ -61,7 +69,7 @@ def test_main_job_trains_evaluates_saves_and_runs_the_pipeline(tmp_path):
 def test_resume_continues_with_identical_losses(tmp_path):
     k = 3
     straight = tmp_path / "straight"
-    _train(straight, "--max_steps", str(2 * k), "--checkpointing_steps", str(k), "--checkpoints_total_limit", "5")
+    _train(straight, "--max_steps", str(2 * k), "--save_steps", str(k), "--save_total_limit", "5")
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(straight / f"checkpoint-{k}", resumed / f"checkpoint-{k}")
@@ -78,7 +86,7 @@ def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_usable(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST, "--max_steps", "1000",
-         "--checkpointing_steps", "2"],
+         "--save_steps", "2"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     try:
@@ -88,8 +96,8 @@ def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_usable(tmp_pa
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert (out / "checkpoint-2" / "trainer_state.json").exists()
-    assert not (out / "checkpoint-4").exists() or (out / "checkpoint-4" / "trainer_state.json").exists()
+    assert (out / "checkpoint-2" / "run_state.json").exists()
+    assert not (out / "checkpoint-4").exists() or (out / "checkpoint-4" / "run_state.json").exists()
     _train(out, "--max_steps", "6", "--resume_from_checkpoint", "latest", "--eval_splits", "test")
     losses = _losses(out)
     assert max(losses) == 6 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
@@ -115,7 +123,7 @@ def test_resume_after_sigkill_skips_damaged_checkpoints_and_logs_each_step_once(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST, "--max_steps", "10",
-         "--checkpointing_steps", "2", "--checkpoints_total_limit", "4", "--log_sample_ids"],
+         "--save_steps", "2", "--save_total_limit", "4", "--log_sample_ids"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     try:
@@ -128,7 +136,7 @@ def test_resume_after_sigkill_skips_damaged_checkpoints_and_logs_each_step_once(
         process.wait()
     killed_losses = {line["step"]: line["loss"] for line in _log_lines(out / "metrics.jsonl") if "loss" in line}
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{k}" for k in (2, 4, 6, 8)]
-    state = out / "checkpoint-8" / "trainer_state.json"
+    state = out / "checkpoint-8" / "run_state.json"
     state.write_text(state.read_text()[:40])
     _truncate(out / "checkpoint-6" / "optimizer.bin")
     _truncate(out / "checkpoint-4" / "model.safetensors")
@@ -139,7 +147,7 @@ def test_resume_after_sigkill_skips_damaged_checkpoints_and_logs_each_step_once(
 
     resumed = _train(out, "--max_steps", "10", "--resume_from_checkpoint", "latest", "--log_sample_ids",
                      "--eval_splits", "test")
-    for checkpoint, file in ((8, "trainer_state.json"), (6, "optimizer.bin"), (4, "model.safetensors")):
+    for checkpoint, file in ((8, "run_state.json"), (6, "optimizer.bin"), (4, "model.safetensors")):
         assert f"checkpoint-{checkpoint}: {file}" in resumed.stderr, (checkpoint, file)
     assert f"Resumed from {out / 'checkpoint-2'} at step 2" in resumed.stderr
 
@@ -195,7 +203,7 @@ def test_fine_tune_a_transformers_clip_checkpoint_with_locked_towers(tmp_path, t
 
     out = tmp_path / "tuned"
     _train(out, "--model_name_or_path", str(start), "--max_steps", "2", "--lock_image",
-           "--lock_image_unlocked_layers", "1", "--lock_text", "--gradient_checkpointing",
+           "--lock_image_unlocked_layers", "1", "--lock_text", "--activation_checkpointing",
            "--gradient_accumulation_steps", "2", "--eval_splits", "test")
     before, after = load_file(start / "model.safetensors"), load_file(out / "model.safetensors")
     assert torch.equal(before["vision_model.encoder.layers.0.mlp.fc1.weight"],

@@ -9,6 +9,7 @@ Tests listed in `HARNESS_ONLY` are expected to fail for both families (unittest 
 unexpected pass fails the run); each entry says why.
 """
 
+import importlib
 import os
 import sys
 import tempfile
@@ -43,34 +44,16 @@ from transformers_common.test_modeling_common import (  # noqa: E402
 from transformers_common.test_processing_common import ProcessorTesterMixin  # noqa: E402
 
 FAMILY = os.environ.get("HF_CLIP_COMMON_FAMILY", "hf_clip")
-if FAMILY == "transformers":
-    from transformers import (
-        CLIPConfig as Config,
-        CLIPForImageClassification as ForImageClassification,
-        CLIPModel as Model,
-        CLIPProcessor as Processor,
-        CLIPTextConfig as TextConfig,
-        CLIPTextModel as TextModel,
-        CLIPTextModelWithProjection as TextModelWithProjection,
-        CLIPVisionConfig as VisionConfig,
-        CLIPVisionModel as VisionModel,
-        CLIPVisionModelWithProjection as VisionModelWithProjection,
-    )
-elif FAMILY == "hf_clip":
-    from hf_clip import (
-        HFClipConfig as Config,
-        HFClipForImageClassification as ForImageClassification,
-        HFClipModel as Model,
-        HFClipProcessor as Processor,
-        HFClipTextConfig as TextConfig,
-        HFClipTextModel as TextModel,
-        HFClipTextModelWithProjection as TextModelWithProjection,
-        HFClipVisionConfig as VisionConfig,
-        HFClipVisionModel as VisionModel,
-        HFClipVisionModelWithProjection as VisionModelWithProjection,
-    )
-else:
-    raise ValueError(f"HF_CLIP_COMMON_FAMILY must be 'hf_clip' or 'transformers', got {FAMILY!r}.")
+FAMILIES = {"hf_clip": ("hf_clip", "HFClip"), "transformers": ("transformers", "CLIP")}
+if FAMILY not in FAMILIES:
+    raise ValueError(f"HF_CLIP_COMMON_FAMILY must be one of {sorted(FAMILIES)}, got {FAMILY!r}.")
+_module, _prefix = importlib.import_module(FAMILIES[FAMILY][0]), FAMILIES[FAMILY][1]
+Config, TextConfig, VisionConfig = (getattr(_module, _prefix + k) for k in ("Config", "TextConfig", "VisionConfig"))
+Model, TextModel, VisionModel = (getattr(_module, _prefix + k) for k in ("Model", "TextModel", "VisionModel"))
+TextModelWithProjection = getattr(_module, _prefix + "TextModelWithProjection")
+VisionModelWithProjection = getattr(_module, _prefix + "VisionModelWithProjection")
+ForImageClassification = getattr(_module, _prefix + "ForImageClassification")
+Processor = getattr(_module, _prefix + "Processor")
 
 # Test name -> why it fails for Transformers' CLIP too (checked with HF_CLIP_COMMON_FAMILY=transformers).
 HARNESS_ONLY: dict[str, str] = {}
@@ -349,8 +332,9 @@ class ProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
     @classmethod
     def _setup_tokenizer(cls):
-        from hf_clip import train_clip_tokenizer
         from conftest import CAPTIONS
+
+        from hf_clip import train_clip_tokenizer
 
         return train_clip_tokenizer(CAPTIONS, vocab_size=600, model_max_length=77)
 

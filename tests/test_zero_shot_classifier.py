@@ -64,6 +64,7 @@ def test_prompt_ensemble_matches_the_mean_of_normalised_prompt_embeddings(clip_a
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
 
 
+@pytest.mark.slow
 def test_saved_classifier_runs_in_the_image_classification_pipeline(clip_and_processor, tmp_path):
     model, processor = clip_and_processor
     classifier = from_zero_shot(model, processor, CLASSES).eval()

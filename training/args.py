@@ -1,16 +1,35 @@
-"""Command-line arguments of `training.train`, as `HfArgumentParser` dataclasses.
+"""The argument vocabulary of `training.train`, `training.evaluate` and `training.finetune_trainer`.
+
+Each script parses the dataclasses below for what it shares with the others (model, dataset and columns, eval
+splits, tower locks), with `HfArgumentParser`. Names follow `transformers.TrainingArguments` where it has one
+(`save_steps`, `save_total_limit`, `activation_checkpointing`, `per_device_eval_batch_size`,
+`dataloader_num_workers`); `finetune_trainer` parses `transformers.TrainingArguments` itself for those.
 
 Arguments may also come from a YAML or JSON file given as the first argument; flags after it override it:
-`python -m training.train recipe.yaml --learning_rate 5e-4`.
+`python -m training.train recipe.yaml --learning_rate 5e-4`. Old flag spellings keep working for one release,
+with a deprecation warning.
 """
 
 import json
+import logging
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id). training.train without it "
+                          "trains from scratch from --preset, with a tokenizer trained on the captions."},
+    )
 
 
 @dataclass
@@ -26,24 +45,15 @@ class TowerLockArguments:
 
 
 @dataclass
-class ModelArguments(TowerLockArguments):
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id) to start from. "
-                          "Unset: train from scratch from --preset, with a tokenizer trained on the captions."},
-    )
+class FromScratchArguments:
     preset: str = field(
-        default="tiny", metadata={"help": "Config preset for training from scratch: tiny, ViT-B-32, ViT-B-16, ViT-L-14."}
+        default="tiny",
+        metadata={"help": "Config preset for training from scratch: tiny, ViT-B-32, ViT-B-16, ViT-L-14."},
     )
     tokenizer_vocab_size: int = field(
         default=2048, metadata={"help": "Vocabulary size of the BPE tokenizer trained when starting from scratch."}
     )
-    context_length: int = field(
-        default=32, metadata={"help": "Text context (tokens) of a model trained from scratch."}
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
-    )
+    context_length: int = field(default=32, metadata={"help": "Text context (tokens) of a model trained from scratch."})
 
 
 @dataclass
@@ -55,10 +65,6 @@ class DatasetArguments:
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_splits: list[str] = field(
-        default_factory=lambda: ["test", "test_unseen"],
-        metadata={"help": "Splits to evaluate on; missing ones are skipped with a warning."},
-    )
     image_column: str = field(default="image", metadata={"help": "Column with images (decoded, paths or bytes)."})
     caption_column: str = field(
         default="caption", metadata={"help": "Column with a caption or a list of captions (one is sampled per step)."}
@@ -70,23 +76,42 @@ class DatasetArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the training split (IterableDataset)."})
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed split."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
     embedded_num_train: int = field(
         default=24_000, metadata={"help": "Training scenes generated for the embedded dataset."}
     )
 
 
 @dataclass
-class DataArguments(DatasetArguments):
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes for decoding/augmentation."})
+class EvalArguments:
+    eval_splits: list[str] = field(
+        default_factory=lambda: ["test", "test_unseen"],
+        metadata={"help": "Splits to evaluate on; missing ones are skipped with a warning."},
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
+    templates: list[str] | None = field(
+        default=None,
+        metadata={"help": "Zero-shot prompt templates (one {} each); default: the embedded dataset's own templates "
+                          "for it, hf_clip.PHOTO_TEMPLATES otherwise."},
+    )
 
 
 @dataclass
-class TrainingArguments:
+class LoaderArguments:
+    """Named and meant as in `transformers.TrainingArguments` (which `finetune_trainer` parses instead)."""
+
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch per process."})
+    dataloader_num_workers: int = field(
+        default=2, metadata={"help": "DataLoader worker processes for decoding and augmentation."}
+    )
+
+
+@dataclass
+class RunArguments:
+    """The Accelerate training loop of `training.train`."""
+
     output_dir: str = field(default="outputs/hf-clip", metadata={"help": "Where checkpoints, logs and the model go."})
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order and augmentation."})
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch per process."})
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     max_steps: int = field(default=600, metadata={"help": "Number of optimiser steps."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
@@ -102,10 +127,13 @@ class TrainingArguments:
         default="auto",
         metadata={"help": "auto (bf16 where the hardware runs it natively, else fp32), no, bf16 or fp16."},
     )
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log training metrics every N steps."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
-    checkpointing_steps: int = field(default=0, metadata={"help": "Save the full training state every N steps."})
-    checkpoints_total_limit: int = field(default=2, metadata={"help": "Keep only the last K checkpoints."})
+    save_steps: int = field(default=0, metadata={"help": "Save the full training state every N steps (0: never)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep only the last K checkpoints."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint directory to resume from."}
     )
@@ -123,7 +151,7 @@ class TrainingArguments:
     )
     hub_push_checkpoints: bool = field(
         default=False,
-        metadata={"help": "With --push_to_hub, also push the model at every --checkpointing_steps to the repo's "
+        metadata={"help": "With --push_to_hub, also push the model at every --save_steps to the repo's "
                           "'checkpoints' branch (one commit each; training waits for the upload)."},
     )
     log_sample_ids: bool = field(
@@ -131,22 +159,39 @@ class TrainingArguments:
     )
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+def rename_deprecated(argv: list[str], renamed: Mapping[str, str]) -> list[str]:
+    """`argv` with the old flag spellings in `renamed` (old name -> new name) replaced, warning once for each."""
+    result = []
+    for arg in argv:
+        name, equals, value = arg.partition("=")
+        old = name.removeprefix("--") if name.startswith("--") else None
+        if old in renamed:
+            logger.warning("--%s is deprecated and will be removed in the next release; use --%s.", old, renamed[old])
+            arg = f"--{renamed[old]}{equals}{value}"
+        result.append(arg)
+    return result
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse flags, optionally on top of a YAML/JSON config file given as the first argument."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+def parse_with_config_file(classes: Iterable[type], argv: list[str] | None, renamed: Mapping[str, str] = {},
+                           defaults: Mapping[str, object] = {}) -> tuple:
+    """Parse `argv` (default: sys.argv[1:]) into `classes`, on top of a YAML/JSON file given as its first argument."""
+    classes = tuple(classes)
+    argv = rename_deprecated(list(sys.argv[1:] if argv is None else argv), renamed)
+    parser = HfArgumentParser(classes)
+    parser.set_defaults(**defaults)
     if argv and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
         path = Path(argv.pop(0))
         text = path.read_text()
-        defaults = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        if not isinstance(defaults, dict):
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of argument names to values.")
-        known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
-        unknown = sorted(set(defaults) - known)
+        for old in set(values) & set(renamed):
+            logger.warning("%s: %r is deprecated and will be removed in the next release; use %r.", path, old,
+                           renamed[old])
+            values[renamed[old]] = values.pop(old)
+        known = {f.name for cls in classes for f in fields(cls)}
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown argument(s) {unknown}.")
-        parser.set_defaults(**defaults)
+        parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

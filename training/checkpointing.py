@@ -1,9 +1,9 @@
 """Atomic, rotating, verifiable training checkpoints on top of `Accelerator.save_state`.
 
-A checkpoint is written to `.tmp-checkpoint-N`, completed with `trainer_state.json`, then renamed to
-`checkpoint-N`. A run killed mid-save leaves only a temporary folder, which is never resumed from, so the
-previous checkpoint stays usable. `trainer_state.json` (the completion marker) records the size and SHA-256 of every
-other file of the checkpoint, so a file truncated or altered later (a full disk, a bad copy) is found before
+A checkpoint is written to `.tmp-checkpoint-N`, completed with `run_state.json` (the loop's step, data position and
+counters), then renamed to `checkpoint-N`. A run killed mid-save leaves only a temporary folder, which is never resumed
+from, so the previous checkpoint stays usable. `run_state.json` (the completion marker) records the size and SHA-256
+of every other file of the checkpoint, so a file truncated or altered later (a full disk, a bad copy) is found before
 Accelerate reads it: `--resume_from_checkpoint latest` then falls back to the newest checkpoint that verifies.
 """
 
@@ -19,7 +19,8 @@ from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "run_state.json"
+LEGACY_STATE_FILE = "trainer_state.json"  # the marker's name in checkpoints of the previous release: read, not written
 FILES_KEY = "files"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -28,13 +29,19 @@ class DamagedCheckpointError(OSError):
     """A checkpoint whose files do not match its completion marker. The message names the checkpoint and the file."""
 
 
+def _marker(checkpoint: Path) -> Path:
+    """The completion marker of `checkpoint`: `run_state.json`, or the previous release's name when only it exists."""
+    legacy = checkpoint / LEGACY_STATE_FILE
+    return legacy if legacy.is_file() and not (checkpoint / STATE_FILE).is_file() else checkpoint / STATE_FILE
+
+
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Finished checkpoints in `output_dir`, oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = [(int(m.group(1)), path) for path in output_dir.iterdir()
-             if (m := _CHECKPOINT.match(path.name)) and (path / STATE_FILE).is_file()]
+             if (m := _CHECKPOINT.match(path.name)) and _marker(path).is_file()]
     return [path for _, path in sorted(found)]
 
 
@@ -56,15 +63,15 @@ def verify_checkpoint(checkpoint: str | Path) -> dict:
     when it is not valid JSON). A checkpoint written before manifests existed is only checked for a readable marker.
     """
     checkpoint = Path(checkpoint)
-    marker = checkpoint / STATE_FILE
+    marker = _marker(checkpoint)
     if not marker.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
     try:
         state = json.loads(marker.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {STATE_FILE} is damaged ({error}).") from None
+        raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {marker.name} is damaged ({error}).") from None
     if not isinstance(state, dict) or not {"step", "micro_step"} <= set(state):
-        raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {STATE_FILE} holds no training state.")
+        raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {marker.name} holds no training state.")
     for name, expected in state.get(FILES_KEY, {}).items():
         path = checkpoint / name
         if not path.is_file():
@@ -102,7 +109,7 @@ def resolve_checkpoint(output_dir: str | Path, requested: str) -> Path:
 
 def read_state(checkpoint: Path) -> dict:
     """The training state saved with `checkpoint` (without the file manifest)."""
-    state = json.loads((checkpoint / STATE_FILE).read_text())
+    state = json.loads(_marker(checkpoint).read_text())
     state.pop(FILES_KEY, None)
     return state
 

@@ -12,7 +12,6 @@ reading then takes the next row, so batch sizes stay equal across ranks as the d
 
 import functools
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,23 +22,35 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, UnidentifiedImageError
 
-from hf_clip import to_rgb_image
+from hf_clip.data import (
+    BAD_SAMPLE_ERRORS,
+    ContrastiveDataCollator,
+    ImageTextColumns,
+    ImageTextDataset,
+    ImageTransform,
+    decode_image,
+    decode_row,
+    pick_caption,
+    prepare_columns,
+)
 
+from .args import DatasetArguments, EvalArguments
 from .synthetic import build_shapes_dataset
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASET = "embedded shapes dataset"
-MAX_CONSECUTIVE_BAD_ROWS = 64
 USABILITY_PROBE_ROWS = 64
-BAD_SAMPLE_ERRORS = (OSError, ValueError, TypeError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
-class BadSample(ValueError):
-    """A row that cannot be used for training: undecodable image or missing caption."""
+@dataclass(frozen=True)
+class ProcessShare:
+    """This process's place among the data-parallel processes."""
+
+    index: int = 0
+    count: int = 1
 
 
 def dataset_label(dataset_name: str | None) -> str:
@@ -55,7 +66,8 @@ def _embedded_dataset(num_train: int) -> datasets.DatasetDict:
     return build_shapes_dataset(num_train=num_train, seed=0)
 
 
-def load_split(data_args, split: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset | None:
+def load_split(data_args: DatasetArguments, split: str, streaming: bool = False
+               ) -> datasets.Dataset | datasets.IterableDataset | None:
     """One split of `--dataset_name` (or of the embedded dataset); None if the dataset has no such split."""
     name = data_args.dataset_name
     if name is None:
@@ -97,7 +109,13 @@ def first_rows(dataset, count: int):
     return dataset.select(range(min(count, len(dataset))))
 
 
-def load_train_split(data_args, columns: dict[str, str]):
+def columns_of(data_args: DatasetArguments) -> ImageTextColumns:
+    """The image, caption and label columns of `--dataset_name`, and where its relative image paths are read from."""
+    return ImageTextColumns(image=data_args.image_column, caption=data_args.caption_column,
+                            label=data_args.label_column, base_dir=base_directory(data_args.dataset_name))
+
+
+def load_train_split(data_args: DatasetArguments, columns: dict[str, str]):
     """The `--train_split` (streamed with `--streaming`), checked to hold `columns` (flag -> column name)."""
     split = load_split(data_args, data_args.train_split, streaming=data_args.streaming)
     if split is None:
@@ -124,134 +142,13 @@ def check_columns(dataset, dataset_name: str | None, split: str, columns: dict[s
             )
 
 
-def prepare_columns(dataset, image_column: str):
-    """Keep images undecoded until a worker reads them, so a corrupt file becomes a skipped row, not a crash."""
-    features = dataset.features
-    if features is not None and isinstance(features.get(image_column), datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    return dataset
-
-
-def decode_image(value: Any, base_dir: Path) -> Image.Image:
-    """An image cell (PIL image, {"bytes", "path"} dict, raw bytes or a path) -> RGB PIL image. Relative paths are
-    resolved against `base_dir`."""
-    if value is None:
-        raise BadSample("missing image")
-    return to_rgb_image(value, base_dir)
-
-
-def pick_caption(value: Any, rng: np.random.Generator | None) -> str:
-    """A caption cell (str or list of str) -> one non-empty caption; random with `rng`, else the first."""
-    if isinstance(value, (list, tuple)):
-        candidates = [c for c in value if isinstance(c, str) and c.strip()]
-        if not candidates:
-            raise BadSample("no usable caption in the list")
-        return candidates[rng.integers(len(candidates))] if rng is not None else candidates[0]
-    if not isinstance(value, str) or not value.strip():
-        raise BadSample(f"caption is {type(value).__name__} {value!r}, not a non-empty string")
-    return value
-
-
-@dataclass
-class ImageTransform:
-    """PIL image -> normalised (3, size, size) tensor. Training uses a random resized crop; evaluation resizes the
-    short side and centre-crops, like the CLIP image processor."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    train: bool
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    crop_ratio: tuple[float, float] = (0.9, 1 / 0.9)
-
-    def crop_box(self, width: int, height: int, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
-        if self.train and rng is not None:
-            area = width * height
-            for _ in range(10):
-                target = area * rng.uniform(*self.crop_scale)
-                aspect = math.exp(rng.uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])))
-                w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-                if 0 < w <= width and 0 < h <= height:
-                    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-                    return left, top, left + w, top + h
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        return left, top, left + side, top + side
-
-    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        box = self.crop_box(*image.size, rng)
-        resized = image.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
-        array = np.asarray(resized, dtype=np.float32) / 255.0
-        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(array.transpose(2, 0, 1).copy())
-
-
-def image_transform_for(processor, train: bool, crop_scale_min: float = 0.8) -> ImageTransform:
-    image_processor = processor.image_processor
-    return ImageTransform(
-        size=image_processor.crop_size["height"],
-        mean=tuple(image_processor.image_mean),
-        std=tuple(image_processor.image_std),
-        train=train,
-        crop_scale=(crop_scale_min, 1.0),
-    )
-
-
-def decode_row(row: dict[str, Any], image_column: str, caption_column: str, transform: ImageTransform,
-               base_dir: Path, rng: np.random.Generator | None) -> tuple[torch.Tensor, str]:
-    """One dataset row -> (pixel_values (3, size, size), caption). Raises one of BAD_SAMPLE_ERRORS if unusable."""
-    caption = pick_caption(row[caption_column], rng)
-    return transform(decode_image(row[image_column], base_dir), rng), caption
-
-
-class ImageTextDataset(torch.utils.data.Dataset):
-    """Map-style rows -> {"pixel_values", "caption", "row_id", "skipped"}, decoded in the worker.
-
-    With `replace_bad_rows`, a bad row is replaced by the next usable one and counted in "skipped"; without it
-    (evaluation), a bad row yields None, which the collator drops and counts.
-    """
-
-    def __init__(self, dataset: datasets.Dataset, image_column: str, caption_column: str, transform: ImageTransform,
-                 base_dir: Path, seed: int, replace_bad_rows: bool = True):
-        self.dataset = prepare_columns(dataset, image_column).select_columns([image_column, caption_column])
-        self.image_column, self.caption_column = image_column, caption_column
-        self.transform, self.base_dir, self.seed = transform, base_dir, seed
-        self.replace_bad_rows = replace_bad_rows
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def load(self, row_id: int) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed, self.epoch, row_id]) if self.transform.train else None
-        pixel_values, caption = decode_row(self.dataset[row_id], self.image_column, self.caption_column,
-                                           self.transform, self.base_dir, rng)
-        return {"pixel_values": pixel_values, "caption": caption, "row_id": row_id}
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        attempts = MAX_CONSECUTIVE_BAD_ROWS if self.replace_bad_rows else 1
-        for attempt in range(attempts):
-            row_id = (index + attempt) % len(self.dataset)
-            try:
-                return {**self.load(row_id), "skipped": attempt}
-            except BAD_SAMPLE_ERRORS as error:
-                logger.debug("Skipping row %d: %s", row_id, error)
-        if not self.replace_bad_rows:
-            return None
-        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD_ROWS} consecutive unusable rows from row {index}; check the data.")
-
-
 class StreamingImageTextDataset(torch.utils.data.IterableDataset):
-    """Streamed rows (already split across processes) -> the same samples as `ImageTextDataset`."""
+    """Streamed rows (already split across processes) -> the same samples as `hf_clip.data.ImageTextDataset`."""
 
-    def __init__(self, dataset: datasets.IterableDataset, image_column: str, caption_column: str,
-                 transform: ImageTransform, base_dir: Path, seed: int):
-        self.dataset = prepare_columns(dataset, image_column)
-        self.image_column, self.caption_column = image_column, caption_column
-        self.transform, self.base_dir, self.seed = transform, base_dir, seed
+    def __init__(self, dataset: datasets.IterableDataset, transform: ImageTransform, columns: ImageTextColumns, *,
+                 seed: int):
+        self.dataset = prepare_columns(dataset, columns.image)
+        self.transform, self.columns, self.seed = transform, columns, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -265,34 +162,13 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
         for position, row in enumerate(self.dataset):
             rng = np.random.default_rng([self.seed, self.epoch, worker_id, position])
             try:
-                pixel_values, caption = decode_row(row, self.image_column, self.caption_column, self.transform,
-                                                   self.base_dir, rng)
+                pixel_values, caption = decode_row(row, self.columns, self.transform, rng)
             except BAD_SAMPLE_ERRORS as error:
                 logger.debug("Skipping streamed row %d: %s", position, error)
                 skipped += 1
                 continue
-            yield {"pixel_values": pixel_values, "caption": caption, "row_id": -1, "skipped": skipped}
+            yield {"pixel_values": pixel_values, self.columns.caption: caption, "row_id": -1, "skipped": skipped}
             skipped = 0
-
-
-class ImageTextCollator:
-    """Samples -> model inputs plus "row_ids" (batch,) and "skipped" (scalar count of bad rows behind them)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
-        dropped = sum(sample is None for sample in samples)
-        samples = [sample for sample in samples if sample is not None]
-        batch = {
-            "row_ids": torch.tensor([s["row_id"] for s in samples], dtype=torch.long),
-            "skipped": torch.tensor(dropped + sum(s["skipped"] for s in samples)),
-        }
-        if not samples:  # an evaluation batch of unusable rows only
-            return batch
-        text = self.tokenizer([s["caption"] for s in samples], padding=True, truncation=True, return_tensors="pt")
-        return {**batch, "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-                "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -302,13 +178,13 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     G = batch_size × num_processes; rank r reads its slice [r·batch_size, (r+1)·batch_size).
     """
 
-    def __init__(self, num_rows: int, batch_size: int, num_processes: int, process_index: int, seed: int):
+    def __init__(self, num_rows: int, batch_size: int, process: ProcessShare, seed: int):
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
-        self.num_processes, self.process_index = num_processes, process_index
+        self.num_processes, self.process_index = process.count, process.index
         self.epoch, self.start_batch = 0, 0
         if len(self) == 0:
             raise ValueError(
-                f"{num_rows} rows are fewer than one global batch ({batch_size} x {num_processes} processes)."
+                f"{num_rows} rows are fewer than one global batch ({batch_size} x {process.count} processes)."
             )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -327,18 +203,22 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
 
 class TrainBatches:
-    """Endless iterator of training micro-batches over epochs, resumable at any micro-batch."""
+    """Endless iterator of training micro-batches over epochs, resumable at any micro-batch.
 
-    def __init__(self, dataset, collator: ImageTextCollator, batch_size: int, num_workers: int, num_processes: int,
-                 process_index: int, seed: int, streaming: bool):
-        self.dataset, self.streaming = dataset, streaming
+    `dataset` is an `ImageTextDataset` (read in global batches by `GlobalBatchSampler`) or a
+    `StreamingImageTextDataset` (already split across processes, read in order)."""
+
+    def __init__(self, dataset: ImageTextDataset | StreamingImageTextDataset, collator: ContrastiveDataCollator,
+                 batch_size: int, *, seed: int, num_workers: int = 0, process: ProcessShare = ProcessShare()):
+        self.dataset = dataset
+        self.streaming = isinstance(dataset, torch.utils.data.IterableDataset)
         self.loader_kwargs = {"collate_fn": collator, "num_workers": num_workers, "pin_memory": False,
                               "persistent_workers": False}
-        if streaming:
+        if self.streaming:
             self.sampler = None
             self.loader_kwargs.update(batch_size=batch_size, drop_last=True)
         else:
-            self.sampler = GlobalBatchSampler(len(dataset), batch_size, num_processes, process_index, seed)
+            self.sampler = GlobalBatchSampler(len(dataset), batch_size, process, seed)
             self.loader_kwargs.update(batch_sampler=self.sampler)
         if num_workers > 0:
             self.loader_kwargs["prefetch_factor"] = 4
@@ -367,20 +247,20 @@ class TrainBatches:
             epoch += 1
 
 
-def build_train_dataset(dataset, data_args, transform: ImageTransform, seed: int, num_processes: int,
-                        process_index: int):
-    base_dir = base_directory(data_args.dataset_name)
+def build_train_dataset(dataset, data_args: DatasetArguments, transform: ImageTransform, seed: int,
+                        process: ProcessShare = ProcessShare()) -> ImageTextDataset | StreamingImageTextDataset:
+    """The training split as decoded samples: cut to `--max_train_samples`; streamed data shuffled in a buffer and
+    split between processes."""
     if data_args.max_train_samples is not None:
         dataset = first_rows(dataset, data_args.max_train_samples)
     if data_args.streaming:
         dataset = dataset.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
-        dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
-        return StreamingImageTextDataset(dataset, data_args.image_column, data_args.caption_column, transform,
-                                         base_dir, seed)
-    return ImageTextDataset(dataset, data_args.image_column, data_args.caption_column, transform, base_dir, seed)
+        dataset = split_dataset_by_node(dataset, rank=process.index, world_size=process.count)
+        return StreamingImageTextDataset(dataset, transform, columns_of(data_args), seed=seed)
+    return ImageTextDataset(dataset, transform, columns_of(data_args), seed=seed)
 
 
-def check_usable_rows(dataset, data_args, split: str) -> None:
+def check_usable_rows(dataset, data_args: DatasetArguments, split: str) -> None:
     """Fail at start-up, naming the dataset and columns, when the first rows hold no usable sample."""
     base_dir = base_directory(data_args.dataset_name)
     probe = prepare_columns(first_rows(dataset, USABILITY_PROBE_ROWS), data_args.image_column)
@@ -413,3 +293,22 @@ def caption_samples(dataset, caption_column: str, limit: int = 200_000) -> Itera
 
 def worker_count(requested: int) -> int:
     return max(0, min(requested, os.cpu_count() or 1))
+
+
+def load_eval_splits(data_args: DatasetArguments, eval_args: EvalArguments, columns: dict[str, str] | None = None
+                     ) -> dict:
+    """The `--eval_splits` that exist, checked for `columns` (flag -> column; default: the image and caption columns)
+    and cut to `--max_eval_samples`."""
+    columns = columns or {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
+    splits = {}
+    for name in eval_args.eval_splits:
+        dataset = load_split(data_args, name)
+        if dataset is None:
+            logger.warning("Dataset %r has no split %r; not evaluating on it.", dataset_label(data_args.dataset_name),
+                           name)
+            continue
+        check_columns(dataset, data_args.dataset_name, name, columns)
+        if eval_args.max_eval_samples is not None:
+            dataset = first_rows(dataset, eval_args.max_eval_samples)
+        splits[name] = dataset
+    return splits

@@ -19,15 +19,12 @@ The output directory loads with `AutoModel` and the zero-shot pipeline (contrast
 import copy
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, pipeline
+from transformers import Trainer, TrainerCallback, TrainingArguments, pipeline
 
 from hf_clip import (
-    PHOTO_TEMPLATES,
-    SHAPES_TEMPLATES,
     ContrastiveDataCollator,
     ImageClassificationDataCollator,
     compute_classification_metrics,
@@ -37,9 +34,9 @@ from hf_clip import (
     weight_space_ensemble,
 )
 
-from .args import DatasetArguments, TowerLockArguments
-from .data import base_directory, dataset_label, decode_image, first_rows, load_train_split
-from .train import classify_one_image, load_eval_splits, load_pretrained, lock_towers
+from .args import DatasetArguments, EvalArguments, ModelArguments, TowerLockArguments, parse_with_config_file
+from .common import load_pretrained, lock_towers, pipeline_demo, zero_shot_templates
+from .data import columns_of, dataset_label, decode_image, first_rows, load_eval_splits, load_train_split
 
 logger = logging.getLogger("training")
 
@@ -48,18 +45,10 @@ TASKS = ("contrastive", "image-classification")
 
 @dataclass
 class FinetuneArguments:
-    model_name_or_path: str = field(
-        metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id) to fine-tune."}
-    )
     task: str = field(
         default="contrastive",
         metadata={"help": "contrastive: image-caption fine-tuning of the CLIP model. image-classification: "
                           "initialise a classifier from the zero-shot head over --label_column and fine-tune it."},
-    )
-    templates: list[str] | None = field(
-        default=None,
-        metadata={"help": "Prompt templates (one {} each) for the zero-shot head; default: the embedded dataset's "
-                          "templates for it, general photo templates otherwise."},
     )
     wise_ft_alpha: float | None = field(
         default=None,
@@ -67,21 +56,31 @@ class FinetuneArguments:
     )
 
 
-def parse_args(argv: list[str] | None = None
-               ) -> tuple[FinetuneArguments, TowerLockArguments, DatasetArguments, TrainingArguments]:
-    parser = HfArgumentParser((FinetuneArguments, TowerLockArguments, DatasetArguments, TrainingArguments))
-    parser.set_defaults(remove_unused_columns=False, embedded_num_train=4_000)
-    finetune_args, lock_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv, look_for_args_file=False)
-    if finetune_args.task not in TASKS:
-        raise ValueError(f"--task must be one of {TASKS}, got {finetune_args.task!r}.")
-    if training_args.remove_unused_columns:
+@dataclass
+class FinetuneScriptArguments:
+    model: ModelArguments
+    locks: TowerLockArguments
+    data: DatasetArguments
+    eval: EvalArguments
+    finetune: FinetuneArguments
+    training: TrainingArguments
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
+    args = FinetuneScriptArguments(*parse_with_config_file(
+        (ModelArguments, TowerLockArguments, DatasetArguments, EvalArguments, FinetuneArguments, TrainingArguments),
+        argv, defaults={"remove_unused_columns": False, "embedded_num_train": 4_000}))
+    if args.model.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required: the hf_clip or Transformers CLIP checkpoint to fine-tune.")
+    if args.finetune.task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {args.finetune.task!r}.")
+    if args.training.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the collators read the raw dataset columns.")
-    if finetune_args.wise_ft_alpha is not None and finetune_args.task != "image-classification":
+    if args.finetune.wise_ft_alpha is not None and args.finetune.task != "image-classification":
         raise ValueError("--wise_ft_alpha applies to --task image-classification only.")
-    if finetune_args.task == "image-classification" and lock_args.lock_text:
+    if args.finetune.task == "image-classification" and args.locks.lock_text:
         raise ValueError("--lock_text: the image classifier has no text tower.")
-    return finetune_args, lock_args, data_args, training_args
+    return args
 
 
 def first_caption(data_args: DatasetArguments):
@@ -134,20 +133,19 @@ def train_and_evaluate(trainer: Trainer, has_eval_splits: bool) -> tuple[dict[st
     return recorder.results[0], trainer.evaluate()
 
 
-def finetune_contrastive(model, processor, lock_args: TowerLockArguments, data_args: DatasetArguments,
-                         training_args: TrainingArguments) -> dict[str, dict[str, float]]:
+def finetune_contrastive(model, processor, args: FinetuneScriptArguments) -> dict[str, dict[str, float]]:
     """Contrastive fine-tuning; the eval loss and in-batch accuracies on every eval split before and after."""
-    columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
-    train_split = capped_train_split(data_args, columns)
-    eval_splits = {name: split.with_transform(first_caption(data_args))
-                   for name, split in load_eval_splits(data_args, columns).items()}
-    lock_towers(model, lock_args)
+    data, training_args = args.data, args.training
+    columns = {"image_column": data.image_column, "caption_column": data.caption_column}
+    train_split = capped_train_split(data, columns)
+    eval_splits = {name: split.with_transform(first_caption(data))
+                   for name, split in load_eval_splits(data, args.eval, columns).items()}
+    lock_towers(model, args.locks)
     trainer = Trainer(
         model=model,
         args=training_args,
-        data_collator=ContrastiveDataCollator(processor, data_args.image_column, data_args.caption_column,
-                                              seed=training_args.seed,
-                                              base_dir=base_directory(data_args.dataset_name)),
+        data_collator=ContrastiveDataCollator(processor, data.image_column, data.caption_column,
+                                              seed=training_args.seed, base_dir=columns_of(data).base_dir),
         train_dataset=train_split,
         eval_dataset=single_or_dict(eval_splits),
         processing_class=processor,
@@ -159,10 +157,9 @@ def finetune_contrastive(model, processor, lock_args: TowerLockArguments, data_a
     trainer.save_model()
     if trainer.is_world_process_zero():
         report(results, training_args)
-        first_split = next(iter(eval_splits.values()), None)
-        if first_split is not None and (data_args.dataset_name is None or data_args.label_column in
-                                        first_split.column_names):
-            print(classify_one_image(Path(training_args.output_dir), first_split, data_args))
+        demo = pipeline_demo(training_args.output_dir, eval_splits, data)
+        if demo is not None:
+            print(demo)
     return results
 
 
@@ -176,19 +173,19 @@ def class_names_of(dataset, data_args: DatasetArguments) -> list[str]:
     return list(feature.names)
 
 
-def finetune_classifier(model, processor, finetune_args: FinetuneArguments, lock_args: TowerLockArguments,
-                        data_args: DatasetArguments, training_args: TrainingArguments) -> dict[str, dict[str, float]]:
+def finetune_classifier(model, processor, args: FinetuneScriptArguments) -> dict[str, dict[str, float]]:
     """Zero-shot head -> classifier fine-tuned with cross-entropy; accuracy on every eval split of the zero-shot,
     fine-tuned and (with --wise_ft_alpha) weight-space-ensembled classifiers."""
-    columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
-    train_split = capped_train_split(data_args, columns)
-    eval_splits = load_eval_splits(data_args, columns)
-    templates = finetune_args.templates or (SHAPES_TEMPLATES if data_args.dataset_name is None else PHOTO_TEMPLATES)
-    zero_shot = from_zero_shot(model, processor, class_names_of(train_split, data_args), templates)
+    data, training_args, alpha = args.data, args.training, args.finetune.wise_ft_alpha
+    columns = {"image_column": data.image_column, "label_column": data.label_column}
+    train_split = capped_train_split(data, columns)
+    eval_splits = load_eval_splits(data, args.eval, columns)
+    zero_shot = from_zero_shot(model, processor, class_names_of(train_split, data),
+                               zero_shot_templates(data, args.eval))
     classifier = copy.deepcopy(zero_shot)
-    lock_towers(classifier, lock_args)  # parse_args refuses --lock_text for the classifier
-    collator = ImageClassificationDataCollator(processor, data_args.image_column, data_args.label_column,
-                                               base_dir=base_directory(data_args.dataset_name))
+    lock_towers(classifier, args.locks)  # parse_args refuses --lock_text for the classifier
+    base_dir = columns_of(data).base_dir
+    collator = ImageClassificationDataCollator(processor, data.image_column, data.label_column, base_dir=base_dir)
 
     def make_trainer(model_to_run) -> Trainer:
         return Trainer(model=model_to_run, args=training_args, data_collator=collator, train_dataset=train_split,
@@ -198,17 +195,17 @@ def finetune_classifier(model, processor, finetune_args: FinetuneArguments, lock
     trainer = make_trainer(classifier)
     zero_shot_metrics, fine_tuned_metrics = train_and_evaluate(trainer, bool(eval_splits))
     results = {"zero_shot": zero_shot_metrics, "fine_tuned": fine_tuned_metrics}
-    if finetune_args.wise_ft_alpha is not None:
-        trainer = make_trainer(weight_space_ensemble(zero_shot, trainer.model, finetune_args.wise_ft_alpha))
-        results[f"wise_ft_{finetune_args.wise_ft_alpha:g}"] = trainer.evaluate() if eval_splits else {}
+    if alpha is not None:
+        trainer = make_trainer(weight_space_ensemble(zero_shot, trainer.model, alpha))
+        results[f"wise_ft_{alpha:g}"] = trainer.evaluate() if eval_splits else {}
     trainer.save_model()
     if trainer.is_world_process_zero():
         report(results, training_args)
         if eval_splits:
             row = next(iter(eval_splits.values()))[0]
-            image = decode_image(row[data_args.image_column], base_directory(data_args.dataset_name))
+            image = decode_image(row[data.image_column], base_dir)
             top = pipeline("image-classification", model=training_args.output_dir)(image)[0]
-            truth = classifier.config.id2label[row[data_args.label_column]]
+            truth = classifier.config.id2label[row[data.label_column]]
             print(f"pipeline on one image of a {truth!r}: {top['label']} {100 * top['score']:.1f}%")
     return results
 
@@ -223,12 +220,12 @@ def report(results: dict[str, dict[str, float]], training_args: TrainingArgument
 
 
 def main(argv: list[str] | None = None) -> dict:
-    finetune_args, lock_args, data_args, training_args = parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model, processor = load_pretrained(finetune_args.model_name_or_path)
-    if finetune_args.task == "contrastive":
-        return finetune_contrastive(model, processor, lock_args, data_args, training_args)
-    return finetune_classifier(model, processor, finetune_args, lock_args, data_args, training_args)
+    model, processor = load_pretrained(args.model.model_name_or_path)
+    if args.finetune.task == "contrastive":
+        return finetune_contrastive(model, processor, args)
+    return finetune_classifier(model, processor, args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Splits:
 - `test_unseen`: scenes of compositions that never appear in training, e.g. a "blue circle" although blue and
   circles each appear with other partners. Zero-shot accuracy here measures compositional generalisation.
 
-The zero-shot task classifies each image into one of the `len(COLORS) × len(SHAPES)` "colour shape" classes.
+The zero-shot task classifies each image into one of the `len(COLORS) × len(SHAPES)` "colour shape" classes
+(`CLASS_NAMES`), each prompted with every one of `TEMPLATES`.
 """
 
 import io
@@ -18,8 +19,6 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
-
-from hf_clip import SHAPES_TEMPLATES as TEMPLATES
 
 COLORS = {
     "red": (220, 40, 40),
@@ -36,6 +35,19 @@ POSITIONS = {"on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the to
 UNSEEN_COMPOSITIONS = (("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"))
 CLASS_NAMES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
 IMAGE_SIZE = 64
+DATASET_ID = "hf_clip-embedded-shapes"
+TEMPLATES = (
+    "a {}.",
+    "a photo of a {}.",
+    "a small {}.",
+    "a big {}.",
+    "a {} on the left.",
+    "a {} on the right.",
+    "a {} at the top.",
+    "a {} at the bottom.",
+    "a {} in the middle.",
+)
+"""Zero-shot prompt templates matching the captions, which name a size and a position."""
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, center: tuple[float, float], extent: float, fill) -> None:

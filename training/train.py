@@ -10,52 +10,96 @@ Run with `--help` for every argument.
 
 import json
 import logging
-import math
-import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, AutoTokenizer, get_cosine_schedule_with_warmup, pipeline
+from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 from hf_clip import (
     PHOTO_TEMPLATES,
-    SHAPES_TEMPLATES,
+    ContrastiveDataCollator,
     HFClipConfig,
     HFClipModel,
     HFClipProcessor,
-    match_special_tokens,
     push_to_hub,
     render_model_card,
     train_clip_tokenizer,
 )
+from hf_clip.data import image_transform_for
+from hf_clip.hub import public_name
 
-from .args import DataArguments, DatasetArguments, ModelArguments, TowerLockArguments, TrainingArguments, parse_args
+from .args import (
+    DatasetArguments,
+    EvalArguments,
+    FromScratchArguments,
+    LoaderArguments,
+    ModelArguments,
+    RunArguments,
+    TowerLockArguments,
+    parse_with_config_file,
+)
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint, truncate_step_log
+from .common import evaluate_splits, format_results_table, load_pretrained, lock_towers, pipeline_demo
 from .data import (
-    ImageTextCollator,
+    ProcessShare,
     TrainBatches,
-    base_directory,
     build_train_dataset,
     caption_samples,
-    check_columns,
     check_usable_rows,
-    dataset_label,
-    decode_image,
-    first_rows,
-    image_transform_for,
-    load_split,
+    load_eval_splits,
     load_train_split,
     worker_count,
 )
-from .evaluate import evaluate_split, format_results_table
-from .synthetic import CLASS_NAMES
-from .synthetic import caption_corpus, describe
+from .synthetic import DATASET_ID, caption_corpus, describe
 
 logger = logging.getLogger("training")
+
+HUB_CHECKPOINT_BRANCH = "checkpoints"
+RENAMED_FLAGS = {
+    "checkpointing_steps": "save_steps",
+    "checkpoints_total_limit": "save_total_limit",
+    "gradient_checkpointing": "activation_checkpointing",
+    "num_workers": "dataloader_num_workers",
+}
+# The recipe as the model card and hyperparameters.json show it: known hyper-parameters only, so that no credential,
+# local path or private setting is published.
+CARD_KEYS = (
+    "model_name_or_path", "preset", "dataset_name", "dataset_config_name", "train_split", "image_column",
+    "caption_column", "max_train_samples", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "num_processes", "global_batch_size", "learning_rate", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "mixed_precision", "activation_checkpointing", "lock_image",
+    "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers", "tokenizer_vocab_size", "context_length",
+    "seed",
+)
+
+
+@dataclass
+class TrainScriptArguments:
+    model: ModelArguments
+    locks: TowerLockArguments
+    scratch: FromScratchArguments
+    data: DatasetArguments
+    eval: EvalArguments
+    loader: LoaderArguments
+    run: RunArguments
+
+    def flat(self) -> dict:
+        return {key: value for part in (self.model, self.locks, self.scratch, self.data, self.eval, self.loader,
+                                        self.run) for key, value in asdict(part).items()}
+
+
+ARGUMENT_CLASSES = (ModelArguments, TowerLockArguments, FromScratchArguments, DatasetArguments, EvalArguments,
+                    LoaderArguments, RunArguments)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainScriptArguments:
+    """Flags, optionally on top of a YAML/JSON config file given as the first argument."""
+    return TrainScriptArguments(*parse_with_config_file(ARGUMENT_CLASSES, argv, RENAMED_FLAGS))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -78,96 +122,42 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
-def load_pretrained(model_name_or_path: str) -> tuple[HFClipModel, HFClipProcessor]:
-    """An hf_clip or Transformers CLIP checkpoint and its processor, with the text config's special token ids
-    matched to the tokenizer's (see `hf_clip.match_special_tokens`)."""
-    model = HFClipModel.from_pretrained(model_name_or_path)
-    loaded = AutoProcessor.from_pretrained(model_name_or_path)
-    match_special_tokens(model, loaded.tokenizer)
-    return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)
-
-
-def build_model_and_processor(model_args: ModelArguments, data_args: DataArguments, train_split,
-                              accelerator: Accelerator, output_dir: Path, resuming: bool
+def build_model_and_processor(args: TrainScriptArguments, train_split, accelerator: Accelerator, resuming: bool
                               ) -> tuple[HFClipModel, HFClipProcessor]:
     """Load `--model_name_or_path`, or build `--preset` from scratch with a tokenizer trained on the captions."""
-    if model_args.model_name_or_path:
-        return load_pretrained(model_args.model_name_or_path)
+    if args.model.model_name_or_path:
+        return load_pretrained(args.model.model_name_or_path)
 
-    tokenizer_dir = output_dir / ".tokenizer"
+    tokenizer_dir = Path(args.run.output_dir) / ".tokenizer"
     if accelerator.is_main_process and not (resuming and tokenizer_dir.is_dir()):
-        if data_args.dataset_name is None:
+        if args.data.dataset_name is None:
             corpus = caption_corpus()
         else:
-            corpus = [*caption_samples(train_split, data_args.caption_column),
+            corpus = [*caption_samples(train_split, args.data.caption_column),
                       *(template.format("") for template in PHOTO_TEMPLATES)]
-        tokenizer = train_clip_tokenizer(corpus, vocab_size=model_args.tokenizer_vocab_size,
-                                         model_max_length=model_args.context_length)
+        tokenizer = train_clip_tokenizer(corpus, vocab_size=args.scratch.tokenizer_vocab_size,
+                                         model_max_length=args.scratch.context_length)
         tokenizer.save_pretrained(tokenizer_dir)
     accelerator.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = HFClipConfig.from_preset(model_args.preset, tokenizer=tokenizer)
+    config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer)
     model = HFClipModel(config)
     return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
 
 
-def lock_towers(model, lock_args: TowerLockArguments) -> None:
-    """Freeze the towers that `--lock_image` / `--lock_text` name, but their last `--lock_*_unlocked_layers`."""
-    if lock_args.lock_image:
-        model.lock_image_tower(lock_args.lock_image_unlocked_layers)
-    if lock_args.lock_text:
-        model.lock_text_tower(lock_args.lock_text_unlocked_layers)
-
-
-def build_optimizer(model: HFClipModel, args: TrainingArguments) -> torch.optim.Optimizer:
+def build_optimizer(model: HFClipModel, run: RunArguments) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases, norms, embeddings and the logit scale; fused where torch has it."""
     no_decay = model.no_weight_decay_parameter_names()
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for name, p in trainable if name not in no_decay], "weight_decay": args.weight_decay},
+        {"params": [p for name, p in trainable if name not in no_decay], "weight_decay": run.weight_decay},
         {"params": [p for name, p in trainable if name in no_decay], "weight_decay": 0.0},
     ]
-    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    kwargs = {"lr": run.learning_rate, "betas": (run.adam_beta1, run.adam_beta2), "eps": run.adam_epsilon}
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
-
-
-def load_eval_splits(data_args: DatasetArguments, columns: dict[str, str] | None = None) -> dict:
-    """The `--eval_splits` that exist, checked for `columns` (flag -> column; default: the image and caption columns)
-    and cut to `--max_eval_samples`."""
-    columns = columns or {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
-    splits = {}
-    for name in data_args.eval_splits:
-        dataset = load_split(data_args, name)
-        if dataset is None:
-            logger.warning("Dataset %r has no split %r; not evaluating on it.", dataset_label(data_args.dataset_name),
-                           name)
-            continue
-        check_columns(dataset, data_args.dataset_name, name, columns)
-        if data_args.max_eval_samples is not None:
-            dataset = first_rows(dataset, data_args.max_eval_samples)
-        splits[name] = dataset
-    return splits
-
-
-def run_evaluation(model, processor, eval_splits: dict, data_args: DataArguments, args: TrainingArguments,
-                   accelerator: Accelerator, metrics_log: "MetricsLog", step: int) -> dict[str, dict[str, float]]:
-    """Evaluate every split (each process embeds a share of the rows) and log the results at `step`."""
-    embedded = data_args.dataset_name is None
-    results = {}
-    with accelerator.autocast():
-        for name, dataset in eval_splits.items():
-            results[name] = evaluate_split(
-                accelerator.unwrap_model(model), processor, dataset, image_column=data_args.image_column,
-                caption_column=data_args.caption_column, label_column=data_args.label_column,
-                class_names=list(CLASS_NAMES) if embedded else None,
-                templates=list(SHAPES_TEMPLATES if embedded else PHOTO_TEMPLATES),
-                base_dir=base_directory(data_args.dataset_name), batch_size=args.per_device_eval_batch_size,
-                num_workers=worker_count(data_args.num_workers), state=accelerator.state, description=f"eval {name}")
-            metrics_log.write(step, {f"eval/{name}/{key}": value for key, value in results[name].items()})
-    return results
 
 
 class MetricsLog:
@@ -183,43 +173,105 @@ class MetricsLog:
                 handle.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def classify_one_image(output_dir: Path, dataset, data_args: DataArguments) -> str:
-    """Load the saved model with `pipeline("zero-shot-image-classification")` and classify one eval image."""
-    names = list(CLASS_NAMES) if data_args.dataset_name is None else dataset.features[data_args.label_column].names
-    row = dataset[0]
-    image = decode_image(row[data_args.image_column], base_directory(data_args.dataset_name))
-    classifier = pipeline("zero-shot-image-classification", model=str(output_dir))
-    predictions = classifier(image, candidate_labels=names, hypothesis_template="a photo of a {}.")
-    truth = names[row[data_args.label_column]] if data_args.label_column in row else "?"
-    top = ", ".join(f"{p['label']} {100 * p['score']:.1f}%" for p in predictions[:3])
-    return f"pipeline on one image of a {truth!r}: {top}"
+class SampleIdLog:
+    """With `--log_sample_ids`, the dataset rows of every step, buffered and appended to
+    `sample_ids_rank{R}.jsonl` once per logging step."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.lines = path, []
+
+    def add(self, step: int, row_ids: torch.Tensor) -> None:
+        if self.path is not None:
+            self.lines.append(json.dumps({"step": step, "row_ids": row_ids.tolist()}) + "\n")
+
+    def flush(self) -> None:
+        if self.path is not None and self.lines:
+            with open(self.path, "a") as handle:
+                handle.writelines(self.lines)
+            self.lines = []
 
 
-HUB_CHECKPOINT_BRANCH = "checkpoints"
+def card_hyperparameters(args: TrainScriptArguments, accelerator: Accelerator) -> dict:
+    """The recipe for the model card: `CARD_KEYS` that are set, plus the process count and global batch size; the
+    dataset and the starting model by Hub id, or as "local dataset NAME" / "local model NAME"."""
+    run, data, model = args.run, args.data, args.model
+    values = {**args.flat(), "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+              "global_batch_size": run.per_device_train_batch_size * accelerator.num_processes
+              * run.gradient_accumulation_steps,
+              "dataset_name": data.dataset_name and public_name(data.dataset_name, "dataset"),
+              "model_name_or_path": model.model_name_or_path and public_name(model.model_name_or_path, "model")}
+    return {key: values[key] for key in CARD_KEYS if values.get(key) not in (None, False)
+            and not (key.endswith("_unlocked_layers") and not values.get(key.removesuffix("_unlocked_layers")))}
+
+
+def card_dataset(args: TrainScriptArguments) -> dict:
+    """The model card's training-data fields."""
+    embedded = args.data.dataset_name is None
+    return {"dataset": DATASET_ID if embedded else args.data.dataset_name, "dataset_split": args.data.train_split,
+            "dataset_description": describe(args.data.embedded_num_train) if embedded else None,
+            "base_model": args.model.model_name_or_path}
+
+
+def evaluate(accelerator: Accelerator, model, processor, eval_splits: dict, args: TrainScriptArguments,
+             metrics_log: MetricsLog, step: int) -> dict[str, dict[str, float]]:
+    """Evaluate every split (each process embeds a share of the rows) and log the results at `step`."""
+    with accelerator.autocast():
+        results = evaluate_splits(accelerator.unwrap_model(model), processor, eval_splits, args.data, args.eval,
+                                  args.loader, split_across_processes=True)
+    for name, metrics in results.items():
+        metrics_log.write(step, {f"eval/{name}/{key}": value for key, value in metrics.items()})
+    return results
 
 
 def push_checkpoint(accelerator: Accelerator, model, processor: HFClipProcessor, repo_id: str, step: int,
-                    args: TrainingArguments, card_args: dict) -> None:
+                    args: TrainScriptArguments) -> None:
     """Push the model at `step` to the `checkpoints` branch of `repo_id`; every process must call it."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        with tempfile.TemporaryDirectory(prefix="hf_clip_checkpoint_") as folder:
-            accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
-            commit = push_to_hub(HFClipModel.from_pretrained(folder), processor, repo_id,
-                                 training_args={**card_args, "max_steps": step}, private=args.hub_private_repo,
-                                 revision=HUB_CHECKPOINT_BRANCH, commit_message=f"Checkpoint at step {step}")
+        hyperparameters = {**card_hyperparameters(args, accelerator), "max_steps": step}
+        commit = push_to_hub(accelerator.unwrap_model(model), processor, repo_id, state_dict=state_dict,
+                             hyperparameters=hyperparameters, **card_dataset(args), private=args.run.hub_private_repo,
+                             revision=HUB_CHECKPOINT_BRANCH, commit_message=f"Checkpoint at step {step}")
         logger.info("Pushed the step-%d checkpoint: %s", step, commit.commit_url)
     accelerator.wait_for_everyone()
 
 
+def save(accelerator: Accelerator, model, processor: HFClipProcessor, results: dict, output_dir: Path) -> dict:
+    """Save the model (gathered from every process), processor and `eval_results.json` to `output_dir`; returns
+    the state dict that was saved (on the main process)."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=dict(state_dict))  # it empties its copy
+        processor.save_pretrained(output_dir)
+        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+    return state_dict
+
+
+def write_card(model: HFClipModel, repo_id: str, results: dict, hyperparameters: dict, args: TrainScriptArguments,
+               output_dir: Path) -> None:
+    """The model card, with the run's results and recipe, as `output_dir/README.md`."""
+    render_model_card(model, repo_id, metrics=results, hyperparameters=hyperparameters,
+                      **card_dataset(args)).save(output_dir / "README.md")
+
+
+def push(model: HFClipModel, state_dict: dict, processor: HFClipProcessor, repo_id: str, results: dict,
+         hyperparameters: dict, args: TrainScriptArguments) -> str:
+    """Push the final model, processor, card and results in one commit; returns the commit URL."""
+    commit = push_to_hub(model, processor, repo_id, state_dict=state_dict, metrics=results,
+                         hyperparameters=hyperparameters, **card_dataset(args), private=args.run.hub_private_repo)
+    return commit.commit_url
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    model_args, data_args, args = parse_args(argv)
-    output_dir = Path(args.output_dir)
+    # 1. Arguments, Accelerator, logging, seed, and the checkpoint to resume from (verified before any work).
+    args = parse_args(argv)
+    run = args.run
+    output_dir = Path(run.output_dir)
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # Accelerate only picks multi-process gloo on CPUs when told
-        mixed_precision=resolve_mixed_precision(args.mixed_precision),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=None if args.report_to == "none" else args.report_to,
+        mixed_precision=resolve_mixed_precision(run.mixed_precision),
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        log_with=None if run.report_to == "none" else run.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         step_scheduler_with_optimizer=False,
     )
@@ -229,23 +281,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 accelerator.mixed_precision)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(args.seed)
-    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    set_seed(run.seed)
+    process = ProcessShare(index=accelerator.process_index, count=accelerator.num_processes)
+    checkpoint = resolve_checkpoint(output_dir, run.resume_from_checkpoint) if run.resume_from_checkpoint else None
 
-    train_split = load_train_split(data_args, {"image_column": data_args.image_column,
-                                               "caption_column": data_args.caption_column})
-    check_usable_rows(train_split, data_args, data_args.train_split)
-    eval_splits = load_eval_splits(data_args)
+    # 2. Data: the training split, checked for usable rows, and the evaluation splits.
+    data = args.data
+    train_split = load_train_split(data, {"image_column": data.image_column, "caption_column": data.caption_column})
+    check_usable_rows(train_split, data, data.train_split)
+    eval_splits = load_eval_splits(data, args.eval)
 
-    model, processor = build_model_and_processor(model_args, data_args, train_split, accelerator, output_dir,
-                                                 resuming=checkpoint is not None)
-    lock_towers(model, model_args)
-    if model_args.gradient_checkpointing:
+    # 3. Model, processor, optimizer and schedule, restored from the checkpoint when resuming.
+    model, processor = build_model_and_processor(args, train_split, accelerator, resuming=checkpoint is not None)
+    lock_towers(model, args.locks)
+    if run.activation_checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = build_optimizer(model, args)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    optimizer = build_optimizer(model, run)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, run.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
     step, micro_step, skipped_total = 0, 0, 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -253,32 +306,31 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         step, micro_step, skipped_total = state["step"], state["micro_step"], state["skipped_samples"]
         logger.info("Resumed from %s at step %d", checkpoint, step)
 
-    train_dataset = build_train_dataset(train_split, data_args, image_transform_for(processor, train=True),
-                                        args.seed, accelerator.num_processes, accelerator.process_index)
-    batches = TrainBatches(
-        train_dataset, ImageTextCollator(processor.tokenizer), args.per_device_train_batch_size,
-        worker_count(data_args.num_workers), accelerator.num_processes, accelerator.process_index, args.seed,
-        data_args.streaming,
-    ).iterate(micro_step)
-
-    run_config = {**vars(model_args), **vars(data_args), **vars(args)}
-    repo_id = args.hub_model_id or output_dir.resolve().name
-    accelerator.init_trackers("hf_clip", config={k: v for k, v in run_config.items()
+    # 4. Training batches from where the run stands, logs and trackers.
+    train_dataset = build_train_dataset(train_split, data, image_transform_for(processor, train=True), run.seed,
+                                        process)
+    collator = ContrastiveDataCollator(processor, data.image_column, data.caption_column)
+    batches = TrainBatches(train_dataset, collator, run.per_device_train_batch_size, seed=run.seed,
+                           num_workers=worker_count(args.loader.dataloader_num_workers), process=process
+                           ).iterate(micro_step)
+    repo_id = run.hub_model_id or output_dir.resolve().name
+    accelerator.init_trackers("hf_clip", config={k: v for k, v in args.flat().items()
                                                   if isinstance(v, (int, float, str, bool))})
     metrics_log = MetricsLog(accelerator, output_dir / "metrics.jsonl")
-    ids_log = output_dir / f"sample_ids_rank{accelerator.process_index}.jsonl" if args.log_sample_ids else None
+    sample_ids = SampleIdLog(output_dir / f"sample_ids_rank{process.index}.jsonl" if run.log_sample_ids else None)
     if checkpoint is not None and accelerator.is_main_process:
         truncate_step_log(metrics_log.path, step)
-    if checkpoint is not None and ids_log is not None:
-        truncate_step_log(ids_log, step)
-    global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    card_args = {**run_config, "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
-                 "mixed_precision": accelerator.mixed_precision}
-    progress = tqdm(total=args.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    if checkpoint is not None and sample_ids.path is not None:
+        truncate_step_log(sample_ids.path, step)
+    global_batch = run.per_device_train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps
+
+    # 5. Train: the loss is summed on the device and read only at logging steps.
+    progress = tqdm(total=run.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_steps, window_start = 0, time.perf_counter()
     model.train()
-    while step < args.max_steps:
-        for _ in range(args.gradient_accumulation_steps):
+    while step < run.max_steps:
+        for _ in range(run.gradient_accumulation_steps):
             epoch, batch = next(batches)
             micro_step += 1
             skipped_total += int(batch["skipped"])
@@ -287,24 +339,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 loss = model(**inputs, return_loss=True).loss
                 accelerator.backward(loss)
                 grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients and run.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().float().item() / args.gradient_accumulation_steps
-            if ids_log is not None:
-                with open(ids_log, "a") as handle:
-                    handle.write(json.dumps({"step": step + 1, "row_ids": batch["row_ids"].tolist()}) + "\n")
+            window_loss += loss.detach().float() / run.gradient_accumulation_steps
+            sample_ids.add(step + 1, batch["row_ids"])
         accelerator.unwrap_model(model).clamp_logit_scale_()
         step += 1
         window_steps += 1
         progress.update(1)
 
-        if step % args.logging_steps == 0 or step == args.max_steps:
-            totals = accelerator.reduce(torch.tensor([window_loss, float(skipped_total)], device=accelerator.device),
-                                        reduction="sum")
+        if step % run.logging_steps == 0 or step == run.max_steps:
+            skipped = torch.tensor(float(skipped_total), device=accelerator.device)
+            totals = accelerator.reduce(torch.stack([window_loss, skipped]), reduction="sum")
             elapsed = time.perf_counter() - window_start
             metrics = {
                 "loss": totals[0].item() / (window_steps * accelerator.num_processes),
@@ -316,41 +366,41 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 "epoch": epoch,
             }
             metrics_log.write(step, metrics)
+            sample_ids.flush()
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=metrics["skipped_samples"])
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
-            run_evaluation(model, processor, eval_splits, data_args, args, accelerator, metrics_log, step)
-        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            window_loss = torch.zeros((), device=accelerator.device)
+            window_steps, window_start = 0, time.perf_counter()
+        if run.eval_steps and step % run.eval_steps == 0 and step < run.max_steps:
+            evaluate(accelerator, model, processor, eval_splits, args, metrics_log, step)
+        if run.save_steps and step % run.save_steps == 0:
             save_checkpoint(accelerator, output_dir, step, {"step": step, "micro_step": micro_step,
                                                            "skipped_samples": skipped_total, "epoch": epoch},
-                            keep=args.checkpoints_total_limit)
-            if args.push_to_hub and args.hub_push_checkpoints:
-                push_checkpoint(accelerator, model, processor, repo_id, step, args, card_args)
+                            keep=run.save_total_limit)
+            if run.push_to_hub and run.hub_push_checkpoints:
+                push_checkpoint(accelerator, model, processor, repo_id, step, args)
     progress.close()
 
-    results = run_evaluation(model, processor, eval_splits, data_args, args, accelerator, metrics_log, step)
-    state_dict = accelerator.get_state_dict(model)
+    # 6. Evaluate.
+    results = evaluate(accelerator, model, processor, eval_splits, args, metrics_log, step)
+    # 7. Save the model, processor and results.
+    state_dict = save(accelerator, model, processor, results, output_dir)
     skipped = int(accelerator.reduce(torch.tensor(float(skipped_total), device=accelerator.device), "sum").item())
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
-        processor.save_pretrained(output_dir)
-        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-        description = describe(data_args.embedded_num_train) if data_args.dataset_name is None else None
-        render_model_card(unwrapped, repo_id, metrics=results, training_args=card_args,
-                          dataset_description=description).save(output_dir / "README.md")
+        hyperparameters = card_hyperparameters(args, accelerator)
+        # 8. The model card.
+        write_card(unwrapped, repo_id, results, hyperparameters, args, output_dir)
         print(f"\nResults after {step} steps ({global_batch} images per step, {skipped} unusable rows skipped):")
         print(format_results_table(results))
-        first_split = next(iter(eval_splits.values()), None)
-        if first_split is not None and (data_args.dataset_name is None or data_args.label_column in
-                                        first_split.column_names):
-            print(classify_one_image(output_dir, first_split, data_args))
+        # 9. The zero-shot pipeline, loaded from the saved folder, on one image.
+        demo = pipeline_demo(output_dir, eval_splits, data)
+        if demo is not None:
+            print(demo)
         print(f"Saved model, processor and model card to {output_dir}")
-        if args.push_to_hub:
-            commit = push_to_hub(HFClipModel.from_pretrained(output_dir), processor, repo_id, metrics=results,
-                                 training_args=card_args, private=args.hub_private_repo,
-                                 dataset_description=description)
-            print(f"Pushed to the Hub: {commit.commit_url}")
+        # 10. Push to the Hub.
+        if run.push_to_hub:
+            commit_url = push(unwrapped, state_dict, processor, repo_id, results, hyperparameters, args)
+            print(f"Pushed to the Hub: {commit_url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
