@@ -60,15 +60,21 @@ def decode_image(value: Any, base_dir: str | os.PathLike | None) -> Image.Image:
     return to_rgb_image(value, base_dir)
 
 
-def prepare_columns(dataset, image_column: str):
-    """Keep a datasets `Image` column undecoded until a worker reads it, so a corrupt file becomes a skipped row,
-    not a crash."""
-    features = dataset.features
-    if features is not None and type(features.get(image_column)).__name__ == "Image":
-        import datasets
-
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+def without_image_decoding(dataset):
+    """A datasets `Dataset` or `IterableDataset` with every `Image` column left undecoded ({"bytes", "path"} cells),
+    so that reading a row never decodes an image: a corrupt file fails only in `decode_image`, as a skipped row."""
+    if hasattr(dataset, "decode"):  # IterableDataset
+        return dataset.decode(False)
+    for name, feature in (dataset.features or {}).items():
+        if type(feature).__name__ == "Image" and feature.decode:
+            dataset = dataset.cast_column(name, type(feature)(decode=False))
     return dataset
+
+
+def prepare_columns(dataset, image_column: str, caption_column: str):
+    """Only the image and caption columns, with images undecoded until a worker reads them, so a corrupt file becomes
+    a skipped row, not a crash."""
+    return without_image_decoding(dataset.select_columns([image_column, caption_column]))
 
 
 @dataclass
@@ -134,7 +140,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, transform: ImageTransform, columns: ImageTextColumns = ImageTextColumns(), *,
                  seed: int = 0, replace_bad_rows: bool = True):
-        self.dataset = prepare_columns(dataset, columns.image).select_columns([columns.image, columns.caption])
+        self.dataset = prepare_columns(dataset, columns.image, columns.caption)
         self.transform, self.columns, self.seed = transform, columns, seed
         self.replace_bad_rows = replace_bad_rows
         self.epoch = 0
@@ -270,4 +276,5 @@ __all__ = [
     "image_transform_for",
     "pick_caption",
     "prepare_columns",
+    "without_image_decoding",
 ]

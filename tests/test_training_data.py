@@ -109,6 +109,34 @@ def test_the_scripts_share_one_argument_vocabulary():
         assert (lock_args.lock_image, lock_args.lock_image_unlocked_layers, lock_args.lock_text) == (True, 2, True)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--max_steps", "0"], "--max_steps must be at least 1, got 0"),
+    (["--max_steps", "-5"], "--max_steps must be at least 1, got -5"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+    (["--model_name_or_path", "/no/such/checkpoint/dir"], "--model_name_or_path '/no/such/checkpoint/dir': no such"),
+    (["--model_name_or_path", "./missing-run"], "--model_name_or_path './missing-run': no such directory"),
+])
+def test_arguments_that_cannot_train_are_refused_naming_the_flag(flags, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        parse_args(flags)
+
+
+def test_evaluation_and_fine_tuning_refuse_a_missing_model_directory():
+    message = "--model_name_or_path '/no/such/dir': no such directory"
+    with pytest.raises(FileNotFoundError, match=message):
+        finetune_trainer.parse_args(["--model_name_or_path", "/no/such/dir", "--output_dir", "/tmp/unused"])
+    with pytest.raises(FileNotFoundError, match=message):
+        evaluate.parse_args(["--model_name_or_path", "/no/such/dir"])
+
+
+def test_a_file_glob_matching_nothing_names_the_pattern(tmp_path):
+    pattern = str(tmp_path / "shards" / "*.parquet")
+    with pytest.raises(FileNotFoundError, match=r"--dataset_name '.*shards/\*\.parquet' matches no file"):
+        load_split(_data_args(dataset_name=pattern), "train")
+
+
 def test_mixed_precision_defaults_to_native_bf16():
     assert resolve_mixed_precision("auto") == ("bf16" if cpu_has_native_bf16() else "no")
     assert resolve_mixed_precision("no") == "no"
@@ -191,6 +219,37 @@ def test_no_usable_rows_stops_at_start_up(tmp_path):
     data_args = _data_args(dataset_name=name)
     with pytest.raises(ValueError, match=r"all_bad.*no usable rows.*'image'.*'caption'"):
         check_usable_rows(load_split(data_args, "train"), data_args, "train")
+
+
+def test_image_columns_other_than_the_trained_one_are_never_decoded(processor):
+    features = datasets.Features({"image": datasets.Image(), "thumbnail": datasets.Image(),
+                                  "caption": datasets.Value("string")})
+    garbage = {"bytes": b"not an image", "path": None}
+    all_bad = datasets.Dataset.from_dict({"image": [garbage] * 3, "thumbnail": [garbage] * 3,
+                                          "caption": ["a", "b", "c"]}, features=features)
+    with pytest.raises(ValueError, match=r"no usable rows.*'image'.*cannot identify image file"):
+        check_usable_rows(all_bad, _data_args(), "train")
+    rows = _rows(12, bad={4})
+    rows["thumbnail"] = [garbage] * 12
+    rows["caption"] = [captions[0] for captions in rows["caption"]]
+    split = datasets.Dataset.from_dict(rows, features=features)
+    check_usable_rows(split, _data_args(), "train")
+    streamed = build_train_dataset(split.to_iterable_dataset(num_shards=2), _data_args(streaming=True),
+                                   image_transform_for(processor, train=True), seed=0)
+    samples = list(streamed)
+    assert len(samples) == 11 and sum(sample["skipped"] for sample in samples) == 1
+
+
+def test_the_end_of_run_pipeline_demo_skips_a_corrupt_first_image(saved_checkpoint):
+    from training.common import pipeline_demo
+
+    features = datasets.Features({"image": datasets.Image(), "thumbnail": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["red", "green"])})
+    garbage = {"bytes": b"not an image", "path": None}
+    split = datasets.Dataset.from_dict({"image": [garbage, {"bytes": _png(), "path": None}],
+                                        "thumbnail": [garbage, garbage], "label": [1, 0]}, features=features)
+    line = pipeline_demo(saved_checkpoint, {"test": split}, _data_args(dataset_name="local"))
+    assert line.startswith("pipeline on one image of a 'red': ")
 
 
 def test_bad_rows_are_skipped_counted_and_batches_stay_full(processor):

@@ -1,17 +1,21 @@
 """The real training entry point, run as users run it: `python -m training.train` and `torchrun`."""
 
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAST_TRAINING_ARGS as FAST
+from PIL import Image
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +163,50 @@ def test_resume_after_sigkill_skips_damaged_checkpoints_and_logs_each_step_once(
         assert losses[step] == killed_losses[step], step  # the resumed run repeats the killed run's steps exactly
     ids = [line["step"] for line in _log_lines(out / "sample_ids_rank0.jsonl")]
     assert ids == list(range(1, 11))
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _webdataset_shards(folder, shards: int, rows: int, corrupt_jpg, corrupt_png) -> None:
+    """WebDataset `.tar` shards of `key.jpg` + `key.png` + `key.txt`, as LAION / DataComp downloads are, with corrupt
+    images at the positions (within each shard) that `corrupt_jpg` / `corrupt_png` select."""
+    folder.mkdir()
+    words = ("red", "green", "blue", "small", "big", "circle", "square", "photo", "dog", "cat")
+    for shard in range(shards):
+        with tarfile.open(folder / f"shard-{shard:03d}.tar", "w") as tar:
+            for position in range(rows):
+                jpg = _jpeg(shard * rows + position)
+                if corrupt_jpg(position):
+                    jpg = jpg[: len(jpg) // 2] if position % 2 else b"not a jpeg at all"
+                png = b"\x89PNG broken" if corrupt_png(position) else _jpeg(position)
+                caption = " ".join(words[(position * k + shard) % len(words)] for k in (1, 3, 7))
+                for extension, data in (("jpg", jpg), ("png", png), ("txt", f"a photo of a {caption}".encode())):
+                    info = tarfile.TarInfo(f"{shard:03d}{position:05d}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_streaming_webdataset_with_corrupt_images_trains_from_scratch_and_counts_them(tmp_path):
+    """4 shards x 150 rows, 6 corrupt JPEGs per shard (24 in all) plus corrupt images in another column. With a
+    shuffle buffer of 1 the stream keeps each shard's order, whose last row is good, so the 36 steps x 16 rows read
+    every row once, and the skip count must be exactly 24."""
+    shards = tmp_path / "shards"
+    _webdataset_shards(shards, shards=4, rows=150, corrupt_jpg=lambda p: p % 25 == 7,
+                       corrupt_png=lambda p: p % 10 == 0)
+    out = tmp_path / "run"
+    result = _train(out, "--dataset_name", str(shards), "--streaming", "--image_column", "jpg", "--caption_column",
+                    "txt", "--shuffle_buffer_size", "1", "--max_steps", "36")
+    lines = _log_lines(out / "metrics.jsonl")
+    assert [line["step"] for line in lines] == list(range(1, 37))
+    assert lines[-1]["skipped_samples"] == 24
+    assert "(16 images per step, 24 unusable rows skipped)" in result.stdout
+    assert "Nothing to evaluate" in result.stdout and "ZS top1" not in result.stdout
+    assert (out / "model.safetensors").exists()
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):

@@ -12,6 +12,7 @@ with a deprecation warning.
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -157,6 +158,26 @@ class RunArguments:
     log_sample_ids: bool = field(
         default=False, metadata={"help": "Write the dataset row ids of every step to sample_ids_rank{R}.jsonl."}
     )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_name_or_path(model_name_or_path: str | None) -> None:
+    """Refuse a `--model_name_or_path` that is neither an existing directory nor shaped like a Hub repo id."""
+    if model_name_or_path is None or Path(model_name_or_path).expanduser().exists():
+        return
+    if not _HUB_ID.match(model_name_or_path):
+        raise FileNotFoundError(f"--model_name_or_path {model_name_or_path!r}: no such directory, and not a Hub repo "
+                                "id ('name' or 'namespace/name').")
+
+
+def check_at_least_one(arguments, *names: str) -> None:
+    """Refuse, naming the flag, any of the `names` fields of `arguments` below 1 (they would crash or train nothing)."""
+    for name in names:
+        value = getattr(arguments, name)
+        if value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}.")
 
 
 def rename_deprecated(argv: list[str], renamed: Mapping[str, str]) -> list[str]:

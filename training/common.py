@@ -8,7 +8,15 @@ from transformers import AutoProcessor, pipeline
 from hf_clip import PHOTO_TEMPLATES, HFClipModel, HFClipProcessor, evaluate_split, match_special_tokens
 
 from .args import DatasetArguments, EvalArguments, LoaderArguments, TowerLockArguments
-from .data import columns_of, decode_image, worker_count
+from .data import (
+    BAD_SAMPLE_ERRORS,
+    USABILITY_PROBE_ROWS,
+    columns_of,
+    decode_image,
+    first_rows,
+    without_image_decoding,
+    worker_count,
+)
 from .synthetic import TEMPLATES as SHAPES_TEMPLATES
 
 
@@ -51,7 +59,9 @@ def evaluate_splits(model, processor, splits: dict, data_args: DatasetArguments,
 
 
 def format_results_table(results: dict[str, dict[str, float]]) -> str:
-    """Splits as rows; zero-shot accuracy and retrieval recall in percent."""
+    """Splits as rows; zero-shot accuracy and retrieval recall in percent. No splits: a line saying so."""
+    if not results:
+        return "Nothing to evaluate: none of the evaluation splits exists in the dataset."
     columns = [("zero_shot_top1", "ZS top1"), ("zero_shot_top5", "ZS top5"), ("image_to_text_R@1", "I→T R@1"),
                ("image_to_text_R@5", "I→T R@5"), ("text_to_image_R@1", "T→I R@1"), ("text_to_image_R@5", "T→I R@5"),
                ("num_samples", "images")]
@@ -68,14 +78,20 @@ def format_results_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def pipeline_demo(model_dir: str | Path, splits: dict, data_args: DatasetArguments) -> str | None:
-    """Load the saved model with `pipeline("zero-shot-image-classification")` and classify the first image of the
-    first eval split over its label column's classes; None when there is no labelled eval split."""
+    """Load the saved model with `pipeline("zero-shot-image-classification")` and classify the first decodable image
+    of the first eval split over its label column's classes; None when there is no labelled eval split."""
     dataset = next(iter(splits.values()), None)
     if dataset is None or data_args.label_column not in dataset.column_names:
         return None
     names = dataset.features[data_args.label_column].names
-    row = dataset[0]
-    image = decode_image(row[data_args.image_column], columns_of(data_args).base_dir)
+    for row in without_image_decoding(first_rows(dataset, USABILITY_PROBE_ROWS)):
+        try:
+            image = decode_image(row[data_args.image_column], columns_of(data_args).base_dir)
+            break
+        except BAD_SAMPLE_ERRORS:
+            continue
+    else:
+        return "pipeline: no decodable image among the first evaluation rows"
     classifier = pipeline("zero-shot-image-classification", model=str(model_dir))
     predictions = classifier(image, candidate_labels=names, hypothesis_template="a photo of a {}.")
     top = ", ".join(f"{p['label']} {100 * p['score']:.1f}%" for p in predictions[:3])

@@ -11,6 +11,7 @@ reading then takes the next row, so batch sizes stay equal across ranks as the d
 """
 
 import functools
+import glob
 import logging
 import os
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from hf_clip.data import (
     decode_row,
     pick_caption,
     prepare_columns,
+    without_image_decoding,
 )
 
 from .args import DatasetArguments, EvalArguments
@@ -81,6 +83,8 @@ def load_split(data_args: DatasetArguments, split: str, streaming: bool = False
         suffix = Path(name.replace("*", "x")).suffix
         if suffix in _FILE_BUILDERS:
             builder, data_files = _FILE_BUILDERS[suffix], name
+            if "://" not in name and not glob.glob(os.path.expanduser(name)):
+                raise FileNotFoundError(f"--dataset_name {name!r} matches no file.")
         try:
             return datasets.load_dataset(builder, data_args.dataset_config_name, data_files=data_files, split=split,
                                          streaming=streaming)
@@ -127,7 +131,7 @@ def load_train_split(data_args: DatasetArguments, columns: dict[str, str]):
 def column_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
     if dataset.column_names is not None:
         return list(dataset.column_names)
-    first = next(iter(dataset.take(1)), None)
+    first = next(iter(without_image_decoding(dataset).take(1)), None)
     return list(first) if first is not None else []
 
 
@@ -147,7 +151,7 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, dataset: datasets.IterableDataset, transform: ImageTransform, columns: ImageTextColumns, *,
                  seed: int):
-        self.dataset = prepare_columns(dataset, columns.image)
+        self.dataset = prepare_columns(dataset, columns.image, columns.caption)
         self.transform, self.columns, self.seed = transform, columns, seed
         self.epoch = 0
 
@@ -263,7 +267,8 @@ def build_train_dataset(dataset, data_args: DatasetArguments, transform: ImageTr
 def check_usable_rows(dataset, data_args: DatasetArguments, split: str) -> None:
     """Fail at start-up, naming the dataset and columns, when the first rows hold no usable sample."""
     base_dir = base_directory(data_args.dataset_name)
-    probe = prepare_columns(first_rows(dataset, USABILITY_PROBE_ROWS), data_args.image_column)
+    probe = prepare_columns(first_rows(dataset, USABILITY_PROBE_ROWS), data_args.image_column,
+                            data_args.caption_column)
     errors = []
     for row in probe:
         try:
@@ -280,9 +285,9 @@ def check_usable_rows(dataset, data_args: DatasetArguments, split: str) -> None:
 
 
 def caption_samples(dataset, caption_column: str, limit: int = 200_000) -> Iterator[str]:
-    """Captions for tokenizer training (lists flattened), from the first `limit` rows."""
+    """Captions for tokenizer training (lists flattened), from the first `limit` rows; no image is decoded."""
     if isinstance(dataset, datasets.IterableDataset):
-        rows = (row[caption_column] for row in dataset.take(limit))
+        rows = (row[caption_column] for row in dataset.select_columns([caption_column]).take(limit))
     else:
         rows = dataset.select(range(min(limit, len(dataset))))[caption_column]
     for value in rows:

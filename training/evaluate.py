@@ -16,7 +16,15 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import AutoModel, AutoProcessor
 
-from .args import DatasetArguments, EvalArguments, LoaderArguments, ModelArguments, parse_with_config_file
+from .args import (
+    DatasetArguments,
+    EvalArguments,
+    LoaderArguments,
+    ModelArguments,
+    check_at_least_one,
+    check_model_name_or_path,
+    parse_with_config_file,
+)
 from .common import evaluate_splits, format_results_table
 from .data import dataset_label, first_rows, load_split
 
@@ -36,6 +44,8 @@ def parse_args(argv: list[str] | None = None
         defaults={"embedded_num_train": 0})
     if parsed[0].model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: the saved hf_clip or Transformers CLIP model to evaluate.")
+    check_model_name_or_path(parsed[0].model_name_or_path)
+    check_at_least_one(parsed[3], "per_device_eval_batch_size")
     return parsed
 
 

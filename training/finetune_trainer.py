@@ -34,7 +34,14 @@ from hf_clip import (
     weight_space_ensemble,
 )
 
-from .args import DatasetArguments, EvalArguments, ModelArguments, TowerLockArguments, parse_with_config_file
+from .args import (
+    DatasetArguments,
+    EvalArguments,
+    ModelArguments,
+    TowerLockArguments,
+    check_model_name_or_path,
+    parse_with_config_file,
+)
 from .common import load_pretrained, lock_towers, pipeline_demo, zero_shot_templates
 from .data import columns_of, dataset_label, decode_image, first_rows, load_eval_splits, load_train_split
 
@@ -72,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
         argv, defaults={"remove_unused_columns": False, "embedded_num_train": 4_000}))
     if args.model.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: the hf_clip or Transformers CLIP checkpoint to fine-tune.")
+    check_model_name_or_path(args.model.model_name_or_path)
     if args.finetune.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {args.finetune.task!r}.")
     if args.training.remove_unused_columns:

@@ -41,6 +41,8 @@ from .args import (
     ModelArguments,
     RunArguments,
     TowerLockArguments,
+    check_at_least_one,
+    check_model_name_or_path,
     parse_with_config_file,
 )
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint, truncate_step_log
@@ -99,7 +101,11 @@ ARGUMENT_CLASSES = (ModelArguments, TowerLockArguments, FromScratchArguments, Da
 
 def parse_args(argv: list[str] | None = None) -> TrainScriptArguments:
     """Flags, optionally on top of a YAML/JSON config file given as the first argument."""
-    return TrainScriptArguments(*parse_with_config_file(ARGUMENT_CLASSES, argv, RENAMED_FLAGS))
+    args = TrainScriptArguments(*parse_with_config_file(ARGUMENT_CLASSES, argv, RENAMED_FLAGS))
+    check_at_least_one(args.run, "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps")
+    check_at_least_one(args.loader, "per_device_eval_batch_size")
+    check_model_name_or_path(args.model.model_name_or_path)
+    return args
 
 
 def cpu_has_native_bf16() -> bool:
