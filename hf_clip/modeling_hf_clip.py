@@ -547,9 +547,20 @@ class HFClipModel(HFClipPreTrainedModel):
         vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
         return vision_outputs
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embedding, as in Transformers' `SiglipModel`."""
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
+
     def clamped_logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped to at most `config.logit_scale_max` (scalar tensor)."""
-        return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
+        """exp(logit_scale), clamped to at most `config.logit_scale_max` (scalar tensor). Under FSDP2, outside the
+        forward, `logit_scale` is a sharded (1,) DTensor: it is gathered, so every process must call this."""
+        logit_scale = self.logit_scale
+        if hasattr(logit_scale, "full_tensor"):
+            logit_scale = logit_scale.full_tensor()
+        return logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp().reshape(())
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -56,6 +56,13 @@ from .data import (
     load_eval_splits,
     load_train_split,
     worker_count,
+)
+from .fsdp import (
+    enable_fsdp_on_cpu,
+    register_feature_methods,
+    scalar_logit_scale,
+    shardable_logit_scale_,
+    unsharded_model,
 )
 from .synthetic import DATASET_ID, caption_corpus, describe
 
@@ -232,25 +239,28 @@ def evaluate(accelerator: Accelerator, model, processor, eval_splits: dict, args
 def push_checkpoint(accelerator: Accelerator, model, processor: HFClipProcessor, repo_id: str, step: int,
                     args: TrainScriptArguments) -> None:
     """Push the model at `step` to the `checkpoints` branch of `repo_id`; every process must call it."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = scalar_logit_scale(accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         hyperparameters = {**card_hyperparameters(args, accelerator), "max_steps": step}
-        commit = push_to_hub(accelerator.unwrap_model(model), processor, repo_id, state_dict=state_dict,
+        commit = push_to_hub(unsharded_model(accelerator, model, state_dict), processor, repo_id, state_dict=state_dict,
                              hyperparameters=hyperparameters, **card_dataset(args), private=args.run.hub_private_repo,
                              revision=HUB_CHECKPOINT_BRANCH, commit_message=f"Checkpoint at step {step}")
         logger.info("Pushed the step-%d checkpoint: %s", step, commit.commit_url)
     accelerator.wait_for_everyone()
 
 
-def save(accelerator: Accelerator, model, processor: HFClipProcessor, results: dict, output_dir: Path) -> dict:
+def save(accelerator: Accelerator, model, processor: HFClipProcessor, results: dict, output_dir: Path
+         ) -> tuple[dict, HFClipModel | None]:
     """Save the model (gathered from every process), processor and `eval_results.json` to `output_dir`; returns
-    the state dict that was saved (on the main process)."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=dict(state_dict))  # it empties its copy
-        processor.save_pretrained(output_dir)
-        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-    return state_dict
+    the state dict that was saved and the model as one plain `HFClipModel` (both on the main process)."""
+    state_dict = scalar_logit_scale(accelerator.get_state_dict(model))
+    if not accelerator.is_main_process:
+        return state_dict, None
+    unsharded = unsharded_model(accelerator, model, state_dict)
+    unsharded.save_pretrained(output_dir, state_dict=dict(state_dict))  # it empties its copy
+    processor.save_pretrained(output_dir)
+    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+    return state_dict, unsharded
 
 
 def write_card(model: HFClipModel, repo_id: str, results: dict, hyperparameters: dict, args: TrainScriptArguments,
@@ -281,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         step_scheduler_with_optimizer=False,
     )
+    enable_fsdp_on_cpu(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     logger.info("%d process(es) on %s, mixed precision: %s", accelerator.num_processes, accelerator.device,
@@ -302,9 +313,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     lock_towers(model, args.locks)
     if run.activation_checkpointing:
         model.activation_checkpointing_enable()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        shardable_logit_scale_(model)
     optimizer = build_optimizer(model, run)
     scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, run.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        register_feature_methods(model)
     step, micro_step, skipped_total = 0, 0, 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -389,10 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 6. Evaluate.
     results = evaluate(accelerator, model, processor, eval_splits, args, metrics_log, step)
     # 7. Save the model, processor and results.
-    state_dict = save(accelerator, model, processor, results, output_dir)
+    state_dict, unwrapped = save(accelerator, model, processor, results, output_dir)
     skipped = int(accelerator.reduce(torch.tensor(float(skipped_total), device=accelerator.device), "sum").item())
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         hyperparameters = card_hyperparameters(args, accelerator)
         # 8. The model card.
         write_card(unwrapped, repo_id, results, hyperparameters, args, output_dir)
