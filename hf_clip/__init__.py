@@ -21,6 +21,7 @@ from .finetuning import (
     contrastive_accuracy_flags,
     match_special_tokens,
 )
+from .grad_cache import grad_cache_backward
 from .hub import push_to_hub, render_model_card
 from .loss import contrastive_loss, gather_features
 from .modeling_hf_clip import (
@@ -82,6 +83,7 @@ __all__ = [
     "evaluate_split",
     "from_zero_shot",
     "gather_features",
+    "grad_cache_backward",
     "match_special_tokens",
     "push_to_hub",
     "render_model_card",

@@ -99,7 +99,11 @@ class HFClipTextConfig(PreTrainedConfig):
 
 @strict
 class HFClipVisionConfig(PreTrainedConfig):
-    """ViT image encoder: patch conv, class token, position embeddings, pre-LN blocks, post-LN on the class token."""
+    """ViT image encoder: patch conv, class token, position embeddings, pre-LN blocks, post-LN on the class token.
+
+    `patch_dropout` is the fraction of patch tokens each image drops at random in training (FLIP, Li et al., 2023;
+    open_clip's `PatchDropout`), after the position embeddings; the class token is always kept. Eval is unaffected.
+    """
 
     model_type = "hf_clip_vision_model"
     base_config_key = "vision_config"
@@ -117,6 +121,7 @@ class HFClipVisionConfig(PreTrainedConfig):
     attention_dropout: int | float | None = 0.0
     initializer_range: float = 0.02
     initializer_factor: float | None = 1.0
+    patch_dropout: int | float = 0.0
 
     def validate_architecture(self) -> None:
         for name in ("image_size", "patch_size"):
@@ -146,6 +151,10 @@ class HFClipVisionConfig(PreTrainedConfig):
         """Reads `config.json`; a Transformers CLIP config is mapped onto hf_clip's."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         return clip_config_dict_to_hf_clip(config_dict), kwargs
+
+    def validate_patch_dropout(self) -> None:
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"HFClipVisionConfig: `patch_dropout` must be in [0, 1), got {self.patch_dropout}.")
 
 
 _PRESETS: dict[str, dict[str, Any]] = {

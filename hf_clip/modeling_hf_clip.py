@@ -256,6 +256,26 @@ class HFClipVisionEmbeddings(nn.Module):
         return embeddings + self.position_embedding.weight.unsqueeze(0)
 
 
+class HFClipPatchDropout(nn.Module):
+    """FLIP's patch dropout (open_clip's `PatchDropout`): in training, each image keeps the class token and a random
+    max(1, int((1 - p) · patches)) of its patch tokens: (batch, 1+patches, width) -> (batch, 1+kept, width).
+    Identity in eval mode or at p = 0."""
+
+    def __init__(self, config: HFClipVisionConfig):
+        super().__init__()
+        self.prob = config.patch_dropout
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return embeddings
+        class_token, patches = embeddings[:, :1], embeddings[:, 1:]
+        batch_size, num_patches, width = patches.shape
+        num_kept = max(1, int(num_patches * (1.0 - self.prob)))
+        kept = torch.rand(batch_size, num_patches, device=patches.device).topk(num_kept, dim=-1).indices
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))
+        return torch.cat([class_token, patches], dim=1)
+
+
 class HFClipTextEmbeddings(nn.Module):
     """Token + learned position embeddings: (batch, seq) -> (batch, seq, width)."""
 
@@ -480,6 +500,7 @@ class HFClipVisionModel(HFClipPreTrainedModel):
     def __init__(self, config: HFClipVisionConfig):
         super().__init__(config)
         self.embeddings = HFClipVisionEmbeddings(config)
+        self.patch_dropout = HFClipPatchDropout(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = HFClipEncoder(config, is_causal=False)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -494,8 +515,8 @@ class HFClipVisionModel(HFClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """pixel_values: (batch, C, H, W). Returns last_hidden_state (batch, 1+patches, width), pooler_output
         (batch, width)."""
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
-        last_hidden_state = self.encoder(hidden_states, None, **kwargs)
+        embeddings = self.patch_dropout(self.embeddings(pixel_values, interpolate_pos_encoding))
+        last_hidden_state = self.encoder(self.pre_layrnorm(embeddings), None, **kwargs)
         pooled_output = self.post_layernorm(last_hidden_state[:, 0])
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
 
@@ -554,6 +575,13 @@ class HFClipModel(HFClipPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.embeddings.token_embedding = value
 
+    def loss_from_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """The configured contrastive loss of L2-normalised (n, d) image and text embeddings (row i of each is a
+        pair), with this model's clamped temperature: what `forward(return_loss=True)` returns."""
+        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+            logit_scale = self.clamped_logit_scale().float()
+        return contrastive_loss(image_embeds, text_embeds, logit_scale, label_smoothing=self.config.label_smoothing)
+
     def clamped_logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped to at most `config.logit_scale_max` (scalar tensor). Under FSDP2, outside the
         forward, `logit_scale` is a sharded (1,) DTensor: it is gathered, so every process must call this."""
@@ -566,6 +594,13 @@ class HFClipModel(HFClipPreTrainedModel):
     def clamp_logit_scale_(self) -> None:
         """Clamp the stored log temperature to [0, log(logit_scale_max)] in place (call after optimiser steps)."""
         self.logit_scale.clamp_(0, math.log(self.config.logit_scale_max))
+
+    def compile_towers(self, **compile_kwargs) -> None:
+        """`torch.compile` both towers in place (`nn.Module.compile`), so that `forward`, `get_image_features` and
+        `get_text_features` run compiled while parameter names, `state_dict` and `save_pretrained` stay unchanged
+        (no `_orig_mod.` prefix). `compile_kwargs` go to `torch.compile` (e.g. `backend`, `mode`)."""
+        self.text_model.compile(**compile_kwargs)
+        self.vision_model.compile(**compile_kwargs)
 
     def lock_image_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the image tower and its projection, except its last `unlocked_layers` blocks (plus, when any
@@ -633,9 +668,7 @@ class HFClipModel(HFClipPreTrainedModel):
             logits_per_text = logit_scale * text_embeds @ image_embeds.T
             logits_per_image = logits_per_text.T
 
-        loss = None
-        if return_loss:
-            loss = contrastive_loss(image_embeds, text_embeds, logit_scale, label_smoothing=self.config.label_smoothing)
+        loss = self.loss_from_embeddings(image_embeds, text_embeds) if return_loss else None
 
         return HFClipOutput(
             loss=loss,

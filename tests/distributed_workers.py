@@ -7,7 +7,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from hf_clip import HFClipConfig, HFClipModel, contrastive_loss
+from hf_clip import HFClipConfig, HFClipModel, contrastive_loss, grad_cache_backward
 
 
 def ddp_contrastive_step(rank: int, world_size: int, port: int, work_dir: str, config_json: str) -> None:
@@ -43,6 +43,27 @@ def ddp_contrastive_step(rank: int, world_size: int, port: int, work_dir: str, c
             tensors["loss"] = mean_loss
             tensors["feature_loss"] = summed_feature_loss / world_size
             tensors["image_grad"] = torch.cat(image_grads) / world_size
+            save_file(tensors, os.path.join(work_dir, "ddp_result.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_grad_cache_step(rank: int, world_size: int, port: int, work_dir: str, config_json: str,
+                        num_micro_batches: int) -> None:
+    """One DDP GradCache step on this rank's slice of the global batch; rank 0 saves the mean loss and gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = HFClipModel(HFClipConfig.from_json_file(config_json)).train()
+        model.load_state_dict(load_file(os.path.join(work_dir, "weights.safetensors")))
+        batch = load_file(os.path.join(work_dir, "batch.safetensors"))
+        local = {key: value.chunk(world_size)[rank] for key, value in batch.items()}
+        loss = grad_cache_backward(DistributedDataParallel(model), local, num_micro_batches)
+        dist.all_reduce(loss)
+        if rank == 0:
+            tensors = {f"grad.{name}": p.grad.contiguous() for name, p in model.named_parameters()}
+            tensors["loss"] = loss / world_size
             save_file(tensors, os.path.join(work_dir, "ddp_result.safetensors"))
     finally:
         dist.destroy_process_group()

@@ -54,7 +54,8 @@ def test_fsdp2_on_two_cpu_processes_trains_clamps_saves_and_resumes_like_one_pro
     a run resumed from the FSDP checkpoint repeats the uninterrupted run's losses and weights."""
     from transformers import AutoModel
 
-    common = ["--model_name_or_path", str(start_above_the_clamp), "--max_steps", "4", "--eval_splits", "test"]
+    common = ["--model_name_or_path", str(start_above_the_clamp), "--max_steps", "4", "--eval_splits", "test",
+              "--max_eval_samples", "41", "--per_device_eval_batch_size", "4"]  # evaluation: 6 batches vs 5
     single = tmp_path / "single"
     _train(single, *common, "--per_device_train_batch_size", "16")
     sharded = tmp_path / "fsdp"
@@ -67,6 +68,10 @@ def test_fsdp2_on_two_cpu_processes_trains_clamps_saves_and_resumes_like_one_pro
     assert sorted(sharded_losses) == [1, 2, 3, 4]
     for step in single_losses:
         assert sharded_losses[step] == pytest.approx(single_losses[step], abs=1e-5), step
+
+    evaluated = json.loads((single / "eval_results.json").read_text())["test"]
+    for key, value in json.loads((sharded / "eval_results.json").read_text())["test"].items():
+        assert value == pytest.approx(evaluated[key], abs=1e-6), key
 
     import hf_clip  # noqa: F401  (registers the model type for AutoModel)
 

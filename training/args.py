@@ -58,6 +58,15 @@ class FromScratchArguments:
 
 
 @dataclass
+class PatchDropoutArguments:
+    patch_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of image patch tokens dropped at random in training (FLIP); evaluation sees every "
+                          "patch. Unset: the checkpoint's value (0 from scratch)."},
+    )
+
+
+@dataclass
 class DatasetArguments:
     dataset_name: str | None = field(
         default=None,
@@ -114,6 +123,11 @@ class RunArguments:
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order and augmentation."})
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    grad_cache_micro_batches: int = field(
+        default=1,
+        metadata={"help": "GradCache: embed each per-device batch in K micro-batches while the contrastive loss still "
+                          "spans the whole batch (exact gradients, one micro-batch's activations in memory)."},
+    )
     max_steps: int = field(default=600, metadata={"help": "Number of optimiser steps."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(
@@ -124,6 +138,13 @@ class RunArguments:
     adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
     warmup_steps: int = field(default=40, metadata={"help": "Linear warm-up steps before the cosine decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    torch_compile: bool = field(
+        default=False, metadata={"help": "torch.compile both towers for training and evaluation."}
+    )
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend."})
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode (default, reduce-overhead, max-autotune)."}
+    )
     mixed_precision: str = field(
         default="auto",
         metadata={"help": "auto (bf16 where the hardware runs it natively, else fp32), no, bf16 or fp16."},

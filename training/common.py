@@ -5,7 +5,7 @@ from pathlib import Path
 
 from transformers import AutoProcessor, pipeline
 
-from hf_clip import PHOTO_TEMPLATES, HFClipModel, HFClipProcessor, evaluate_split, match_special_tokens
+from hf_clip import PHOTO_TEMPLATES, HFClipConfig, HFClipModel, HFClipProcessor, evaluate_split, match_special_tokens
 
 from .args import DatasetArguments, EvalArguments, LoaderArguments, TowerLockArguments
 from .data import (
@@ -20,10 +20,14 @@ from .data import (
 from .synthetic import TEMPLATES as SHAPES_TEMPLATES
 
 
-def load_pretrained(model_name_or_path: str) -> tuple[HFClipModel, HFClipProcessor]:
+def load_pretrained(model_name_or_path: str, patch_dropout: float | None = None
+                    ) -> tuple[HFClipModel, HFClipProcessor]:
     """An hf_clip or Transformers CLIP checkpoint and its processor, with the text config's special token ids
-    matched to the tokenizer's (see `hf_clip.match_special_tokens`)."""
-    model = HFClipModel.from_pretrained(model_name_or_path)
+    matched to the tokenizer's (see `hf_clip.match_special_tokens`); `patch_dropout` overrides the checkpoint's."""
+    config = HFClipConfig.from_pretrained(model_name_or_path)
+    if patch_dropout is not None:
+        config.vision_config.patch_dropout = patch_dropout
+    model = HFClipModel.from_pretrained(model_name_or_path, config=config)
     loaded = AutoProcessor.from_pretrained(model_name_or_path)
     match_special_tokens(model, loaded.tokenizer)
     return model, HFClipProcessor(image_processor=loaded.image_processor, tokenizer=loaded.tokenizer)

@@ -38,6 +38,7 @@ from .args import (
     DatasetArguments,
     EvalArguments,
     ModelArguments,
+    PatchDropoutArguments,
     TowerLockArguments,
     check_model_name_or_path,
     parse_with_config_file,
@@ -67,6 +68,7 @@ class FinetuneArguments:
 class FinetuneScriptArguments:
     model: ModelArguments
     locks: TowerLockArguments
+    patch_dropout: PatchDropoutArguments
     data: DatasetArguments
     eval: EvalArguments
     finetune: FinetuneArguments
@@ -75,7 +77,8 @@ class FinetuneScriptArguments:
 
 def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
     args = FinetuneScriptArguments(*parse_with_config_file(
-        (ModelArguments, TowerLockArguments, DatasetArguments, EvalArguments, FinetuneArguments, TrainingArguments),
+        (ModelArguments, TowerLockArguments, PatchDropoutArguments, DatasetArguments, EvalArguments, FinetuneArguments,
+         TrainingArguments),
         argv, defaults={"remove_unused_columns": False, "embedded_num_train": 4_000}))
     if args.model.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: the hf_clip or Transformers CLIP checkpoint to fine-tune.")
@@ -230,7 +233,7 @@ def report(results: dict[str, dict[str, float]], training_args: TrainingArgument
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model, processor = load_pretrained(args.model.model_name_or_path)
+    model, processor = load_pretrained(args.model.model_name_or_path, args.patch_dropout.patch_dropout)
     if args.finetune.task == "contrastive":
         return finetune_contrastive(model, processor, args)
     return finetune_classifier(model, processor, args)

@@ -26,6 +26,7 @@ from hf_clip import (
     HFClipConfig,
     HFClipModel,
     HFClipProcessor,
+    grad_cache_backward,
     push_to_hub,
     render_model_card,
     train_clip_tokenizer,
@@ -39,6 +40,7 @@ from .args import (
     FromScratchArguments,
     LoaderArguments,
     ModelArguments,
+    PatchDropoutArguments,
     RunArguments,
     TowerLockArguments,
     check_at_least_one,
@@ -83,7 +85,7 @@ CARD_KEYS = (
     "num_processes", "global_batch_size", "learning_rate", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "mixed_precision", "activation_checkpointing", "lock_image",
     "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers", "tokenizer_vocab_size", "context_length",
-    "seed",
+    "seed", "patch_dropout", "grad_cache_micro_batches", "torch_compile",
 )
 
 
@@ -91,6 +93,7 @@ CARD_KEYS = (
 class TrainScriptArguments:
     model: ModelArguments
     locks: TowerLockArguments
+    patch_dropout: PatchDropoutArguments
     scratch: FromScratchArguments
     data: DatasetArguments
     eval: EvalArguments
@@ -98,12 +101,12 @@ class TrainScriptArguments:
     run: RunArguments
 
     def flat(self) -> dict:
-        return {key: value for part in (self.model, self.locks, self.scratch, self.data, self.eval, self.loader,
-                                        self.run) for key, value in asdict(part).items()}
+        return {key: value for part in (self.model, self.locks, self.patch_dropout, self.scratch, self.data, self.eval,
+                                        self.loader, self.run) for key, value in asdict(part).items()}
 
 
-ARGUMENT_CLASSES = (ModelArguments, TowerLockArguments, FromScratchArguments, DatasetArguments, EvalArguments,
-                    LoaderArguments, RunArguments)
+ARGUMENT_CLASSES = (ModelArguments, TowerLockArguments, PatchDropoutArguments, FromScratchArguments, DatasetArguments,
+                    EvalArguments, LoaderArguments, RunArguments)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainScriptArguments:
@@ -112,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> TrainScriptArguments:
     check_at_least_one(args.run, "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps")
     check_at_least_one(args.loader, "per_device_eval_batch_size")
     check_model_name_or_path(args.model.model_name_or_path)
+    run = args.run
+    if not 1 <= run.grad_cache_micro_batches <= run.per_device_train_batch_size:
+        raise ValueError(
+            f"--grad_cache_micro_batches must be between 1 and --per_device_train_batch_size "
+            f"({run.per_device_train_batch_size}), got {run.grad_cache_micro_batches}."
+        )
     return args
 
 
@@ -139,7 +148,7 @@ def build_model_and_processor(args: TrainScriptArguments, train_split, accelerat
                               ) -> tuple[HFClipModel, HFClipProcessor]:
     """Load `--model_name_or_path`, or build `--preset` from scratch with a tokenizer trained on the captions."""
     if args.model.model_name_or_path:
-        return load_pretrained(args.model.model_name_or_path)
+        return load_pretrained(args.model.model_name_or_path, args.patch_dropout.patch_dropout)
 
     tokenizer_dir = Path(args.run.output_dir) / ".tokenizer"
     if accelerator.is_main_process and not (resuming and tokenizer_dir.is_dir()):
@@ -153,7 +162,8 @@ def build_model_and_processor(args: TrainScriptArguments, train_split, accelerat
         tokenizer.save_pretrained(tokenizer_dir)
     accelerator.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer)
+    config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer,
+                                      vision_config={"patch_dropout": args.patch_dropout.patch_dropout or 0.0})
     model = HFClipModel(config)
     return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
 
@@ -227,10 +237,12 @@ def card_dataset(args: TrainScriptArguments) -> dict:
 
 def evaluate(accelerator: Accelerator, model, processor, eval_splits: dict, args: TrainScriptArguments,
              metrics_log: MetricsLog, step: int) -> dict[str, dict[str, float]]:
-    """Evaluate every split (each process embeds a share of the rows) and log the results at `step`."""
+    """Evaluate every split (each process embeds a share of the rows) and log the results at `step`. Under FSDP
+    every forward is a collective, so every process embeds every row (unequal shares would call it unequally often)."""
+    shares = accelerator.distributed_type != DistributedType.FSDP
     with accelerator.autocast():
         results = evaluate_splits(accelerator.unwrap_model(model), processor, eval_splits, args.data, args.eval,
-                                  args.loader, split_across_processes=True)
+                                  args.loader, split_across_processes=shares)
     for name, metrics in results.items():
         metrics_log.write(step, {f"eval/{name}/{key}": value for key, value in metrics.items()})
     return results
@@ -315,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         model.activation_checkpointing_enable()
     if accelerator.distributed_type == DistributedType.FSDP:
         shardable_logit_scale_(model)
+    if run.torch_compile:
+        model.compile_towers(backend=run.torch_compile_backend, mode=run.torch_compile_mode)
     optimizer = build_optimizer(model, run)
     scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, run.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -357,8 +371,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             skipped_total += int(batch["skipped"])
             inputs = {k: batch[k].to(accelerator.device) for k in ("pixel_values", "input_ids", "attention_mask")}
             with accelerator.accumulate(model):
-                loss = model(**inputs, return_loss=True).loss
-                accelerator.backward(loss)
+                if run.grad_cache_micro_batches > 1:
+                    loss = grad_cache_backward(model, inputs, run.grad_cache_micro_batches,
+                                               backward=accelerator.backward)
+                else:
+                    loss = model(**inputs, return_loss=True).loss
+                    accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and run.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)

@@ -1,0 +1,83 @@
+"""`training.train` with patch dropout, GradCache and torch.compile, run as users run it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST_TRAINING_ARGS as FAST
+from conftest import hub_env
+from safetensors.torch import load, load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _train(output_dir, *extra, env=None):
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "training.train", "--output_dir", str(output_dir), *FAST, *extra],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
+def _losses(output_dir) -> dict[int, float]:
+    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+def test_grad_cache_run_follows_the_plain_run(tmp_path):
+    """Without dropout, K micro-batches with GradCache compute the same loss and gradients as one batch, so the
+    loss curve follows the plain run's (a micro-batch loss, as plain accumulation gives, would not)."""
+    _train(tmp_path / "plain", "--max_steps", "3", "--eval_splits", "test")
+    _train(tmp_path / "cached", "--max_steps", "3", "--eval_splits", "test", "--grad_cache_micro_batches", "4")
+    plain, cached = _losses(tmp_path / "plain"), _losses(tmp_path / "cached")
+    assert sorted(cached) == [1, 2, 3]
+    for step in plain:
+        assert cached[step] == pytest.approx(plain[step], rel=1e-4), step
+
+
+def test_compiled_patch_dropout_run_saves_resumes_and_pushes_without_orig_mod_keys(hub_server, tmp_path):
+    """--torch_compile compiles the towers in place, so checkpoints, the saved model and the pushed files keep the
+    model's own parameter names, and a compiled run resumes from its checkpoint. (The aot_eager backend traces and
+    compiles the graphs without inductor's C++ code generation, which takes minutes on a small CPU.)"""
+    out = tmp_path / "run"
+    flags = ["--eval_splits", "test", "--torch_compile", "--torch_compile_backend", "aot_eager",
+             "--patch_dropout", "0.5", "--grad_cache_micro_batches", "2", "--save_steps", "1",
+             "--save_total_limit", "5"]
+    env = hub_env(hub_server, tmp_path / "hf_home")
+    _train(out, "--max_steps", "2", *flags, "--push_to_hub", "--hub_model_id", "compiled-run",
+           "--hub_push_checkpoints", env=env)
+    expected_keys = set(load_file(out / "checkpoint-1" / "model.safetensors"))
+    assert "vision_model.embeddings.patch_embedding.weight" in expected_keys
+    assert not [key for key in expected_keys if "_orig_mod" in key]
+    assert json.loads((out / "config.json").read_text())["vision_config"]["patch_dropout"] == 0.5
+
+    repo = hub_server.hub.repos["alice/compiled-run"]
+    pushed = [repo.history("main")[0].files["model.safetensors"],
+              *(commit.files["model.safetensors"] for commit in repo.history("checkpoints")[:2])]
+    saved = [load_file(path) for path in (out / "model.safetensors", out / "checkpoint-2" / "model.safetensors")]
+    for state_dict in [*saved, *(load(blob) for blob in pushed)]:
+        assert set(state_dict) == expected_keys
+
+    _train(out, "--max_steps", "3", *flags, "--resume_from_checkpoint", "latest")
+    assert set(load_file(out / "model.safetensors")) == expected_keys
+    assert sorted(_losses(out)) == [1, 2, 3]
+
+
+def test_finetune_trainer_patch_dropout(tmp_path, saved_checkpoint):
+    """--patch_dropout reaches the model Trainer fine-tunes, and the saved config keeps it."""
+    out = tmp_path / "finetuned"
+    command = [sys.executable, "-m", "training.finetune_trainer", "--model_name_or_path", str(saved_checkpoint),
+               "--output_dir", str(out), "--patch_dropout", "0.5", "--embedded_num_train", "64",
+               "--eval_splits", "test", "--max_eval_samples", "32", "--per_device_train_batch_size", "16",
+               "--per_device_eval_batch_size", "32", "--max_steps", "2", "--dataloader_num_workers", "0",
+               "--report_to", "none"]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert json.loads((out / "config.json").read_text())["vision_config"]["patch_dropout"] == 0.5
+    assert json.loads((saved_checkpoint / "config.json").read_text())["vision_config"]["patch_dropout"] == 0.0
