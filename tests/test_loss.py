@@ -230,7 +230,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, tiny_config):
 
 def _siglip_config(tiny_config):
     return HFClipConfig.from_dict({**tiny_config.to_dict(), "loss_type": "siglip", "loss_chunk_size": 3,
-                                   "label_smoothing": 0.0, "logit_scale_init_value": None})
+                                   "label_smoothing": 0.0})
 
 
 @pytest.mark.slow

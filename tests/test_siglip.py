@@ -26,7 +26,7 @@ LAYER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "n
 
 def _siglip_config(tokenizer, **overrides) -> HFClipConfig:
     config = make_config(tokenizer, projection_dim=32, text=LAYER, vision={**LAYER, "image_size": 32, "patch_size": 8})
-    return HFClipConfig.from_dict({**config.to_dict(), "loss_type": "siglip", "logit_scale_init_value": None,
+    return HFClipConfig.from_dict({**config.to_dict(), "loss_type": "siglip",
                                    **overrides})
 
 
@@ -94,7 +94,7 @@ def test_pipeline_on_a_siglip_model_ranks_as_the_sigmoid_does(siglip_checkpoint)
     processor = HFClipProcessor.from_pretrained(siglip_checkpoint)
     prompts = [f"This is a photo of {label}." for label in LABELS]
     with torch.no_grad():
-        logits = model(**processor(text=prompts, images=probe_image(), padding=True)).logits_per_image[0]
+        logits = model(**processor(text=prompts, images=probe_image(), padding=True, return_tensors="pt")).logits_per_image[0]
     result = pipeline("zero-shot-image-classification", model=str(siglip_checkpoint))(
         probe_image(), candidate_labels=LABELS)
     got = {r["label"]: r["score"] for r in result}
@@ -108,7 +108,8 @@ def test_zero_shot_classifier_of_a_siglip_model_keeps_the_bias(siglip_checkpoint
     model = HFClipModel.from_pretrained(siglip_checkpoint).eval()
     processor = HFClipProcessor.from_pretrained(siglip_checkpoint)
     classifier = from_zero_shot(model, processor, LABELS, ["a photo of a {}."]).eval()
-    inputs = processor(text=[f"a photo of a {label}." for label in LABELS], images=[probe_image()] * 2, padding=True)
+    inputs = processor(text=[f"a photo of a {label}." for label in LABELS], images=[probe_image()] * 2, padding=True,
+                       return_tensors="pt")
     with torch.no_grad():
         expected = model(**inputs).logits_per_image
         logits = classifier(pixel_values=inputs["pixel_values"]).logits
