@@ -94,7 +94,8 @@ def test_pipeline_on_a_siglip_model_ranks_as_the_sigmoid_does(siglip_checkpoint)
     processor = HFClipProcessor.from_pretrained(siglip_checkpoint)
     prompts = [f"This is a photo of {label}." for label in LABELS]
     with torch.no_grad():
-        logits = model(**processor(text=prompts, images=probe_image(), padding=True, return_tensors="pt")).logits_per_image[0]
+        inputs = processor(text=prompts, images=probe_image(), padding=True, return_tensors="pt")
+        logits = model(**inputs).logits_per_image[0]
     result = pipeline("zero-shot-image-classification", model=str(siglip_checkpoint))(
         probe_image(), candidate_labels=LABELS)
     got = {r["label"]: r["score"] for r in result}
