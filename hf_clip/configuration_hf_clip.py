@@ -204,8 +204,9 @@ class HFClipConfig(PreTrainedConfig):
     `loss_type` is "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid, with a learned `logit_bias` added to the
     logits). Init values follow the paper of the loss: `logit_scale_init_value` ln(1/0.07) for CLIP, ln(10) for
     SigLIP (a SigLIP config given CLIP's default takes SigLIP's), and `logit_bias_init_value` −10 (SigLIP only).
-    The model clamps exp(logit_scale) to at most `logit_scale_max`. `label_smoothing` (CLIP only) is applied to both cross-entropies. `loss_chunk_size` is the
-    loss's `chunk_size`: None picks dense or chunked from the batch size, 0 is dense, k > 0 is k rows per panel.
+    The model clamps exp(logit_scale) to at most `logit_scale_max`. `label_smoothing` (CLIP only) is applied to both
+    cross-entropies. `loss_chunk_size` is the loss's `chunk_size`: None picks dense or chunked from the batch size,
+    0 is dense, k > 0 is k rows per panel.
     """
 
     model_type = "hf_clip"
