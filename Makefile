@@ -1,6 +1,7 @@
 # `make test` builds .venv from the pinned requirements (torch comes from the wheels on this machine's disk),
-# runs `make lint` (ruff) and the whole test suite. `make demo` trains, evaluates and saves a model on the embedded
-# dataset. `make bench` runs the benchmarks.
+# extracts Transformers' common test mixins from the pinned transformers sdist (PyPI), runs `make lint` (ruff) and
+# the whole test suite. `make demo` trains, evaluates and saves a model on the embedded dataset. `make bench` runs
+# the benchmarks.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,6 +14,7 @@ $(STAMP): requirements/dev.txt requirements/constraints.txt setup.cfg pyproject.
 	$(PY) -m pip install --quiet --upgrade "pip==26.0"
 	$(PY) -m pip install --quiet -r requirements/dev.txt -c requirements/constraints.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) tests/transformers_common/fetch.py
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,7 +23,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest tests
+	HF_CLIP_REQUIRE_COMMON_TESTS=1 $(PY) -m pytest tests
 
 demo: $(STAMP)
 	$(PY) -m training.train --output_dir outputs/demo
@@ -30,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_text_padding.py
 
 freeze: $(STAMP)
 	{ echo "# Full, exact dev/CI environment (pip freeze of requirements/dev.txt). Regenerate with 'make freeze'."; \

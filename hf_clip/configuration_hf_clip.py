@@ -13,22 +13,6 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 
 
-def _check_values(config: PreTrainedConfig, positive: tuple[str, ...]) -> None:
-    """Sizes that cannot build a working model: `positive` fields must be > 0 (`projection_dim` may be None),
-    `num_hidden_layers` >= 0 and `layer_norm_eps` > 0."""
-    for name in positive:
-        value = getattr(config, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"{type(config).__name__}: `{name}` must be positive, got {value}.")
-    if config.num_hidden_layers < 0:
-        raise ValueError(
-            f"{type(config).__name__}: `num_hidden_layers` must be 0 or more, got {config.num_hidden_layers}.")
-    if not config.layer_norm_eps > 0:
-        raise ValueError(
-            f"{type(config).__name__}: `layer_norm_eps` must be positive (it keeps LayerNorm from dividing by zero), "
-            f"got {config.layer_norm_eps}.")
-
-
 def _check_width_and_heads(config: PreTrainedConfig) -> None:
     if config.hidden_size % config.num_attention_heads != 0:
         raise ValueError(
@@ -45,9 +29,33 @@ def _check_activation(config: PreTrainedConfig) -> None:
         )
 
 
+def _check_positive(config: PreTrainedConfig, *names: str) -> None:
+    """Fields a model cannot be built without: each must be a positive number (an int where it counts something)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{type(config).__name__}: `{name}` must be positive, got {value!r}.")
+
+
+def _check_optional_positive(config: PreTrainedConfig, *names: str) -> None:
+    """Like `_check_positive`, but None is allowed (a tower's `projection_dim` is set by its dual config)."""
+    _check_positive(config, *(name for name in names if getattr(config, name) is not None))
+
+
+def _check_dropout(config: PreTrainedConfig) -> None:
+    if config.attention_dropout is None or not 0 <= config.attention_dropout < 1:
+        raise ValueError(
+            f"{type(config).__name__}: `attention_dropout` must be in [0, 1), got {config.attention_dropout!r}."
+        )
+
+
 @strict
 class HFClipTextConfig(PreTrainedConfig):
-    """Causal text Transformer. Pools the final hidden state at the first `eos_token_id` of each row."""
+    """Causal text Transformer. Pools the final hidden state at the first `eos_token_id` of each row.
+
+    Field types equal `CLIPTextConfig`'s, so every CLIP text config loads. Special ids outside the vocabulary only
+    warn (as in Transformers): a row without an `eos_token_id` pools at its first real token.
+    """
 
     model_type = "hf_clip_text_model"
     base_config_key = "text_config"
@@ -60,30 +68,33 @@ class HFClipTextConfig(PreTrainedConfig):
     num_attention_heads: int = 8
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    attention_dropout: int | float = 0.0
+    layer_norm_eps: float | None = 1e-5
+    attention_dropout: int | float | None = 0.0
     initializer_range: float = 0.02
-    initializer_factor: float = 1.0
+    initializer_factor: float | None = 1.0
     pad_token_id: int | None = 1
     bos_token_id: int | None = 49406
-    eos_token_id: int = 49407
+    eos_token_id: int | list[int] | None = 49407
 
     def validate_architecture(self) -> None:
-        _check_values(self, ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_attention_heads",
-                             "max_position_embeddings"))
+        _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                        "max_position_embeddings", "layer_norm_eps", "initializer_factor")
+        _check_optional_positive(self, "projection_dim")
         _check_width_and_heads(self)
+        _check_dropout(self)
+        if self.num_hidden_layers < 0:
+            raise ValueError(f"HFClipTextConfig: `num_hidden_layers` must be 0 or more, got {self.num_hidden_layers}.")
+        if self.eos_token_id is None or self.eos_token_id == []:
+            raise ValueError("HFClipTextConfig: `eos_token_id` is required; the text tower pools at that token.")
 
     def validate_activation(self) -> None:
         _check_activation(self)
 
-    def validate_special_token_ids(self) -> None:
-        for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(
-                    f"HFClipTextConfig: `{name}` ({value}) is outside the vocabulary (0..{self.vocab_size - 1}). "
-                    "Derive the ids from the tokenizer with `HFClipConfig.from_preset(..., tokenizer=tokenizer)`."
-                )
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Reads `config.json`; a Transformers CLIP config is mapped onto hf_clip's."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return clip_config_dict_to_hf_clip(config_dict), kwargs
 
 
 @strict
@@ -103,19 +114,29 @@ class HFClipVisionConfig(PreTrainedConfig):
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 32
+    image_size: int | list[int] | tuple[int, int] | None = 224
+    patch_size: int | list[int] | tuple[int, int] | None = 32
     hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    attention_dropout: int | float = 0.0
+    layer_norm_eps: float | None = 1e-5
+    attention_dropout: int | float | None = 0.0
     initializer_range: float = 0.02
-    initializer_factor: float = 1.0
+    initializer_factor: float | None = 1.0
     patch_dropout: int | float = 0.0
 
     def validate_architecture(self) -> None:
-        _check_values(self, ("hidden_size", "intermediate_size", "projection_dim", "num_attention_heads",
-                             "num_channels", "image_size", "patch_size"))
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int):
+                raise ValueError(f"HFClipVisionConfig: `{name}` must be an int (square images), got {value!r}.")
+        _check_positive(self, "hidden_size", "intermediate_size", "num_attention_heads", "num_channels",
+                        "image_size", "patch_size", "layer_norm_eps", "initializer_factor")
+        _check_optional_positive(self, "projection_dim")
         _check_width_and_heads(self)
+        _check_dropout(self)
+        if self.num_hidden_layers < 0:
+            raise ValueError(
+                f"HFClipVisionConfig: `num_hidden_layers` must be 0 or more, got {self.num_hidden_layers}."
+            )
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"HFClipVisionConfig: `image_size` ({self.image_size}) must be divisible by "
@@ -124,6 +145,12 @@ class HFClipVisionConfig(PreTrainedConfig):
 
     def validate_activation(self) -> None:
         _check_activation(self)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Reads `config.json`; a Transformers CLIP config is mapped onto hf_clip's."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return clip_config_dict_to_hf_clip(config_dict), kwargs
 
     def validate_patch_dropout(self) -> None:
         if not 0.0 <= self.patch_dropout < 1.0:
@@ -181,21 +208,22 @@ class HFClipConfig(PreTrainedConfig):
 
     text_config: dict | HFClipTextConfig | None = None
     vision_config: dict | HFClipVisionConfig | None = None
-    projection_dim: int = 512
-    logit_scale_init_value: float | int = math.log(1 / 0.07)
+    projection_dim: int | None = 512
+    logit_scale_init_value: float | int | None = math.log(1 / 0.07)
     logit_scale_max: float | int = 100.0
     label_smoothing: float = 0.0
-    initializer_factor: float = 1.0
+    initializer_factor: float | None = 1.0
+
+    def validate_architecture(self) -> None:
+        _check_positive(self, "projection_dim", "initializer_factor")
 
     def validate_label_smoothing(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"HFClipConfig: `label_smoothing` must be in [0, 1), got {self.label_smoothing}.")
 
-    def validate_projection_dim(self) -> None:
-        if self.projection_dim <= 0:
-            raise ValueError(f"HFClipConfig: `projection_dim` must be positive, got {self.projection_dim}.")
-
     def validate_logit_scale(self) -> None:
+        if self.logit_scale_init_value is None:
+            raise ValueError("HFClipConfig: `logit_scale_init_value` must be a number, got None.")
         if not 0 < self.logit_scale_max < math.inf:
             raise ValueError(
                 f"HFClipConfig: `logit_scale_max` must be positive and finite, got {self.logit_scale_max}.")

@@ -1,7 +1,16 @@
 """hf_clip: CLIP as a native Transformers model.
 
 The state-dict layout is that of Transformers' `CLIPModel` (including its `pre_layrnorm` spelling), so CLIP
-checkpoints load directly and converted weights round-trip without renaming.
+checkpoints load directly and converted weights round-trip without renaming. Optional outputs (`hidden_states`,
+`attentions`) and `return_dict` come from Transformers' output-capture machinery, as in `modeling_clip.py`.
+
+Differences from Transformers' CLIP:
+- the text tower pools at the first `eos_token_id` among the attended tokens, with no host sync;
+- left-padded text gets positions counted from each row's first token, so it embeds as the same text right-padded;
+  right-padded or unmasked text runs causal attention without a mask (SDPA's `is_causal` path);
+- `logit_scale` is clamped to `config.logit_scale_max`, the similarities are computed in fp32, and the loss is
+  distributed-correct under DDP (`loss.contrastive_loss`);
+- OpenAI CLIP's weight init; `HFClipForImageClassification` classifies the normalised projected class token.
 """
 
 import contextlib
@@ -21,7 +30,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
 from .loss import contrastive_loss
@@ -78,7 +90,7 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query/key/value: (batch, heads, seq, head_dim); returns (batch, seq, heads, head_dim) and the weights."""
     attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
@@ -107,7 +119,10 @@ class HFClipAttention(nn.Module):
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: (batch, seq, width) -> (batch, seq, width), attention weights (eager only)."""
         input_shape = hidden_states.shape[:-1]
@@ -163,16 +178,18 @@ class HFClipEncoderLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs)
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs)
         hidden_states = hidden_states + attn_output
-        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
-        return hidden_states, attn_weights
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
 class HFClipEncoder(nn.Module):
-    """A stack of `HFClipEncoderLayer`s, optionally recording every hidden state and attention map."""
+    """A stack of `HFClipEncoderLayer`s: (batch, seq, width) -> (batch, seq, width)."""
 
     def __init__(self, config: HFClipTextConfig | HFClipVisionConfig, is_causal: bool):
         super().__init__()
@@ -184,18 +201,11 @@ class HFClipEncoder(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions=output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        return hidden_states, all_hidden_states, all_attentions
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return hidden_states
 
 
 class HFClipVisionEmbeddings(nn.Module):
@@ -289,17 +299,21 @@ class HFClipTextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + position_embeds
 
 
-def _check_right_padded(attention_mask: torch.Tensor) -> None:
-    """The text tower is causal, so right padding cannot reach the end-of-text token; left padding could.
+def _left_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`attention_mask` (batch, seq) if some row may start with padding, else None.
 
-    `torch._assert_async` raises at once on the CPU and asynchronously on accelerators, so it never stalls the host.
+    Causal attention never looks ahead, so right padding needs no mask. Reading the first column is one host sync,
+    as in the mask check of Transformers' `create_causal_mask`; under `torch.compile` the mask is always applied.
     """
-    is_right_padded = (attention_mask[:, 1:] <= attention_mask[:, :-1]).all()
-    torch._assert_async(is_right_padded, "hf_clip expects right-padded text: each attention_mask row is 1s then 0s.")
+    if attention_mask is None:
+        return None
+    if not torch.compiler.is_compiling() and bool(attention_mask[:, 0].all()):
+        return None
+    return attention_mask
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """(batch, seq) ids must index the token embedding. Asserted on device, like the padding."""
+    """(batch, seq) ids must index the token embedding. Asserted on device, so it never stalls the host."""
     torch._assert_async(
         ((input_ids >= 0) & (input_ids < vocab_size)).all(),
         f"hf_clip: input_ids hold token ids outside the vocabulary (0..{vocab_size - 1}, `vocab_size` = "
@@ -307,10 +321,11 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     )
 
 
-def _check_end_of_text(input_ids: torch.Tensor, eos_token_id: int) -> None:
-    """Each (batch, seq) row must hold the end-of-text token the text tower pools at. Asserted on device."""
+def _check_end_of_text(is_eos: torch.Tensor, eos_token_id: int | list[int]) -> None:
+    """Each row of the (batch, seq) `is_eos` flags must hold the end-of-text token the text tower pools at.
+    Asserted on device."""
     torch._assert_async(
-        (input_ids == eos_token_id).any(dim=-1).all(),
+        is_eos.any(dim=-1).all(),
         f"hf_clip: an input_ids row has no end-of-text token (`eos_token_id` = {eos_token_id}), where the text "
         "tower pools; tokenize with this model's tokenizer and `truncation=True`, which keeps it.",
     )
@@ -330,7 +345,12 @@ class HFClipPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": HFClipEncoderLayer, "attentions": HFClipAttention}
     _keys_to_ignore_on_load_unexpected = [r"position_ids"]
+    # The contrastive loss is a batch mean, so the Trainer must not pass `num_items_in_batch` and skip its scaling.
+    accepts_loss_kwargs = False
+    # Auto classes a remote-code checkpoint maps to this class besides its `register_for_auto_class` one.
+    _extra_auto_map: dict[str, str] = {}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -359,6 +379,13 @@ class HFClipPreTrainedModel(PreTrainedModel):
                 "came from, load it with `from_pretrained(..., use_safetensors=False)` and re-save it with "
                 "`save_pretrained`, which writes safetensors."
             ) from error
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`. A registered class writes an `auto_map` naming only itself, its config
+        and `_extra_auto_map` (`register_for_auto_class` records one auto class per model class)."""
+        if self._auto_class is not None:
+            self.config.auto_map = dict(self._extra_auto_map)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # Transformers skips modules without direct parameters in code outside its own package, guarding remote code
@@ -405,13 +432,15 @@ class HFClipPreTrainedModel(PreTrainedModel):
 class HFClipTextModel(HFClipPreTrainedModel):
     """Causal text Transformer pooled at the first end-of-text token: (batch, seq) -> pooled (batch, width).
 
-    Because attention is causal and pooling happens at the end-of-text token, right padding after it cannot change
-    the pooled output. The padding mask is therefore only checked, never materialised, and SDPA runs its fast
-    `is_causal` path. Hidden states at padded positions are unspecified.
+    Right padding cannot change the pooled output of a causal tower, so a right-padded (or absent) mask is not
+    materialised and SDPA runs its `is_causal` fast path; hidden states at padded positions are then unspecified.
+    A batch with left padding is masked and its positions count from each row's first token, so each row embeds as
+    the same text right-padded.
     """
 
     config: HFClipTextConfig
     input_modalities = ("text",)
+    _input_embed_layer = "token_embedding"
 
     def __init__(self, config: HFClipTextConfig):
         super().__init__(config)
@@ -420,45 +449,44 @@ class HFClipTextModel(HFClipPreTrainedModel):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.token_embedding
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embeddings.token_embedding = value
-
-    def pooling_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) -> (batch,) index of the first `eos_token_id`, computed on device with no host sync."""
-        if self.config.eos_token_id == 2:  # legacy CLIP configs pooled at the highest token id
+    def pooling_positions(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq) -> (batch,) index of the first `eos_token_id` among the attended tokens, computed on device
+        with no host sync. A row without one raises on device; if the config's `eos_token_id` lies outside the
+        vocabulary (it warned when built, as Transformers' CLIP configs do), rows pool at their first attended token.
+        """
+        eos_token_id = self.config.eos_token_id
+        if eos_token_id == 2:  # legacy CLIP configs pooled at the highest token id
             return input_ids.argmax(dim=-1)
-        return (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
+        eos_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+        is_eos = torch.isin(input_ids, torch.tensor(eos_ids, device=input_ids.device))
+        if padding_mask is not None:
+            is_eos = is_eos & padding_mask.bool()
+        if all(0 <= token_id < self.config.vocab_size for token_id in eos_ids):
+            _check_end_of_text(is_eos, eos_token_id)
+        if padding_mask is None:
+            return is_eos.int().argmax(dim=-1)
+        return (2 * is_eos.int() + padding_mask.bool().int()).argmax(dim=-1)
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
+        """input_ids, attention_mask (1 = token, 0 = padding on either side): (batch, seq).
+        Returns last_hidden_state (batch, seq, width) and pooler_output (batch, width)."""
         _check_token_ids(input_ids, self.config.vocab_size)
-        if attention_mask is not None:
-            _check_right_padded(attention_mask)
+        padding_mask = _left_padding_mask(attention_mask)
+        if padding_mask is not None and position_ids is None:
+            position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden_states = self.embeddings(input_ids, position_ids)
-        if self.config.eos_token_id != 2:
-            _check_end_of_text(input_ids, self.config.eos_token_id)
-        causal_mask = create_causal_mask(self.config, hidden_states, attention_mask=None, cache=None)
-        hidden_states, all_hidden_states, all_attentions = self.encoder(
-            hidden_states, causal_mask, output_hidden_states, output_attentions
-        )
-        last_hidden_state = self.final_layer_norm(hidden_states)
+        causal_mask = create_causal_mask(self.config, hidden_states, attention_mask=padding_mask, cache=None)
+        last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, causal_mask, **kwargs))
         batch_index = torch.arange(input_ids.shape[0], device=input_ids.device)
-        pooled_output = last_hidden_state[batch_index, self.pooling_positions(input_ids)]
-        return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state,
-            pooler_output=pooled_output,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        pooled_output = last_hidden_state[batch_index, self.pooling_positions(input_ids, padding_mask)]
+        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
 
 
 class HFClipVisionModel(HFClipPreTrainedModel):
@@ -467,6 +495,7 @@ class HFClipVisionModel(HFClipPreTrainedModel):
     config: HFClipVisionConfig
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    _input_embed_layer = "patch_embedding"
 
     def __init__(self, config: HFClipVisionConfig):
         super().__init__(config)
@@ -477,28 +506,19 @@ class HFClipVisionModel(HFClipPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embedding
-
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
+        """pixel_values: (batch, C, H, W). Returns last_hidden_state (batch, 1+patches, width), pooler_output
+        (batch, width)."""
         embeddings = self.patch_dropout(self.embeddings(pixel_values, interpolate_pos_encoding))
-        hidden_states = self.pre_layrnorm(embeddings)
-        last_hidden_state, all_hidden_states, all_attentions = self.encoder(
-            hidden_states, None, output_hidden_states, output_attentions
-        )
+        last_hidden_state = self.encoder(self.pre_layrnorm(embeddings), None, **kwargs)
         pooled_output = self.post_layernorm(last_hidden_state[:, 0])
-        return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state,
-            pooler_output=pooled_output,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
 
 
 class HFClipModel(HFClipPreTrainedModel):
@@ -509,6 +529,9 @@ class HFClipModel(HFClipPreTrainedModel):
     optimiser step, so the parameter itself never drifts above the bound, where the clamp zeroes its gradient.
     """
 
+    # The zero-shot pipeline resolves this key when hf_clip is not installed.
+    _extra_auto_map = {"AutoModelForZeroShotImageClassification": "modeling_hf_clip.HFClipModel"}
+
     def __init__(self, config: HFClipConfig):
         super().__init__(config)
         self.text_embed_dim = config.text_config.hidden_size
@@ -518,46 +541,30 @@ class HFClipModel(HFClipPreTrainedModel):
         self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
         self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
-        # Remote code: the zero-shot pipeline resolves this key when hf_clip is not installed.
-        config.auto_map = {
-            **(getattr(config, "auto_map", None) or {}),
-            "AutoModelForZeroShotImageClassification": "modeling_hf_clip.HFClipModel",
-        }
         self.post_init()
 
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-    ) -> BaseModelOutputWithPooling:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
         """Text tower output whose `pooler_output` is the projected (unnormalised) embedding (batch, proj_dim)."""
-        text_outputs = self.text_model(
-            input_ids,
-            attention_mask,
-            position_ids,
-            output_hidden_states=bool(output_hidden_states or self.config.output_hidden_states),
-            output_attentions=bool(output_attentions or self.config.output_attentions),
-        )
+        text_outputs = self.text_model(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
         return text_outputs
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-    ) -> BaseModelOutputWithPooling:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
         """Vision tower output whose `pooler_output` is the projected (unnormalised) embedding (batch, proj_dim)."""
-        vision_outputs = self.vision_model(
-            pixel_values,
-            interpolate_pos_encoding,
-            output_hidden_states=bool(output_hidden_states or self.config.output_hidden_states),
-            output_attentions=bool(output_attentions or self.config.output_attentions),
-        )
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
         vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
         return vision_outputs
 
@@ -629,6 +636,7 @@ class HFClipModel(HFClipPreTrainedModel):
                 names.add(prefix + "bias")
         return names
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -637,9 +645,7 @@ class HFClipModel(HFClipPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> HFClipOutput | tuple:
         """input_ids: (n_texts, seq); pixel_values: (n_images, C, H, W).
 
@@ -653,12 +659,8 @@ class HFClipModel(HFClipPreTrainedModel):
                 f"return_loss=True needs one caption per image, got {pixel_values.shape[0]} images and "
                 f"{input_ids.shape[0]} texts. Leave return_loss unset to only score images against texts."
             )
-        vision_outputs = self.get_image_features(
-            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
-        )
-        text_outputs = self.get_text_features(
-            input_ids, attention_mask, position_ids, output_hidden_states, output_attentions
-        )
+        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
+        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):  # similarities in fp32
             image_embeds = F.normalize(vision_outputs.pooler_output.float(), dim=-1)
             text_embeds = F.normalize(text_outputs.pooler_output.float(), dim=-1)
@@ -668,7 +670,7 @@ class HFClipModel(HFClipPreTrainedModel):
 
         loss = self.loss_from_embeddings(image_embeds, text_embeds) if return_loss else None
 
-        output = HFClipOutput(
+        return HFClipOutput(
             loss=loss,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_text,
@@ -677,14 +679,13 @@ class HFClipModel(HFClipPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
-        use_return_dict = return_dict if return_dict is not None else self.config.return_dict
-        return output if use_return_dict else output.to_tuple()
 
 
 class HFClipTextModelWithProjection(HFClipPreTrainedModel):
     """The text tower and its projection alone, for text embeddings (e.g. as a diffusion text encoder)."""
 
     config: HFClipTextConfig
+    base_model_prefix = "text_model"
     input_modalities = ("text",)
 
     def __init__(self, config: HFClipTextConfig):
@@ -693,21 +694,16 @@ class HFClipTextModelWithProjection(HFClipPreTrainedModel):
         self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.embeddings.token_embedding
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_model.embeddings.token_embedding = value
-
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> HFClipTextModelOutput:
-        text_outputs = self.text_model(input_ids, attention_mask, position_ids, output_hidden_states, output_attentions)
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> HFClipTextModelOutput | tuple:
+        """input_ids, attention_mask: (batch, seq). Returns text_embeds (batch, projection_dim), unnormalised."""
+        text_outputs = self.text_model(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         return HFClipTextModelOutput(
             text_embeds=self.text_projection(text_outputs.pooler_output),
             last_hidden_state=text_outputs.last_hidden_state,
@@ -720,6 +716,7 @@ class HFClipVisionModelWithProjection(HFClipPreTrainedModel):
     """The image tower and its projection alone, for image embeddings."""
 
     config: HFClipVisionConfig
+    base_model_prefix = "vision_model"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
 
@@ -729,19 +726,15 @@ class HFClipVisionModelWithProjection(HFClipPreTrainedModel):
         self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.embeddings.patch_embedding
-
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> HFClipVisionModelOutput:
-        vision_outputs = self.vision_model(
-            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
-        )
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> HFClipVisionModelOutput | tuple:
+        """pixel_values: (batch, C, H, W). Returns image_embeds (batch, projection_dim), unnormalised."""
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
         return HFClipVisionModelOutput(
             image_embeds=self.visual_projection(vision_outputs.pooler_output),
             last_hidden_state=vision_outputs.last_hidden_state,
@@ -770,15 +763,7 @@ class HFClipForImageClassification(HFClipPreTrainedModel):
         self.vision_model = HFClipVisionModel._from_config(config.vision_config)
         self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
         self.classifier = nn.Linear(config.projection_dim, config.num_labels)
-        # Remote code: the image-classification pipeline resolves this key when hf_clip is not installed.
-        config.auto_map = {
-            "AutoConfig": "configuration_hf_clip.HFClipConfig",
-            "AutoModelForImageClassification": "modeling_hf_clip.HFClipForImageClassification",
-        }
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.embeddings.patch_embedding
 
     def lock_image_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the image tower and its projection, except its last `unlocked_layers` blocks (plus, when any
@@ -787,23 +772,17 @@ class HFClipForImageClassification(HFClipPreTrainedModel):
             self.vision_model, self.visual_projection, self.vision_model.post_layernorm, unlocked_layers
         )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput | tuple:
         """pixel_values: (batch, C, H, W); labels: (batch,) class ids. Returns logits (batch, num_labels) and, with
         labels, the cross-entropy loss."""
-        vision_outputs = self.vision_model(
-            pixel_values,
-            interpolate_pos_encoding,
-            output_hidden_states=bool(output_hidden_states or self.config.output_hidden_states),
-            output_attentions=bool(output_attentions or self.config.output_attentions),
-        )
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
         image_embeds = self.visual_projection(vision_outputs.pooler_output)
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):  # logits in fp32, as HFClipModel's
             image_embeds = F.normalize(image_embeds.float(), dim=-1)
@@ -813,11 +792,9 @@ class HFClipForImageClassification(HFClipPreTrainedModel):
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
 
-        output = ImageClassifierOutput(
+        return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=vision_outputs.hidden_states, attentions=vision_outputs.attentions
         )
-        use_return_dict = return_dict if return_dict is not None else self.config.return_dict
-        return output if use_return_dict else output.to_tuple()
 
 
 __all__ = [

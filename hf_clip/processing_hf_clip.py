@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import is_torch_available, is_torchvision_available
 
 if is_torch_available():
@@ -123,20 +123,27 @@ def to_rgb_image(image: Any, base_dir: str | os.PathLike | None = None) -> Image
     )
 
 
-def _image_list(images: Any) -> list[Any]:
-    """One image or a batch (list/tuple, or a 4-D array/tensor) -> a list of single images."""
+def _rgb_images(images: Any) -> Any:
+    """`to_rgb_image` on every image, keeping the nesting of lists (an inner list may be empty: a sample without
+    images); a 4-D array/tensor is a list of images."""
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("`images` is an empty list.")
-        return list(images)
+        return _nested_rgb_images(images)
     is_tensor = is_torch_available() and isinstance(images, torch.Tensor)
     if (isinstance(images, np.ndarray) or is_tensor) and images.ndim == 4:
-        return list(images)
-    return [images]
+        return [to_rgb_image(image) for image in images]
+    return to_rgb_image(images)
 
 
-def _text_list(text: str | Sequence[str]) -> list[str]:
-    texts = [text] if isinstance(text, str) else list(text)
+def _nested_rgb_images(images: list | tuple) -> list:
+    return [_nested_rgb_images(image) if isinstance(image, (list, tuple)) else to_rgb_image(image) for image in images]
+
+
+def _check_text(text: Any) -> None:
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"`text` is a {type(text).__name__}; pass a str or a list of str.")
     if not texts:
         raise ValueError("`text` is an empty list.")
     for index, caption in enumerate(texts):
@@ -144,14 +151,16 @@ def _text_list(text: str | Sequence[str]) -> list[str]:
             raise TypeError(f"text[{index}] is a {type(caption).__name__}, not a str.")
         if not caption.strip():
             raise ValueError(f"text[{index}] is empty; every caption needs at least one word.")
-    return texts
 
 
 class HFClipProcessor(ProcessorMixin):
     """Pairs a CLIP image processor (torchvision or PIL backend) with a CLIP BPE tokenizer.
 
-    `processor(text=..., images=...)` returns `input_ids` and `attention_mask` (batch, seq), right-padded and
-    truncated to the tokenizer's `model_max_length`, and `pixel_values` (batch, 3, size, size).
+    The call and its defaults are `CLIPProcessor`'s (`ProcessingKwargs` routing: `text_kwargs`, `images_kwargs`,
+    or flat keywords; no padding, truncation or tensors unless asked), so batches for the model are built with
+    `processor(text=..., images=..., padding=True, truncation=True, return_tensors="pt")`. On top, every image goes
+    through `to_rgb_image` (any PIL mode, arrays, tensors, paths, bytes; 1x1 and extreme aspect ratios), and bad
+    captions or captions longer than the tokenizer's `model_max_length` raise errors that say what is wrong.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
@@ -172,37 +181,49 @@ class HFClipProcessor(ProcessorMixin):
 
     def __call__(
         self,
-        text: str | Sequence[str] | None = None,
         images: Any = None,
-        return_tensors: str | None = "pt",
-        padding: bool | str = True,
-        truncation: bool = True,
-        max_length: int | None = None,
-        **kwargs,
+        text: str | Sequence[str] | None = None,
+        videos: None = None,
+        audio: None = None,
+        **kwargs: Unpack[ProcessingKwargs],
     ) -> BatchFeature:
-        if text is None and images is None:
-            raise ValueError("Pass `text`, `images` or both.")
-        data: dict[str, Any] = {}
+        """`ProcessorMixin.__call__`; returns `input_ids`/`attention_mask` and/or `pixel_values` (batch, 3, H, W)."""
+        encoding = super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
         if text is not None:
-            texts = _text_list(text)
-            encoding = self.tokenizer(
-                texts, padding=padding, truncation=truncation, max_length=max_length, return_tensors=None, **kwargs
-            )
-            limit = max_length or self.tokenizer.model_max_length
-            longest = max(len(ids) for ids in encoding["input_ids"])
+            has_mask = "attention_mask" in encoding
+            rows = encoding["attention_mask"] if has_mask else encoding["input_ids"]
+            if isinstance(text, str) and isinstance(rows, list):
+                rows = [rows]
+            longest = max(int(np.asarray(row).sum()) if has_mask else len(row) for row in rows)
+            limit = self.tokenizer.model_max_length
             if longest > limit:
                 raise ValueError(
                     f"A caption has {longest} tokens, more than the model's {limit}; use truncation=True."
                 )
-            data.update(encoding)
-        if images is not None:
-            rgb_images = [to_rgb_image(image) for image in _image_list(images)]
-            data["pixel_values"] = self.image_processor(rgb_images, return_tensors=None)["pixel_values"]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return encoding
 
-    @property
-    def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values"]
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`. The `auto_map` a registered processor writes for remote code goes into
+        the saved file only, so `to_dict()` is the same before saving and after loading."""
+        had_auto_map = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if not had_auto_map:
+                self.__dict__.pop("auto_map", None)
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Images become 8-bit RGB PIL images (nesting kept) before the image processor sees them."""
+        if images is not None:
+            images = _rgb_images(images)
+        return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs) -> None:
+        if images is None and text is None and videos is None and audio is None:
+            raise ValueError("Pass `text`, `images` or both.")
+        if text is not None:
+            _check_text(text)
+        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
 
 __all__ = ["HFClipProcessor", "to_rgb_image"]

@@ -25,7 +25,8 @@ def _model_probabilities(checkpoint) -> dict[str, float]:
     processor = AutoProcessor.from_pretrained(checkpoint)
     prompts = [f"This is a photo of {label}." for label in LABELS]
     with torch.no_grad():
-        probs = model(**processor(text=prompts, images=_image())).logits_per_image.softmax(-1)[0]
+        inputs = processor(text=prompts, images=_image(), padding=True, return_tensors="pt")
+        probs = model(**inputs).logits_per_image.softmax(-1)[0]
     return dict(zip(LABELS, probs.tolist()))
 
 
@@ -68,7 +69,7 @@ def test_checkpoint_carries_remote_code(saved_checkpoint):
 def test_remote_code_without_hf_clip_gives_the_same_outputs(saved_checkpoint, tmp_path):
     model = HFClipModel.from_pretrained(saved_checkpoint).eval()
     processor = HFClipProcessor.from_pretrained(saved_checkpoint)
-    inputs = processor(text=[f"a {label}" for label in LABELS], images=_image())
+    inputs = processor(text=[f"a {label}" for label in LABELS], images=_image(), padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = model(**inputs).logits_per_image[0].tolist()
     scores = pipeline("zero-shot-image-classification", model=str(saved_checkpoint))(_image(), candidate_labels=LABELS)
@@ -83,7 +84,8 @@ def test_remote_code_without_hf_clip_gives_the_same_outputs(saved_checkpoint, tm
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
         image = Image.new("RGB", (50, 40), (200, 30, 30))
         with torch.no_grad():
-            logits = model(**processor(text={[f"a {label}" for label in LABELS]!r}, images=image)).logits_per_image
+            logits = model(**processor(text={[f"a {label}" for label in LABELS]!r}, images=image, padding=True,
+                                         return_tensors="pt")).logits_per_image
         classifier = pipeline("zero-shot-image-classification", model=path, trust_remote_code=True)
         print(json.dumps({{"module": type(model).__module__, "logits": logits[0].tolist(),
                            "scores": classifier(image, candidate_labels={LABELS!r})}}))

@@ -1,10 +1,12 @@
 import math
 
 import pytest
+import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import CLIPConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers.utils import logging as transformers_logging
 
-from hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
+from hf_clip import HFClipConfig, HFClipModel, HFClipTextConfig, HFClipVisionConfig
 from hf_clip.configuration_hf_clip import clip_config_dict_to_hf_clip
 
 PUBLISHED = {
@@ -46,7 +48,14 @@ def test_defaults_match_clip():
         ({"text_config": {"hidden_size": 100, "num_attention_heads": 3}}, "num_attention_heads"),
         ({"vision_config": {"hidden_size": 100, "num_attention_heads": 3}}, "num_attention_heads"),
         ({"vision_config": {"image_size": 225, "patch_size": 32}}, "patch_size"),
-        ({"text_config": {"vocab_size": 100, "eos_token_id": 100}}, "eos_token_id"),
+        ({"text_config": {"eos_token_id": None}}, "eos_token_id"),
+        ({"text_config": {"layer_norm_eps": None}}, "layer_norm_eps"),
+        ({"text_config": {"vocab_size": 0}}, "vocab_size"),
+        ({"text_config": {"attention_dropout": 1.0}}, "attention_dropout"),
+        ({"vision_config": {"image_size": [224, 224]}}, "image_size"),
+        ({"vision_config": {"num_channels": 0}}, "num_channels"),
+        ({"projection_dim": None}, "projection_dim"),
+        ({"logit_scale_init_value": None}, "logit_scale_init_value"),
         ({"text_config": {"hidden_act": "swishy"}}, "hidden_act"),
         ({"vision_config": {"hidden_act": "swishy"}}, "hidden_act"),
         ({"logit_scale_init_value": 5.0}, "logit_scale_max"),
@@ -114,3 +123,65 @@ def test_config_round_trip(tmp_path, tiny_config):
     tiny_config.save_pretrained(tmp_path)
     loaded = HFClipConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == tiny_config.to_dict()
+
+
+def test_special_ids_outside_the_vocabulary_warn_and_the_model_runs(caplog):
+    """As `CLIPTextConfig` (and Transformers' CLIP tester: vocab 99 with bos/eos 49406/49407)."""
+    transformers_logging.warning_once.cache_clear()
+    transformers_logging.enable_propagation()
+    try:
+        text = HFClipTextConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                num_attention_heads=4, max_position_embeddings=16)
+    finally:
+        transformers_logging.disable_propagation()
+    assert "eos_token_id" in caplog.text
+    config = HFClipConfig(text_config=text.to_dict(), vision_config={
+        "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "image_size": 16, "patch_size": 8}, projection_dim=8)
+    with torch.no_grad():
+        out = HFClipModel(config).eval()(input_ids=torch.randint(99, (2, 7)), pixel_values=torch.randn(2, 3, 16, 16))
+    assert torch.isfinite(out.logits_per_image).all()
+
+
+CLIP_CONFIGS = {
+    "defaults": {},
+    "transformers_tester": {
+        "text_config": {"vocab_size": 99, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "max_position_embeddings": 512, "attention_dropout": 0.1},
+        "vision_config": {"image_size": 30, "patch_size": 2, "hidden_size": 32, "intermediate_size": 37,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "attention_dropout": 0.1},
+        "projection_dim": 64,
+    },
+    "legacy_eos_2_and_list_eos": {"text_config": {"eos_token_id": [2, 49407], "bos_token_id": 0, "pad_token_id": None},
+                                  "logit_scale_init_value": 2.6592},
+    "extra_keys": {"text_config": {"dropout": 0.0, "layer_norm_eps": 1e-6}, "vision_config": {"dropout": 0.0},
+                   "torch_dtype": "float32"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLIP_CONFIGS))
+def test_every_transformers_clip_config_loads_as_the_matching_hf_clip_config(tmp_path, name):
+    clip = CLIPConfig(**CLIP_CONFIGS[name])
+    clip.save_pretrained(tmp_path)
+    ours = HFClipConfig.from_pretrained(tmp_path)
+    text = HFClipTextConfig.from_pretrained(tmp_path)
+    vision = HFClipVisionConfig.from_pretrained(tmp_path)
+    assert ours.model_type == "hf_clip" and text.model_type == "hf_clip_text_model"
+    for ref, sub_configs in ((clip.text_config, (ours.text_config, text)),
+                             (clip.vision_config, (ours.vision_config, vision))):
+        for field, value in ref.to_dict().items():
+            if field in ("model_type", "transformers_version", "architectures", "dtype"):
+                continue
+            for sub_config in sub_configs:
+                assert getattr(sub_config, field) == value, (name, field)
+    assert ours.projection_dim == clip.projection_dim
+    assert ours.logit_scale_init_value == clip.logit_scale_init_value
+
+
+def test_tower_configs_load_from_transformers_clip_tower_configs(tmp_path):
+    CLIPTextConfig(vocab_size=99, hidden_size=36, num_attention_heads=6).save_pretrained(tmp_path / "text")
+    CLIPVisionConfig(hidden_size=36, num_attention_heads=6, image_size=30, patch_size=3).save_pretrained(
+        tmp_path / "vision"
+    )
+    assert HFClipTextConfig.from_pretrained(tmp_path / "text").hidden_size == 36
+    assert HFClipVisionConfig.from_pretrained(tmp_path / "vision").patch_size == 3

@@ -88,7 +88,8 @@ def test_contrastive_fine_tuning_lowers_eval_loss_and_saves_loadable_checkpoints
         model, processor = AutoModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
         assert type(model) is HFClipModel
         with torch.no_grad():
-            inputs = processor(text=[f"This is a photo of {label}." for label in labels], images=image)
+            inputs = processor(text=[f"This is a photo of {label}." for label in labels], images=image, padding=True,
+                               return_tensors="pt")
             probs = model(**inputs).logits_per_image.softmax(-1)[0]
         scores = pipeline("zero-shot-image-classification", model=str(path))(image, candidate_labels=labels)
         assert {s["label"]: s["score"] for s in scores} == pytest.approx(dict(zip(labels, probs.tolist())), abs=1e-6)
@@ -115,7 +116,8 @@ def test_classifier_from_zero_shot_fine_tuned_with_trainer_beats_zero_shot(contr
     processor = AutoProcessor.from_pretrained(out)
     images = rows["image"]
     with torch.no_grad():
-        logits = torch.cat([classifier(**processor(images=images[i : i + 100])).logits for i in range(0, 300, 100)])
+        batches = [processor(images=images[i : i + 100], return_tensors="pt") for i in range(0, 300, 100)]
+        logits = torch.cat([classifier(**batch).logits for batch in batches])
     accuracy = (logits.argmax(-1) == torch.tensor(rows["shape"])).float().mean().item()
     assert accuracy == pytest.approx(results["wise_ft_0.5"]["eval_accuracy"], abs=1e-6)
     top = pipeline("image-classification", model=str(out))(images[0])[0]
@@ -167,7 +169,8 @@ def test_trainer_special_token_alignment_keeps_the_pooled_token(tmp_path):
     from training.synthetic import build_shapes_dataset
 
     model, processor = _legacy_clip_model()
-    text = processor(text=["a big red circle on the left", "a cross", "at the top, a small blue square"])
+    text = processor(text=["a big red circle on the left", "a cross", "at the top, a small blue square"],
+                     padding=True, return_tensors="pt")
     with torch.no_grad():
         positions_before = model.text_model.pooling_positions(text["input_ids"])
     match_special_tokens(model, processor.tokenizer)

@@ -1,3 +1,4 @@
+import importlib.util
 import math
 import os
 
@@ -11,7 +12,9 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPVisionModelWithProjection,
 )
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.utils import logging as transformers_logging
 
 from hf_clip import (
@@ -146,11 +149,55 @@ def test_right_padding_never_changes_the_pooled_output(tiny_config):
     torch.testing.assert_close(short, long, atol=ATOL, rtol=0)
 
 
-def test_left_padding_is_rejected(tiny_config):
+def _left_padded(ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same right-padded rows with their padding moved to the front."""
+    shifts = (mask == 0).sum(-1)
+    left_ids = torch.stack([row.roll(int(shift)) for row, shift in zip(ids, shifts)])
+    left_mask = torch.stack([row.roll(int(shift)) for row, shift in zip(mask, shifts)])
+    left_ids[left_mask == 0] = pad_token_id
+    return left_ids, left_mask
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention"])
+def test_left_padding_embeds_as_right_padding(tiny_config, attn_implementation):
     model = HFClipModel(tiny_config).eval()
+    model.set_attn_implementation(attn_implementation)
     ids, mask, pixels = _inputs(tiny_config)
-    with pytest.raises(RuntimeError, match="right-padded"):
-        model(input_ids=ids, attention_mask=mask.flip(-1), pixel_values=pixels)
+    left_ids, left_mask = _left_padded(ids, mask, tiny_config.text_config.pad_token_id)
+    assert (left_mask[:, 0] == 0).any() and not torch.equal(left_ids, ids)
+    with torch.no_grad():
+        right = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        left = model(input_ids=left_ids, attention_mask=left_mask, pixel_values=pixels)
+    torch.testing.assert_close(left.text_embeds, right.text_embeds, atol=ATOL, rtol=0)
+    torch.testing.assert_close(left.logits_per_image, right.logits_per_image, atol=1e-4, rtol=0)
+
+
+def test_left_padding_with_pad_equal_to_eos_pools_at_the_real_eos(tiny_config):
+    """CLIP's OpenAI tokenizer pads with its end-of-text token; left pads must not be taken for it."""
+    model = HFClipModel(tiny_config).eval()
+    eos = tiny_config.text_config.eos_token_id
+    ids, mask, _ = _inputs(tiny_config)
+    left_ids, left_mask = _left_padded(ids, mask, eos)
+    with torch.no_grad():
+        right = model.get_text_features(ids, mask).pooler_output
+        left = model.get_text_features(left_ids, left_mask).pooler_output
+    torch.testing.assert_close(left, right, atol=ATOL, rtol=0)
+
+
+def test_sdpa_runs_unmasked_for_right_padding_and_masked_for_left_padding(tiny_config):
+    """Right-padded and unmasked text keeps SDPA's `is_causal` path: no mask reaches the attention layers."""
+    model = HFClipModel(tiny_config).eval()
+    model.set_attn_implementation("sdpa")
+    masks_seen = []
+    model.text_model.encoder.layers[0].self_attn.register_forward_pre_hook(lambda m, args: masks_seen.append(args[1]))
+    ids, mask, _ = _inputs(tiny_config)
+    left_ids, left_mask = _left_padded(ids, mask, tiny_config.text_config.pad_token_id)
+    with torch.no_grad():
+        model.get_text_features(ids)
+        model.get_text_features(ids, mask)
+        model.get_text_features(left_ids, left_mask)
+    assert masks_seen[0] is None and masks_seen[1] is None
+    assert isinstance(masks_seen[2], torch.Tensor)
 
 
 def test_too_long_text_is_rejected(tiny_config):
@@ -218,6 +265,46 @@ def test_outputs_tuple_hidden_states_and_attentions(tiny_config):
     assert len(out.text_model_output.hidden_states) == layers + 1
     assert out.vision_model_output.attentions[0].shape == (2, 5, 10, 10)  # 5 heads, 1 + 3x3 patches
     torch.testing.assert_close(as_tuple[0], out.logits_per_image)
+
+
+def test_output_flags_follow_the_config_and_explicit_arguments_win(tiny_config):
+    tiny_config.text_config.output_hidden_states = True
+    tiny_config.text_config.output_attentions = True
+    model = HFClipModel(tiny_config).eval()
+    model.set_attn_implementation("eager")
+    ids, mask, pixels = _inputs(tiny_config, batch_size=2)
+    layers = tiny_config.text_config.num_hidden_layers
+    with torch.no_grad():
+        text = model.text_model(ids, mask)
+        assert len(text.hidden_states) == layers + 1 and len(text.attentions) == layers
+        text = model.text_model(ids, mask, output_hidden_states=False, output_attentions=False)
+        assert text.hidden_states is None and text.attentions is None
+        features = model.get_text_features(ids, mask, output_hidden_states=True)
+        assert len(features.hidden_states) == layers + 1
+
+
+def test_return_dict_false_gives_tuples_everywhere(tiny_config, tokenizer):
+    tiny_config.return_dict = False
+    tiny_config.text_config.return_dict = tiny_config.vision_config.return_dict = False
+    model = HFClipModel(tiny_config).eval()
+    text_model = HFClipTextModelWithProjection(tiny_config.text_config).eval()
+    vision_model = HFClipVisionModelWithProjection(tiny_config.vision_config).eval()
+    ids, mask, pixels = _inputs(tiny_config, batch_size=2)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        text_features = model.get_text_features(ids, mask)
+        image_features = model.get_image_features(pixels)
+        assert isinstance(out, tuple) and isinstance(text_features, tuple) and isinstance(image_features, tuple)
+        assert isinstance(text_model(ids, mask), tuple) and isinstance(vision_model(pixels), tuple)
+        as_dict = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_dict=True)
+    torch.testing.assert_close(out[0], as_dict.logits_per_image)
+    torch.testing.assert_close(text_features[1], as_dict.text_model_output.pooler_output)
+
+
+def test_constructors_leave_the_config_alone(tiny_config):
+    tiny_config.auto_map = None
+    HFClipModel(tiny_config)
+    assert tiny_config.auto_map is None
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
@@ -358,3 +445,42 @@ def test_flex_attention_matches_sdpa(clip_reference, tiny_config):
         with torch.no_grad():
             outputs[implementation] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
     torch.testing.assert_close(outputs["flex_attention"], outputs["sdpa"], atol=ATOL, rtol=0)
+
+
+def test_attention_backend_registry_dispatches_to_a_registered_function(clip_reference, tiny_config):
+    """`_supports_attention_backend`: an implementation registered with `AttentionInterface` is what runs."""
+    _, path = clip_reference
+    calls = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        calls.append(type(module).__name__)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("hf_clip_recording_sdpa", recording_sdpa)
+    AttentionMaskInterface.register("hf_clip_recording_sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    ids, mask, pixels = _inputs(tiny_config)
+    outputs = {}
+    for implementation in ("sdpa", "hf_clip_recording_sdpa"):
+        model = HFClipModel.from_pretrained(path, attn_implementation=implementation).eval()
+        with torch.no_grad():
+            outputs[implementation] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
+    layers = tiny_config.text_config.num_hidden_layers + tiny_config.vision_config.num_hidden_layers
+    assert calls == ["HFClipAttention"] * layers
+    torch.testing.assert_close(outputs["hf_clip_recording_sdpa"], outputs["sdpa"], atol=0, rtol=0)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+    reason="`_supports_flash_attn` needs a CUDA GPU and the flash-attn package; unverified on CPU-only machines.",
+)
+def test_flash_attention_matches_sdpa_on_gpu(clip_reference, tiny_config):
+    _, path = clip_reference
+    ids, mask, pixels = (tensor.cuda() for tensor in _inputs(tiny_config))
+    outputs = {}
+    for implementation in ("sdpa", "flash_attention_2"):
+        model = HFClipModel.from_pretrained(path, attn_implementation=implementation, dtype=torch.bfloat16)
+        with torch.no_grad():
+            outputs[implementation] = model.cuda().eval()(
+                input_ids=ids, attention_mask=mask, pixel_values=pixels.bfloat16()
+            ).logits_per_image.float()
+    torch.testing.assert_close(outputs["flash_attention_2"], outputs["sdpa"], atol=3e-2, rtol=3e-2)

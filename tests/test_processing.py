@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import CLIPProcessor
 
 from hf_clip import HFClipConfig, HFClipProcessor, to_rgb_image, train_clip_tokenizer
 
@@ -54,13 +55,15 @@ def _odd_images(tmp_path):
 def test_every_odd_image_alone_and_batched(processor, tmp_path):
     images = _odd_images(tmp_path)
     for name, image in images.items():
-        pixels = processor(images=image)["pixel_values"]
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"]
         assert pixels.shape == (1, 3, SIZE, SIZE), name
         assert torch.isfinite(pixels).all(), name
-    batch = processor(images=list(images.values()))["pixel_values"]
+    batch = processor(images=list(images.values()), return_tensors="pt")["pixel_values"]
     assert batch.shape == (len(images), 3, SIZE, SIZE)
-    stacked = processor(images=torch.rand(4, 3, 30, 40))["pixel_values"]
+    stacked = processor(images=torch.rand(4, 3, 30, 40), return_tensors="pt")["pixel_values"]
     assert stacked.shape == (4, 3, SIZE, SIZE)
+    nested = processor(images=[[images["rgb"]], [images["palette"]]], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(nested, batch[[0, 3]])
 
 
 def test_conversions_preserve_content(tmp_path):
@@ -102,20 +105,45 @@ def test_corrupt_file_names_the_file(processor, tmp_path):
 
 
 def test_text_encoding_and_errors(processor, tokenizer):
-    encoding = processor(text=["a red circle", "a big blue square at the top"])
+    encoding = processor(text=["a red circle", "a big blue square at the top"], padding=True, return_tensors="pt")
     ids, mask = encoding["input_ids"], encoding["attention_mask"]
     assert ids.shape == mask.shape and ids[0, 0] == tokenizer.bos_token_id
     assert ids[0, mask[0].sum() - 1] == tokenizer.eos_token_id and mask[0, -1] == 0  # right padded
-    long = processor(text="red " * 100)["input_ids"]
+    long = processor(text="red " * 100, truncation=True, return_tensors="pt")["input_ids"]
     assert long.shape[1] == tokenizer.model_max_length and long[0, -1] == tokenizer.eos_token_id
-    with pytest.raises(ValueError, match="more than the model's 24; use truncation=True"):
-        processor(text="red " * 100, truncation=False)
+    for truncation in (None, False):
+        with pytest.raises(ValueError, match="more than the model's 24; use truncation=True"):
+            processor(text="red " * 100, truncation=truncation)
     with pytest.raises(ValueError, match=r"text\[1\] is empty"):
         processor(text=["a red circle", "   "])
     with pytest.raises(TypeError, match=r"text\[0\] is a int"):
         processor(text=[3])
     with pytest.raises(ValueError, match="Pass `text`, `images` or both"):
         processor()
+
+
+def test_defaults_and_keyword_routing_follow_clip_processor(processor, tokenizer):
+    """`CLIPProcessor`'s defaults (no padding, truncation or tensors) and `ProcessingKwargs` routing."""
+    clip = CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
+    texts = ["a red circle", "a big blue square at the top"]
+    image = Image.new("RGB", (40, 30), (10, 200, 30))
+    ours, theirs = processor(text=texts, images=image), clip(text=texts, images=image)
+    assert isinstance(ours["input_ids"], list) and ours["input_ids"] == theirs["input_ids"]
+    np.testing.assert_array_equal(np.asarray(ours["pixel_values"]), np.asarray(theirs["pixel_values"]))
+    for kwargs in ({"images_kwargs": {"crop_size": {"height": 20, "width": 20}}},
+                   {"crop_size": {"height": 20, "width": 20}}):
+        pixels = processor(images=image, return_tensors="pt", **kwargs)["pixel_values"]
+        assert pixels.shape == (1, 3, 20, 20), kwargs
+    assert processor(text=texts, text_kwargs={"max_length": 4, "truncation": True})["input_ids"][1][-1] == (
+        tokenizer.eos_token_id
+    )
+    with pytest.raises(ValueError, match="max_length"):
+        processor(text=texts, max_length=4, text_kwargs={"max_length": 5})
+
+
+def test_to_dict_is_the_same_before_and_after_saving(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    assert HFClipProcessor.from_pretrained(tmp_path).to_dict() == processor.to_dict()
 
 
 def test_tokenizer_training_is_clip_style(tokenizer):
@@ -171,7 +199,7 @@ def test_works_without_torchvision(tokenizer, tmp_path):
     reference = HFClipProcessor.from_tokenizer(tokenizer, image_size=SIZE)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 40, 3), dtype=np.uint8))
     image.save(tmp_path / "image.png")
-    expected = reference(images=image)["pixel_values"]
+    expected = reference(images=image, return_tensors="pt")["pixel_values"]
     reference.save_pretrained(tmp_path / "processor")
     script = textwrap.dedent(f"""
         import sys
@@ -189,7 +217,7 @@ def test_works_without_torchvision(tokenizer, tmp_path):
         image = Image.open({str(tmp_path / "image.png")!r})
         for processor in (fresh, loaded):
             print(type(processor.image_processor).__name__)
-            pixels = processor(images=image, text="a red circle")["pixel_values"]
+            pixels = processor(images=image, text="a red circle", return_tensors="pt")["pixel_values"]
             save_file({{"pixels": pixels}}, sys.argv[1] + type(processor).__name__)
     """)
     out = str(tmp_path / "pixels_")

@@ -309,7 +309,7 @@ def test_augmentation_and_caption_choice_are_deterministic(processor):
 def test_eval_transform_matches_the_image_processor(processor):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
     ours = image_transform_for(processor, train=False)(image)
-    reference = processor(images=image)["pixel_values"][0]
+    reference = processor(images=image, return_tensors="pt")["pixel_values"][0]
     assert ours.shape == reference.shape
     assert (ours - reference).abs().mean() < 0.05
 

@@ -38,7 +38,8 @@ def clip_and_processor(saved_checkpoint):
 def test_one_template_gives_exactly_the_models_zero_shot_logits(clip_and_processor):
     model, processor = clip_and_processor
     classifier = from_zero_shot(model, processor, CLASSES, ["a photo of a {}."]).eval()
-    inputs = processor(text=[f"a photo of a {name}." for name in CLASSES], images=_images(12))
+    inputs = processor(text=[f"a photo of a {name}." for name in CLASSES], images=_images(12), padding=True,
+                       return_tensors="pt")
     with torch.no_grad():
         expected = model(**inputs).logits_per_image
         logits = classifier(pixel_values=inputs["pixel_values"]).logits
@@ -53,7 +54,7 @@ def test_prompt_ensemble_matches_the_mean_of_normalised_prompt_embeddings(clip_a
     templates = list(PHOTO_TEMPLATES)
     classifier = from_zero_shot(model, processor, CLASSES, templates).eval()
     prompts = [template.format(name) for name in CLASSES for template in templates]
-    inputs = processor(text=prompts, images=_images(12))
+    inputs = processor(text=prompts, images=_images(12), padding=True, return_tensors="pt")
     with torch.no_grad():
         outputs = model(**inputs)
         class_embeds = F.normalize(outputs.text_embeds.view(len(CLASSES), len(templates), -1).mean(1), dim=-1)
@@ -76,7 +77,7 @@ def test_saved_classifier_runs_in_the_image_classification_pipeline(clip_and_pro
     assert type(AutoModelForImageClassification.from_pretrained(tmp_path)) is HFClipForImageClassification
     image = _images(1)[0]
     with torch.no_grad():
-        probs = classifier(**processor(images=image)).logits.softmax(-1)[0]
+        probs = classifier(**processor(images=image, return_tensors="pt")).logits.softmax(-1)[0]
     result = pipeline("image-classification", model=str(tmp_path), top_k=len(CLASSES))(image)
     assert {r["label"]: r["score"] for r in result} == pytest.approx(dict(zip(CLASSES, probs.tolist())), abs=1e-6)
 
@@ -112,7 +113,7 @@ def test_from_pretrained_on_a_clip_checkpoint_loads_the_image_tower(saved_checkp
 def test_cross_entropy_loss_with_labels(clip_and_processor):
     model, processor = clip_and_processor
     classifier = from_zero_shot(model, processor, CLASSES)
-    pixel_values = processor(images=_images(4))["pixel_values"]
+    pixel_values = processor(images=_images(4), return_tensors="pt")["pixel_values"]
     labels = torch.tensor([0, 3, 1, 2])
     outputs = classifier(pixel_values=pixel_values, labels=labels)
     torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, labels))
