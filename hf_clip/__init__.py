@@ -22,7 +22,7 @@ from .finetuning import (
     match_special_tokens,
 )
 from .grad_cache import grad_cache_backward
-from .hub import push_to_hub, render_model_card
+from .hub import PUBLISHED_HYPERPARAMETERS, push_to_hub, render_model_card
 from .loss import contrastive_loss, gather_features, image_text_loss, sigmoid_loss
 from .modeling_hf_clip import (
     HFClipForImageClassification,
@@ -59,6 +59,7 @@ HFClipForImageClassification.register_for_auto_class("AutoModelForImageClassific
 HFClipProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "PUBLISHED_HYPERPARAMETERS",
     "PHOTO_TEMPLATES",
     "ContrastiveDataCollator",
     "HFClipConfig",

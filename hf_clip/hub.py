@@ -12,7 +12,7 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,7 +49,18 @@ _METRICS = (
     *((f"text_to_image_R@{k}", f"text→image R@{k}", "text-to-image-retrieval", "Text-to-image retrieval",
        f"recall@{k}", f"Text-to-image recall@{k}") for k in (1, 5, 10)),
 )
-# Keys that name a credential are never published, whatever the caller passes.
+# The hyper-parameters published by default, in the vocabulary of Transformers' `TrainingArguments` and hf_clip's
+# configs; a caller publishes any other key only by naming it in `extra_hyperparameters`.
+PUBLISHED_HYPERPARAMETERS = frozenset({
+    "model_name_or_path", "dataset_name", "dataset_config_name", "train_split", "image_column", "caption_column",
+    "max_train_samples", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "num_processes", "global_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "max_grad_norm", "mixed_precision", "bf16",
+    "fp16", "activation_checkpointing", "gradient_checkpointing", "torch_compile", "seed", "label_smoothing",
+    "loss_type", "loss_chunk_size", "patch_dropout", "grad_cache_micro_batches", "lock_image",
+    "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers",
+})
+# Keys that name a credential are never published, not even when named in `extra_hyperparameters`.
 _PRIVATE_KEY = re.compile(r"(^|_)(token|password|passwd|secret|key|credentials?|auth)($|_)", re.IGNORECASE)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PATH_LIKE = re.compile(r"^(/|~|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
@@ -74,16 +85,25 @@ def _public_value(value: Any) -> Any:
     return value
 
 
-def _clean_hyperparameters(hyperparameters: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A JSON-safe copy: keys naming a credential (token, password, secret, key, credentials, auth) and values that
-    are not scalars, lists of scalars or enums are dropped; local paths become "local path NAME"."""
+def _clean_hyperparameters(hyperparameters: Mapping[str, Any] | None,
+                           extra_hyperparameters: Iterable[str] = ()) -> dict[str, Any]:
+    """A JSON-safe copy of the allowed keys (`PUBLISHED_HYPERPARAMETERS` and `extra_hyperparameters`): keys naming a
+    credential (token, password, secret, key, credentials, auth) and values that are not scalars, lists of scalars or
+    enums are dropped; local paths become "local path NAME"."""
     if hyperparameters is None:
         return {}
     if not isinstance(hyperparameters, Mapping):
         raise TypeError(f"hyperparameters must be a mapping of names to values, got {type(hyperparameters).__name__}.")
+    if isinstance(extra_hyperparameters, str):
+        raise TypeError("extra_hyperparameters must be a collection of key names, not one string.")
+    allowed = PUBLISHED_HYPERPARAMETERS | set(extra_hyperparameters)
+    unknown = [key for key in hyperparameters if key not in allowed]
+    if unknown:
+        logger.warning("Not publishing hyper-parameters %s: they are not in hf_clip.PUBLISHED_HYPERPARAMETERS; name "
+                       "them in extra_hyperparameters to publish them.", sorted(unknown))
     clean = {}
     for key, value in hyperparameters.items():
-        if _PRIVATE_KEY.search(key):
+        if key not in allowed or _PRIVATE_KEY.search(key):
             continue
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
             clean[key] = [_public_value(v) for v in value]
@@ -122,6 +142,7 @@ def render_model_card(
     *,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
+    extra_hyperparameters: Iterable[str] = (),
     dataset: str | None = None,
     dataset_split: str | None = None,
     dataset_description: str | None = None,
@@ -135,16 +156,20 @@ def render_model_card(
     Args:
         metrics: {split: {metric: value in [0, 1]}}, as `hf_clip.evaluate_split` returns per split. Known metrics
             (zero-shot top-1/top-5, retrieval recall@k) become the front matter's `model-index`.
-        hyperparameters: {name: value}: what to publish, shown as a table in the order given. Pass the recipe, not a
-            whole configuration: None values are left out, and so are keys naming a credential (token, password,
-            secret, key, credentials, auth); local paths are shown as "local path NAME".
+        hyperparameters: {name: value}: the recipe, shown as a table in the order given. Only the keys in
+            `hf_clip.PUBLISHED_HYPERPARAMETERS` (Transformers' `TrainingArguments` names and hf_clip's loss, patch
+            dropout, GradCache and tower-lock options) and those named in `extra_hyperparameters` are published, and
+            never a key naming a credential (token, password, secret, key, credentials, auth); the others are
+            dropped with a warning that names them. None values are left out; local paths are shown as
+            "local path NAME".
         dataset: the training data's Hub id, or a local path, shown as "local dataset NAME" (its basename only);
             `dataset_split` is the split trained on and `dataset_description` a sentence on the data.
         base_model: the Hub id fine-tuned from; a local directory is not linked.
         limitations: extra text for "Intended use and limitations".
     """
     metrics = _check_metrics(metrics)
-    shown = {key: _format_value(value) for key, value in _clean_hyperparameters(hyperparameters).items()
+    shown = {key: _format_value(value)
+             for key, value in _clean_hyperparameters(hyperparameters, extra_hyperparameters).items()
              if value is not None}
     dataset_name = public_name(dataset, "dataset") if dataset else None
     dataset_id = dataset_name.removeprefix("local dataset ") if dataset_name else None
@@ -267,6 +292,7 @@ def push_to_hub(
     *,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
+    extra_hyperparameters: Iterable[str] = (),
     dataset: str | None = None,
     dataset_split: str | None = None,
     dataset_description: str | None = None,
@@ -283,13 +309,13 @@ def push_to_hub(
     """Push `model` (an `HFClipModel`) and `processor` to `repo_id` as one commit, with a model card.
 
     Creates the repo (and the `revision` branch, from main) if needed; `private` applies when the repo is created.
-    `metrics`, `hyperparameters`, `dataset`, `dataset_split`, `dataset_description` and `base_model` fill the card
-    (see `render_model_card`); the metrics are also written to `eval_results.json` and the hyper-parameters, as the
-    card shows them, to `hyperparameters.json`. NaN or infinite metrics raise `ValueError`. `state_dict` is saved
-    instead of `model.state_dict()` (as `save_pretrained` takes it, e.g. gathered from a sharded model). A push whose
-    files equal the remote ones makes no commit and returns the current head. Transient failures are retried with
-    backoff; a retried commit whose first attempt did land is detected as unchanged, so it never creates a duplicate
-    commit.
+    `metrics`, `hyperparameters` (with `extra_hyperparameters`), `dataset`, `dataset_split`, `dataset_description`
+    and `base_model` fill the card (see `render_model_card`); the metrics are also written to `eval_results.json`
+    and the hyper-parameters, as the card shows them, to `hyperparameters.json`. NaN or infinite metrics raise
+    `ValueError`. `state_dict` is saved instead of `model.state_dict()` (as `save_pretrained` takes it, e.g.
+    gathered from a sharded model). A push whose files equal the remote ones makes no commit and returns the current
+    head. Transient failures are retried with backoff; a retried commit whose first attempt did land is detected as
+    unchanged, so it never creates a duplicate commit.
 
     Returns the `CommitInfo` of the new (or current) head commit.
     """
@@ -298,7 +324,7 @@ def push_to_hub(
     if processor is None:
         raise ValueError("push_to_hub needs the processor too: without it the repo cannot be used for inference.")
     metrics = _check_metrics(metrics)
-    hyperparameters = _clean_hyperparameters(hyperparameters)
+    hyperparameters = _clean_hyperparameters(hyperparameters, extra_hyperparameters)
     api = HfApi(token=token)
     try:
         repo_id = _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True).repo_id,
@@ -312,7 +338,8 @@ def push_to_hub(
                                   state_dict=None if state_dict is None else dict(state_dict))
             processor.save_pretrained(folder)
             processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, for older tools
-            render_model_card(model, repo_id, metrics=metrics, hyperparameters=hyperparameters, dataset=dataset,
+            render_model_card(model, repo_id, metrics=metrics, hyperparameters=hyperparameters,
+                              extra_hyperparameters=extra_hyperparameters, dataset=dataset,
                               dataset_split=dataset_split, dataset_description=dataset_description,
                               base_model=base_model).save(Path(folder) / "README.md")
             if metrics:
@@ -331,4 +358,4 @@ def push_to_hub(
         raise clear from None
 
 
-__all__ = ["public_name", "push_to_hub", "render_model_card"]
+__all__ = ["PUBLISHED_HYPERPARAMETERS", "public_name", "push_to_hub", "render_model_card"]

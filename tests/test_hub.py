@@ -5,6 +5,7 @@ fresh `HF_HOME`, so nothing is served from a cache. Outputs after the round trip
 """
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,8 @@ def pushed_repo(hub_server, saved_checkpoint, tmp_path_factory):
     """alice/round-trip-clip, pushed once with metrics and training arguments."""
     env = hub_env(hub_server, tmp_path_factory.mktemp("hf_home_push"))
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "round-trip-clip",
-           "kwargs": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS, "commit_message": "First model"}}
+           "kwargs": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS, "commit_message": "First model",
+                      "extra_hyperparameters": [*PRIVATE_ARGS]}}
     report = run_worker("push", job, env)
     return {"repo_id": "alice/round-trip-clip", "oid": report["oid"], "stderr": report["stderr"]}
 
@@ -125,10 +127,19 @@ def test_local_directory_is_not_a_base_model(saved_checkpoint):
         render_model_card(model, "me/m", metrics={"zero_shot_top1": 0.5})
 
 
-def test_card_publishes_no_credential_and_no_local_path(saved_checkpoint):
+def test_card_publishes_known_hyperparameters_no_credential_and_no_local_path(saved_checkpoint, caplog):
     model = HFClipModel.from_pretrained(saved_checkpoint)
     hyperparameters = {**PRIVATE_ARGS, "learning_rate": 1e-3, "my_schedule": "cosine-restarts"}
+    with caplog.at_level(logging.WARNING, logger="hf_clip.hub"):
+        default = str(render_model_card(model, "me/m", hyperparameters=hyperparameters))
+    assert "| `learning_rate` | 0.001 |" in default
+    assert "my_schedule" not in default and "logging_dir" not in default
+    assert "['api_key', 'aws_access_key_id', 'credentials', 'logging_dir', 'my_schedule', 'passwd', 'private_key', " \
+           "'wandb_api_key']" in caplog.text
+    for value in PRIVATE_ARGS.values():
+        assert value not in caplog.text, value
     text = str(render_model_card(model, "me/m", hyperparameters=hyperparameters,
+                                 extra_hyperparameters=[*PRIVATE_ARGS, "my_schedule"],
                                  dataset="/home/me/datasets/laion-subset", base_model=str(saved_checkpoint)))
     assert "Trained on **local dataset laion-subset**" in text and "| `my_schedule` | cosine-restarts |" in text
     assert "| `logging_dir` | local path runs |" in text
@@ -200,7 +211,7 @@ def test_pull_with_remote_code_and_no_hf_clip(hub_server, pushed_repo, saved_che
 @pytest.mark.slow
 def test_repush_without_changes_makes_no_commit(hub_server, pushed_repo, saved_checkpoint, tmp_path):
     job = {"checkpoint": str(saved_checkpoint), "repo_id": pushed_repo["repo_id"],
-           "kwargs": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS}}
+           "kwargs": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS, "extra_hyperparameters": [*PRIVATE_ARGS]}}
     report = run_worker("push", job, hub_env(hub_server, tmp_path / "hf_home"))
     repo = hub_server.hub.repos[pushed_repo["repo_id"]]
     assert report["oid"] == pushed_repo["oid"] == repo.branches["main"]

@@ -78,8 +78,8 @@ RENAMED_FLAGS = {
     "gradient_checkpointing": "activation_checkpointing",
     "num_workers": "dataloader_num_workers",
 }
-# The recipe as the model card and hyperparameters.json show it: known hyper-parameters only, so that no credential,
-# local path or private setting is published.
+# The recipe as the model card and hyperparameters.json show it, passed as `extra_hyperparameters` too: the keys
+# beyond `hf_clip.PUBLISHED_HYPERPARAMETERS` (preset, tokenizer_vocab_size, context_length) are this script's own.
 CARD_KEYS = (
     "model_name_or_path", "preset", "dataset_name", "dataset_config_name", "train_split", "image_column",
     "caption_column", "max_train_samples", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -259,8 +259,9 @@ def push_checkpoint(accelerator: Accelerator, model, processor: HFClipProcessor,
     if accelerator.is_main_process:
         hyperparameters = {**card_hyperparameters(args, accelerator), "max_steps": step}
         commit = push_to_hub(unsharded_model(accelerator, model, state_dict), processor, repo_id, state_dict=state_dict,
-                             hyperparameters=hyperparameters, **card_dataset(args), private=args.run.hub_private_repo,
-                             revision=HUB_CHECKPOINT_BRANCH, commit_message=f"Checkpoint at step {step}")
+                             hyperparameters=hyperparameters, extra_hyperparameters=CARD_KEYS, **card_dataset(args),
+                             private=args.run.hub_private_repo, revision=HUB_CHECKPOINT_BRANCH,
+                             commit_message=f"Checkpoint at step {step}")
         logger.info("Pushed the step-%d checkpoint: %s", step, commit.commit_url)
     accelerator.wait_for_everyone()
 
@@ -283,14 +284,15 @@ def write_card(model: HFClipModel, repo_id: str, results: dict, hyperparameters:
                output_dir: Path) -> None:
     """The model card, with the run's results and recipe, as `output_dir/README.md`."""
     render_model_card(model, repo_id, metrics=results, hyperparameters=hyperparameters,
-                      **card_dataset(args)).save(output_dir / "README.md")
+                      extra_hyperparameters=CARD_KEYS, **card_dataset(args)).save(output_dir / "README.md")
 
 
 def push(model: HFClipModel, state_dict: dict, processor: HFClipProcessor, repo_id: str, results: dict,
          hyperparameters: dict, args: TrainScriptArguments) -> str:
     """Push the final model, processor, card and results in one commit; returns the commit URL."""
     commit = push_to_hub(model, processor, repo_id, state_dict=state_dict, metrics=results,
-                         hyperparameters=hyperparameters, **card_dataset(args), private=args.run.hub_private_repo)
+                         hyperparameters=hyperparameters, extra_hyperparameters=CARD_KEYS, **card_dataset(args),
+                         private=args.run.hub_private_repo)
     return commit.commit_url
 
 
