@@ -12,41 +12,17 @@ process's peak RSS cannot be reset.
 import argparse
 import gc
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from common import make_config, make_inputs, median_throughput
 
 import hf_clip  # noqa: F401
-from hf_clip import HFClipConfig, HFClipModel
+from hf_clip import HFClipModel
 from hf_clip.convert import transformers_from_hf_clip
 
 BATCH = {"tiny": {"train": 64, "inference": 64}, "ViT-B-32": {"train": 16, "inference": 32}}
-VOCAB = 49408
-
-
-def make_config(preset: str) -> HFClipConfig:
-    return HFClipConfig.from_preset(
-        preset, text_config={"vocab_size": VOCAB, "eos_token_id": VOCAB - 1, "bos_token_id": VOCAB - 2,
-                             "pad_token_id": VOCAB - 1}
-    )
-
-
-def make_inputs(config: HFClipConfig, batch_size: int) -> dict[str, torch.Tensor]:
-    """Right-padded captions of varied length (as the processor pads them) and random images."""
-    generator = torch.Generator().manual_seed(0)
-    seq_len = config.text_config.max_position_embeddings
-    ids = torch.randint(0, VOCAB - 2, (batch_size, seq_len), generator=generator)
-    mask = torch.ones_like(ids)
-    for row, length in enumerate(torch.randint(5, seq_len, (batch_size,), generator=generator).tolist()):
-        ids[row, length - 1] = VOCAB - 1
-        ids[row, length:] = VOCAB - 1
-        mask[row, length:] = 0
-    size = config.vision_config.image_size
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch_size, 3, size, size,
-                                                                                  generator=generator)}
 
 
 def make_models(preset: str) -> dict[str, torch.nn.Module]:
@@ -77,16 +53,7 @@ def time_steps(preset: str, mode: str, repeats: int) -> dict[str, float]:
     models = make_models(preset)
     inputs = make_inputs(models["hf_clip"].config, BATCH[preset][mode])
     steps = {name: make_step(model, inputs, mode) for name, model in models.items()}
-    for step in steps.values():  # warm-up: allocator, optimizer state, kernels
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    batch_size = BATCH[preset][mode]
-    return {name: batch_size / statistics.median(values) for name, values in times.items()}
+    return median_throughput(steps, BATCH[preset][mode], repeats)
 
 
 def _rss_kib(field: str) -> int:

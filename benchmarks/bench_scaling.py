@@ -27,33 +27,11 @@ import sys
 import time
 
 import torch
+from common import make_config, make_inputs
 
-from hf_clip import HFClipConfig, HFClipModel, grad_cache_backward
+from hf_clip import HFClipModel, grad_cache_backward
 
-VOCAB = 49408
 TRAIN_BATCH = {"tiny": 64, "ViT-B-32": 16}
-
-
-def make_config(preset: str, context_length: int | None = None, patch_dropout: float = 0.0) -> HFClipConfig:
-    text = {"vocab_size": VOCAB, "eos_token_id": VOCAB - 1, "bos_token_id": VOCAB - 2, "pad_token_id": VOCAB - 1}
-    if context_length is not None:
-        text["max_position_embeddings"] = context_length
-    return HFClipConfig.from_preset(preset, text_config=text, vision_config={"patch_dropout": patch_dropout})
-
-
-def make_inputs(config: HFClipConfig, batch_size: int) -> dict[str, torch.Tensor]:
-    """Right-padded captions of varied length filling the context, and random images."""
-    generator = torch.Generator().manual_seed(0)
-    seq_len = config.text_config.max_position_embeddings
-    ids = torch.randint(0, VOCAB - 2, (batch_size, seq_len), generator=generator)
-    mask = torch.ones_like(ids)
-    for row, length in enumerate(torch.randint(5, seq_len, (batch_size,), generator=generator).tolist()):
-        ids[row, length - 1] = VOCAB - 1
-        ids[row, length:] = VOCAB - 1
-        mask[row, length:] = 0
-    size = config.vision_config.image_size
-    return {"input_ids": ids, "attention_mask": mask,
-            "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator)}
 
 
 def train_step(model: HFClipModel, inputs: dict[str, torch.Tensor], micro_batches: int = 1):

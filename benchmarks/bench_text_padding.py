@@ -13,16 +13,14 @@ throughput against the unmasked baseline (1.00 = no slowdown). Cases alternate s
 """
 
 import argparse
-import statistics
-import time
 
 import torch
+from common import VOCAB, make_config, median_throughput
 
-from hf_clip import HFClipConfig, HFClipModel
+from hf_clip import HFClipModel
 from hf_clip.convert import transformers_from_hf_clip
 
 BATCH = {"tiny": 64, "ViT-B-32": 32}
-VOCAB = 49408
 
 
 def make_inputs(seq_len: int, batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -60,10 +58,7 @@ def make_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str
 
 def time_cases(preset: str, mode: str, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
-    config = HFClipConfig.from_preset(
-        preset, text_config={"vocab_size": VOCAB, "eos_token_id": VOCAB - 1, "bos_token_id": VOCAB - 2,
-                             "pad_token_id": VOCAB - 1}
-    )
+    config = make_config(preset)
     full = HFClipModel(config)
     ours, theirs = full.text_model, transformers_from_hf_clip(full).text_model
     ours.set_attn_implementation("sdpa")
@@ -71,15 +66,7 @@ def time_cases(preset: str, mode: str, repeats: int) -> dict[str, float]:
     inputs = make_inputs(config.text_config.max_position_embeddings, BATCH[preset])
     steps = {name: make_step(ours, batch, mode) for name, batch in inputs.items()}
     steps["CLIPTextModel right-padded"] = make_step(theirs, inputs["right-padded"], mode)
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: BATCH[preset] / statistics.median(values) for name, values in times.items()}
+    return median_throughput(steps, BATCH[preset], repeats)
 
 
 def main() -> None:

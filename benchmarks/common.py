@@ -1,0 +1,48 @@
+"""What the benchmarks share: CLIP-sized configs and inputs, and the alternating timing loop."""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from hf_clip import HFClipConfig
+
+VOCAB = 49408
+
+
+def make_config(preset: str, context_length: int | None = None, patch_dropout: float = 0.0) -> HFClipConfig:
+    """`preset` with CLIP's 49,408-token vocabulary (and, optionally, another text context or patch dropout)."""
+    text = {"vocab_size": VOCAB, "eos_token_id": VOCAB - 1, "bos_token_id": VOCAB - 2, "pad_token_id": VOCAB - 1}
+    if context_length is not None:
+        text["max_position_embeddings"] = context_length
+    return HFClipConfig.from_preset(preset, text_config=text, vision_config={"patch_dropout": patch_dropout})
+
+
+def make_inputs(config: HFClipConfig, batch_size: int) -> dict[str, torch.Tensor]:
+    """Right-padded captions of varied length filling the context (as the processor pads them), random images."""
+    generator = torch.Generator().manual_seed(0)
+    seq_len = config.text_config.max_position_embeddings
+    ids = torch.randint(0, VOCAB - 2, (batch_size, seq_len), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate(torch.randint(5, seq_len, (batch_size,), generator=generator).tolist()):
+        ids[row, length - 1] = VOCAB - 1
+        ids[row, length:] = VOCAB - 1
+        mask[row, length:] = 0
+    size = config.vision_config.image_size
+    return {"input_ids": ids, "attention_mask": mask,
+            "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator)}
+
+
+def median_throughput(steps: dict[str, Callable[[], None]], batch_size: int, repeats: int) -> dict[str, float]:
+    """Samples/s of each step: one warm-up call each (allocator, optimizer state, kernels), then `repeats` timed
+    calls, alternating step by step so that machine drift hits all alike; the median is reported."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: batch_size / statistics.median(values) for name, values in times.items()}
