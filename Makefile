@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_text_padding.py
-	$(PY) benchmarks/bench_loss.py --cases infonce-4096 infonce-16384 sigmoid-16384  # infonce-65536: ~25 min alone
+	$(PY) benchmarks/bench_loss.py --cases infonce-4096 infonce-16384 sigmoid-16384  # add infonce-65536: 24 min here, under load
 
 freeze: $(STAMP)
 	{ echo "# Full, exact dev/CI environment (pip freeze of requirements/dev.txt). Regenerate with 'make freeze'."; \
