@@ -1,5 +1,6 @@
 import os
 import pickle
+import socket
 
 import pytest
 import torch
@@ -125,3 +126,10 @@ def write_pickle_bomb(path, marker) -> None:
 
 # Transformers' common mixins and their stand-ins are imported by tests/test_transformers_common.py, not collected.
 collect_ignore = ["transformers_common"]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a test's own process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

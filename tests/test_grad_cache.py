@@ -1,9 +1,7 @@
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import text_batch
+from conftest import free_port, text_batch
 from safetensors.torch import load_file, save_file
 
 from hf_clip import HFClipConfig, HFClipModel, grad_cache_backward
@@ -133,12 +131,6 @@ def test_uneven_and_bad_micro_batch_counts(tiny_config):
         grad_cache_backward(model.vision_model, batch, 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_grad_cache_matches_single_process(tmp_path, tiny_config):
     """2 gloo ranks under real DDP, each splitting its half of the global batch into 2 micro-batches: the loss
@@ -152,7 +144,7 @@ def test_two_process_ddp_grad_cache_matches_single_process(tmp_path, tiny_config
 
     mp.spawn(
         __import__("distributed_workers").ddp_grad_cache_step,
-        args=(2, _free_port(), str(tmp_path), str(tmp_path / "config.json"), 2),
+        args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json"), 2),
         nprocs=2,
         join=True,
     )

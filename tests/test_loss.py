@@ -1,10 +1,8 @@
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import text_batch
+from conftest import free_port, text_batch
 from safetensors.torch import load_file, save_file
 
 from hf_clip import HFClipConfig, HFClipModel, contrastive_loss, image_text_loss, sigmoid_loss
@@ -183,12 +181,6 @@ def test_rejects_mismatched_batches():
         contrastive_loss(torch.randn(1, 8), torch.randn(3, 8), torch.tensor(1.0))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path, tiny_config):
     """2 gloo ranks, each with half the global batch, under real DDP: loss and every parameter gradient equal the
@@ -209,7 +201,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, tiny_config):
 
     mp.spawn(
         __import__("distributed_workers").ddp_contrastive_step,
-        args=(2, _free_port(), str(tmp_path), str(tmp_path / "config.json")),
+        args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json")),
         nprocs=2,
         join=True,
     )
@@ -253,7 +245,7 @@ def test_two_process_losses_match_one_process_on_the_concatenated_batch(tmp_path
     save_file(batch, tmp_path / "batch.safetensors")
     config.to_json_file(tmp_path / "config.json")
 
-    mp.spawn(workers.loss_variants_step, args=(2, _free_port(), str(tmp_path), str(tmp_path / "config.json")),
+    mp.spawn(workers.loss_variants_step, args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json")),
              nprocs=2, join=True)
     result = load_file(tmp_path / "variants_result.safetensors")
 
@@ -285,7 +277,7 @@ def test_a_loss_on_one_rank_alone_needs_no_other_rank(tmp_path, tiny_config):
     save_file(batch, tmp_path / "batch.safetensors")
     tiny_config.to_json_file(tmp_path / "config.json")
     mp.spawn(__import__("distributed_workers").rank_zero_loss_alone,
-             args=(2, _free_port(), str(tmp_path), str(tmp_path / "config.json")), nprocs=2, join=True)
+             args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json")), nprocs=2, join=True)
     with torch.no_grad():
         expected = model(**batch, return_loss=True).loss
     torch.testing.assert_close(load_file(tmp_path / "rank0_result.safetensors")["loss"], expected)

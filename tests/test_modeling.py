@@ -436,14 +436,20 @@ def test_legacy_checkpoint_with_position_ids_loads_silently(clip_reference, capl
     assert torch.equal(model.logit_scale, torch.tensor(3.3))
 
 
-def test_flex_attention_matches_sdpa(clip_reference, tiny_config):
-    _, path = clip_reference
-    ids, mask, pixels = _inputs(tiny_config)
+def _logits_by_implementation(path, config, implementations) -> dict[str, torch.Tensor]:
+    """{attention implementation: logits_per_image} of the checkpoint at `path` on the same eval inputs."""
+    ids, mask, pixels = _inputs(config)
     outputs = {}
-    for implementation in ("sdpa", "flex_attention"):
+    for implementation in implementations:
         model = HFClipModel.from_pretrained(path, attn_implementation=implementation).eval()
         with torch.no_grad():
             outputs[implementation] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
+    return outputs
+
+
+def test_flex_attention_matches_sdpa(clip_reference, tiny_config):
+    _, path = clip_reference
+    outputs = _logits_by_implementation(path, tiny_config, ("sdpa", "flex_attention"))
     torch.testing.assert_close(outputs["flex_attention"], outputs["sdpa"], atol=ATOL, rtol=0)
 
 
@@ -458,12 +464,7 @@ def test_attention_backend_registry_dispatches_to_a_registered_function(clip_ref
 
     AttentionInterface.register("hf_clip_recording_sdpa", recording_sdpa)
     AttentionMaskInterface.register("hf_clip_recording_sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    ids, mask, pixels = _inputs(tiny_config)
-    outputs = {}
-    for implementation in ("sdpa", "hf_clip_recording_sdpa"):
-        model = HFClipModel.from_pretrained(path, attn_implementation=implementation).eval()
-        with torch.no_grad():
-            outputs[implementation] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
+    outputs = _logits_by_implementation(path, tiny_config, ("sdpa", "hf_clip_recording_sdpa"))
     layers = tiny_config.text_config.num_hidden_layers + tiny_config.vision_config.num_hidden_layers
     assert calls == ["HFClipAttention"] * layers
     torch.testing.assert_close(outputs["hf_clip_recording_sdpa"], outputs["sdpa"], atol=0, rtol=0)
