@@ -1,7 +1,7 @@
 # `make test` builds .venv from the pinned requirements (torch comes from the wheels on this machine's disk),
 # extracts Transformers' common test mixins from the pinned transformers sdist (PyPI), runs `make lint` (ruff) and
 # the whole test suite. `make demo` trains, evaluates and saves a model on the embedded dataset. `make bench` runs
-# the benchmarks.
+# the benchmarks. `make demo DEMO_ARGS="--mixed_precision no"` runs the demo in fp32 on any CPU.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,7 +26,7 @@ test: lint
 	HF_CLIP_REQUIRE_COMMON_TESTS=1 $(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m training.train --output_dir outputs/demo
+	$(PY) -m training.train --output_dir outputs/demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py

@@ -12,6 +12,7 @@ with a deprecation warning.
 
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -69,6 +70,17 @@ class FromScratchArguments:
         default=2048, metadata={"help": "Vocabulary size of the BPE tokenizer trained when starting from scratch."}
     )
     context_length: int = field(default=32, metadata={"help": "Text context (tokens) of a model trained from scratch."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input resolution of a model trained from scratch. Unset: the training images' own size "
+                          "(median longer side of the first rows), rounded up to whole patches and at most the "
+                          "preset's."},
+    )
+    patch_size: int | None = field(
+        default=None,
+        metadata={"help": "Patch size of a model trained from scratch. Unset: the preset's, halved until the image "
+                          "is at least 4 patches across."},
+    )
 
 
 @dataclass
@@ -135,7 +147,11 @@ class RunArguments:
 
     output_dir: str = field(default="outputs/hf-clip", metadata={"help": "Where checkpoints, logs and the model go."})
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order and augmentation."})
-    per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch per process."})
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Training batch per process. Unset: 128, halved (down to 8) while one pass over a map-style "
+                          "training split would be under 16 global batches, so small datasets still get many steps."},
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     grad_cache_micro_batches: int = field(
         default=1,
@@ -150,7 +166,11 @@ class RunArguments:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
-    warmup_steps: int = field(default=40, metadata={"help": "Linear warm-up steps before the cosine decay."})
+    warmup_steps: float = field(
+        default=0.1,
+        metadata={"help": "Linear warm-up before the cosine decay: a whole number of steps, or a fraction in [0, 1) of "
+                          "--max_steps (as in transformers.TrainingArguments)."},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     torch_compile: bool = field(
         default=False, metadata={"help": "torch.compile both towers for training and evaluation."}
@@ -207,11 +227,29 @@ def check_model_name_or_path(model_name_or_path: str | None) -> None:
                                 "id ('name' or 'namespace/name').")
 
 
+def warmup_step_count(warmup_steps: float, max_steps: int) -> int:
+    """`--warmup_steps` as a number of steps: whole numbers as they are, fractions in [0, 1) of `max_steps`
+    (rounded up, as `transformers.TrainingArguments.get_warmup_steps` does)."""
+    if warmup_steps < 0 or (warmup_steps >= 1 and warmup_steps != int(warmup_steps)):
+        raise ValueError(f"--warmup_steps must be a whole number of steps or a fraction in [0, 1), got {warmup_steps}.")
+    return int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * max_steps)
+
+
+def default_batch_size(num_rows: int | None, num_processes: int) -> int:
+    """The per-process batch when `--per_device_train_batch_size` is unset: 128, halved (down to 8) while `num_rows`
+    (None for a stream) would fill fewer than 16 global batches."""
+    batch_size = 128
+    while num_rows is not None and batch_size > 8 and num_rows < 16 * batch_size * num_processes:
+        batch_size //= 2
+    return batch_size
+
+
 def check_at_least_one(arguments, *names: str) -> None:
-    """Refuse, naming the flag, any of the `names` fields of `arguments` below 1 (they would crash or train nothing)."""
+    """Refuse, naming the flag, any of the `names` fields of `arguments` below 1 (they would crash or train nothing);
+    unset (None) fields pass."""
     for name in names:
         value = getattr(arguments, name)
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}.")
 
 

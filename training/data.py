@@ -284,6 +284,18 @@ def check_usable_rows(dataset, data_args: DatasetArguments, split: str) -> None:
     )
 
 
+def typical_image_size(dataset, data_args: DatasetArguments) -> int | None:
+    """The median longer side, in pixels, of the decodable images among the first rows; None if none decodes."""
+    base_dir = base_directory(data_args.dataset_name)
+    sides = []
+    for row in without_image_decoding(first_rows(dataset, USABILITY_PROBE_ROWS)):
+        try:
+            sides.append(max(decode_image(row[data_args.image_column], base_dir).size))
+        except BAD_SAMPLE_ERRORS:
+            continue
+    return int(np.median(sides)) if sides else None
+
+
 def caption_samples(dataset, caption_column: str, limit: int = 200_000) -> Iterator[str]:
     """Captions for tokenizer training (lists flattened), from the first `limit` rows; no image is decoded."""
     if isinstance(dataset, datasets.IterableDataset):

@@ -10,10 +10,12 @@ Run with `--help` for every argument.
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
@@ -46,7 +48,9 @@ from .args import (
     TowerLockArguments,
     check_at_least_one,
     check_model_name_or_path,
+    default_batch_size,
     parse_with_config_file,
+    warmup_step_count,
 )
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint, truncate_step_log
 from .common import evaluate_splits, format_results_table, load_pretrained, lock_towers, loss_overrides, pipeline_demo
@@ -58,6 +62,7 @@ from .data import (
     check_usable_rows,
     load_eval_splits,
     load_train_split,
+    typical_image_size,
     worker_count,
 )
 from .fsdp import (
@@ -86,7 +91,7 @@ CARD_KEYS = (
     "num_processes", "global_batch_size", "learning_rate", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "mixed_precision", "activation_checkpointing", "lock_image",
     "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers", "tokenizer_vocab_size", "context_length",
-    "seed", "patch_dropout", "grad_cache_micro_batches", "torch_compile",
+    "seed", "patch_dropout", "grad_cache_micro_batches", "torch_compile", "image_size", "patch_size",
 )
 
 
@@ -119,12 +124,18 @@ def parse_args(argv: list[str] | None = None) -> TrainScriptArguments:
     check_at_least_one(args.loader, "per_device_eval_batch_size")
     check_model_name_or_path(args.model.model_name_or_path)
     run = args.run
+    warmup_step_count(run.warmup_steps, run.max_steps)
+    if run.per_device_train_batch_size is not None:
+        check_grad_cache(run)
+    return args
+
+
+def check_grad_cache(run: RunArguments) -> None:
     if not 1 <= run.grad_cache_micro_batches <= run.per_device_train_batch_size:
         raise ValueError(
             f"--grad_cache_micro_batches must be between 1 and --per_device_train_batch_size "
             f"({run.per_device_train_batch_size}), got {run.grad_cache_micro_batches}."
         )
-    return args
 
 
 def cpu_has_native_bf16() -> bool:
@@ -165,11 +176,33 @@ def build_model_and_processor(args: TrainScriptArguments, train_split, accelerat
         tokenizer.save_pretrained(tokenizer_dir)
     accelerator.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    geometry = image_geometry(args.scratch, typical_image_size(train_split, args.data))
+    args.scratch.image_size, args.scratch.patch_size = geometry["image_size"], geometry["patch_size"]
+    logger.info("Image size %d, patch size %d", geometry["image_size"], geometry["patch_size"])
     config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer,
-                                      vision_config={"patch_dropout": args.patch_dropout.patch_dropout or 0.0},
+                                      vision_config={"patch_dropout": args.patch_dropout.patch_dropout or 0.0,
+                                                     **geometry},
                                       **loss_overrides(args.loss))
     model = HFClipModel(config)
     return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
+
+
+def image_geometry(scratch: FromScratchArguments, data_image_size: int | None) -> dict[str, int]:
+    """`image_size` and `patch_size` of a model trained from scratch: the flags where given; else the preset's patch
+    size, halved until the image is at least 4 patches across, and the data's image size rounded up to whole
+    patches and capped at the preset's."""
+    preset = HFClipConfig.from_preset(scratch.preset).vision_config
+    image_size = scratch.image_size or data_image_size or preset.image_size
+    patch_size = scratch.patch_size
+    if patch_size is None:
+        patch_size = preset.patch_size
+        while patch_size > 1 and image_size < 4 * patch_size:
+            patch_size //= 2
+    if scratch.image_size is None:
+        image_size = min(preset.image_size, math.ceil(image_size / patch_size) * patch_size)
+    if image_size % patch_size:
+        raise ValueError(f"--image_size ({image_size}) must be a multiple of --patch_size ({patch_size}).")
+    return {"image_size": image_size, "patch_size": patch_size}
 
 
 def build_optimizer(model: HFClipModel, run: RunArguments) -> torch.optim.Optimizer:
@@ -223,6 +256,7 @@ def card_hyperparameters(args: TrainScriptArguments, accelerator: Accelerator) -
     dataset and the starting model by Hub id, or as "local dataset NAME" / "local model NAME"."""
     run, data, model = args.run, args.data, args.model
     values = {**args.flat(), "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+              "warmup_steps": warmup_step_count(run.warmup_steps, run.max_steps),
               "global_batch_size": run.per_device_train_batch_size * accelerator.num_processes
               * run.gradient_accumulation_steps,
               "dataset_name": data.dataset_name and public_name(data.dataset_name, "dataset"),
@@ -324,6 +358,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     data = args.data
     train_split = load_train_split(data, {"image_column": data.image_column, "caption_column": data.caption_column})
     check_usable_rows(train_split, data, data.train_split)
+    if run.per_device_train_batch_size is None:
+        num_rows = None if isinstance(train_split, datasets.IterableDataset) else len(train_split)
+        if num_rows is not None and data.max_train_samples is not None:
+            num_rows = min(num_rows, data.max_train_samples)
+        run.per_device_train_batch_size = default_batch_size(num_rows, accelerator.num_processes)
+        logger.info("Batch size %d per process (%s training rows)", run.per_device_train_batch_size, num_rows or "?")
+        check_grad_cache(run)
     eval_splits = load_eval_splits(data, args.eval)
 
     # 3. Model, processor, optimizer and schedule, restored from the checkpoint when resuming.
@@ -336,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if run.torch_compile:
         model.compile_towers(backend=run.torch_compile_backend, mode=run.torch_compile_mode)
     optimizer = build_optimizer(model, run)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup_steps, run.max_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_step_count(run.warmup_steps, run.max_steps),
+                                                run.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if accelerator.distributed_type == DistributedType.FSDP:
         register_feature_methods(model)
