@@ -11,9 +11,12 @@ from hf_clip import HFClipConfig
 VOCAB = 49408
 
 
-def make_config(preset: str, context_length: int | None = None, patch_dropout: float = 0.0) -> HFClipConfig:
-    """`preset` with CLIP's 49,408-token vocabulary (and, optionally, another text context or patch dropout)."""
-    text = {"vocab_size": VOCAB, "eos_token_id": VOCAB - 1, "bos_token_id": VOCAB - 2, "pad_token_id": VOCAB - 1}
+def make_config(preset: str, context_length: int | None = None, patch_dropout: float = 0.0,
+                vocab_size: int = VOCAB) -> HFClipConfig:
+    """`preset` with CLIP's 49,408-token vocabulary (and, optionally, another vocabulary, text context or patch
+    dropout)."""
+    text = {"vocab_size": vocab_size, "eos_token_id": vocab_size - 1, "bos_token_id": vocab_size - 2,
+            "pad_token_id": vocab_size - 1}
     if context_length is not None:
         text["max_position_embeddings"] = context_length
     return HFClipConfig.from_preset(preset, text_config=text, vision_config={"patch_dropout": patch_dropout})
@@ -22,12 +25,12 @@ def make_config(preset: str, context_length: int | None = None, patch_dropout: f
 def make_inputs(config: HFClipConfig, batch_size: int) -> dict[str, torch.Tensor]:
     """Right-padded captions of varied length filling the context (as the processor pads them), random images."""
     generator = torch.Generator().manual_seed(0)
-    seq_len = config.text_config.max_position_embeddings
-    ids = torch.randint(0, VOCAB - 2, (batch_size, seq_len), generator=generator)
+    seq_len, eos = config.text_config.max_position_embeddings, config.text_config.eos_token_id
+    ids = torch.randint(0, config.text_config.vocab_size - 2, (batch_size, seq_len), generator=generator)
     mask = torch.ones_like(ids)
     for row, length in enumerate(torch.randint(5, seq_len, (batch_size,), generator=generator).tolist()):
-        ids[row, length - 1] = VOCAB - 1
-        ids[row, length:] = VOCAB - 1
+        ids[row, length - 1] = eos
+        ids[row, length:] = eos
         mask[row, length:] = 0
     size = config.vision_config.image_size
     return {"input_ids": ids, "attention_mask": mask,
