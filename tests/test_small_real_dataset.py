@@ -16,7 +16,7 @@ from PIL import Image
 
 from training.args import DatasetArguments, FromScratchArguments, default_batch_size, warmup_step_count
 from training.data import typical_image_size
-from training.train import image_geometry
+from training.train import image_geometry, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +95,13 @@ def test_image_geometry_flags_win_and_must_fit_whole_patches():
                                                                                       "patch_size": 12}
     with pytest.raises(ValueError, match="--image_size \\(50\\) must be a multiple of --patch_size \\(8\\)"):
         image_geometry(FromScratchArguments(image_size=50), 32)
+
+
+def test_image_geometry_and_warmup_flags_are_checked_before_any_work():
+    with pytest.raises(ValueError, match="--image_size \\(50\\) must be a multiple of --patch_size \\(8\\)"):
+        parse_args(["--image_size", "50"])
+    with pytest.raises(ValueError, match="--warmup_steps must be a whole number"):
+        parse_args(["--warmup_steps", "2.5"])
 
 
 def test_typical_image_size_is_the_median_longer_side_of_decodable_images(tmp_path):

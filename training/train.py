@@ -125,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> TrainScriptArguments:
     check_model_name_or_path(args.model.model_name_or_path)
     run = args.run
     warmup_step_count(run.warmup_steps, run.max_steps)
+    if args.model.model_name_or_path is None and args.scratch.image_size is not None:
+        image_geometry(args.scratch, None)
     if run.per_device_train_batch_size is not None:
         check_grad_cache(run)
     return args
