@@ -133,3 +133,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_two_ranks(worker: str, tmp_path, model, batch: dict, *worker_args, extra_files: dict | None = None,
+                  result_file: str = "ddp_result.safetensors") -> dict:
+    """Save `model` (weights and config), `batch` and `extra_files` ({stem: tensors}) under `tmp_path`, run
+    `distributed_workers.<worker>(rank, 2, port, tmp_path, config_path, *worker_args)` on 2 gloo ranks, and return
+    the tensors the ranks wrote to `result_file`."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
+    save_file(batch, tmp_path / "batch.safetensors")
+    for stem, tensors in (extra_files or {}).items():
+        save_file(tensors, tmp_path / f"{stem}.safetensors")
+    model.config.to_json_file(tmp_path / "config.json")
+    mp.spawn(getattr(__import__("distributed_workers"), worker),
+             args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json"), *worker_args), nprocs=2, join=True)
+    return load_file(tmp_path / result_file)

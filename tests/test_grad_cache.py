@@ -1,8 +1,6 @@
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import free_port, text_batch
-from safetensors.torch import load_file, save_file
+from conftest import run_two_ranks, text_batch
 
 from hf_clip import HFClipConfig, HFClipModel, grad_cache_backward
 from hf_clip.grad_cache import split_micro_batches
@@ -138,17 +136,7 @@ def test_two_process_ddp_grad_cache_matches_single_process(tmp_path, tiny_config
     model = _model(tiny_config)
     global_batch = 16
     batch = _batch(model.config, global_batch)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
-    save_file(batch, tmp_path / "batch.safetensors")
-    model.config.to_json_file(tmp_path / "config.json")
-
-    mp.spawn(
-        __import__("distributed_workers").ddp_grad_cache_step,
-        args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json"), 2),
-        nprocs=2,
-        join=True,
-    )
-    result = load_file(tmp_path / "ddp_result.safetensors")
+    result = run_two_ranks("ddp_grad_cache_step", tmp_path, model, batch, 2)
 
     loss = model(**batch, return_loss=True).loss
     loss.backward()

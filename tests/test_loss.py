@@ -1,9 +1,7 @@
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port, text_batch
-from safetensors.torch import load_file, save_file
+from conftest import run_two_ranks, text_batch
 
 from hf_clip import HFClipConfig, HFClipModel, contrastive_loss, image_text_loss, sigmoid_loss
 from hf_clip.loss import resolve_chunk_size
@@ -194,18 +192,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, tiny_config):
              "pixel_values": torch.randn(global_batch, 3, 36, 36)}
     features = {"image": F.normalize(torch.randn(global_batch, 16), dim=-1),
                 "text": F.normalize(torch.randn(global_batch, 16), dim=-1), "scale": torch.tensor(30.0)}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
-    save_file(batch, tmp_path / "batch.safetensors")
-    save_file(features, tmp_path / "features.safetensors")
-    tiny_config.to_json_file(tmp_path / "config.json")
-
-    mp.spawn(
-        __import__("distributed_workers").ddp_contrastive_step,
-        args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json")),
-        nprocs=2,
-        join=True,
-    )
-    result = load_file(tmp_path / "ddp_result.safetensors")
+    result = run_two_ranks("ddp_contrastive_step", tmp_path, model, batch, extra_files={"features": features})
 
     loss = model(**batch, return_loss=True).loss
     loss.backward()
@@ -240,14 +227,8 @@ def test_two_process_losses_match_one_process_on_the_concatenated_batch(tmp_path
     model = HFClipModel(config).train()
     ids, mask = text_batch(config, global_batch, config.text_config.max_position_embeddings)
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(global_batch, 3, 36, 36)}
-    save_file(features, tmp_path / "features.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
-    save_file(batch, tmp_path / "batch.safetensors")
-    config.to_json_file(tmp_path / "config.json")
-
-    mp.spawn(workers.loss_variants_step, args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json")),
-             nprocs=2, join=True)
-    result = load_file(tmp_path / "variants_result.safetensors")
+    result = run_two_ranks("loss_variants_step", tmp_path, model, batch, extra_files={"features": features},
+                           result_file="variants_result.safetensors")
 
     for name, settings in workers.LOSS_VARIANTS.items():
         single = _loss_and_grads(lambda i, t, s, b: image_text_loss(i, t, s, b, **settings),
@@ -273,11 +254,7 @@ def test_a_loss_on_one_rank_alone_needs_no_other_rank(tmp_path, tiny_config):
     model = HFClipModel(tiny_config).eval()
     ids, mask = text_batch(tiny_config, 6, tiny_config.text_config.max_position_embeddings)
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(6, 3, 36, 36)}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
-    save_file(batch, tmp_path / "batch.safetensors")
-    tiny_config.to_json_file(tmp_path / "config.json")
-    mp.spawn(__import__("distributed_workers").rank_zero_loss_alone,
-             args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json")), nprocs=2, join=True)
+    result = run_two_ranks("rank_zero_loss_alone", tmp_path, model, batch, result_file="rank0_result.safetensors")
     with torch.no_grad():
         expected = model(**batch, return_loss=True).loss
-    torch.testing.assert_close(load_file(tmp_path / "rank0_result.safetensors")["loss"], expected)
+    torch.testing.assert_close(result["loss"], expected)
