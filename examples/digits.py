@@ -1,12 +1,12 @@
 """A small real captioned dataset: scikit-learn's handwritten digits (1,797 scans of 10 classes), upscaled to 32×32.
 
     pip install scikit-learn
-    python examples/digits.py outputs/digits-data           # save_to_disk: splits `train` (1,437) and `test` (360)
-    python -m training.train --dataset_name outputs/digits-data --output_dir outputs/digits --max_steps 300
+    python examples/digits.py outputs/digits-data           # save_to_disk: splits `train` (1,438) and `test` (359)
+    python -m training.train --dataset_name outputs/digits-data --output_dir outputs/digits --max_steps 400
 
 Each image gets captions that name its digit in a few phrasings ("a handwritten seven", "the digit 7", ...); the
 `label` column is a `ClassLabel` of the digits' names, which zero-shot evaluation prompts with
-`hf_clip.PHOTO_TEMPLATES`. The split is stratified and seeded, so `test` holds 36 unseen scans of each digit.
+`hf_clip.PHOTO_TEMPLATES`. The split is stratified and seeded: `test` holds a fifth of each digit's scans (35 to 37).
 """
 
 import argparse
