@@ -140,6 +140,16 @@ def check_grad_cache(run: RunArguments) -> None:
         )
 
 
+def set_default_batch_size(run: RunArguments, train_split, data: DatasetArguments, num_processes: int) -> None:
+    """Fill the unset `--per_device_train_batch_size` from the rows the run reads (`default_batch_size`)."""
+    num_rows = None if isinstance(train_split, datasets.IterableDataset) else len(train_split)
+    if num_rows is not None and data.max_train_samples is not None:
+        num_rows = min(num_rows, data.max_train_samples)
+    run.per_device_train_batch_size = default_batch_size(num_rows, num_processes)
+    logger.info("Batch size %d per process (%s training rows)", run.per_device_train_batch_size, num_rows or "?")
+    check_grad_cache(run)
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: CPUs whose matrix units run bf16 natively (read from /proc/cpuinfo on Linux)."""
     try:
@@ -361,12 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     train_split = load_train_split(data, {"image_column": data.image_column, "caption_column": data.caption_column})
     check_usable_rows(train_split, data, data.train_split)
     if run.per_device_train_batch_size is None:
-        num_rows = None if isinstance(train_split, datasets.IterableDataset) else len(train_split)
-        if num_rows is not None and data.max_train_samples is not None:
-            num_rows = min(num_rows, data.max_train_samples)
-        run.per_device_train_batch_size = default_batch_size(num_rows, accelerator.num_processes)
-        logger.info("Batch size %d per process (%s training rows)", run.per_device_train_batch_size, num_rows or "?")
-        check_grad_cache(run)
+        set_default_batch_size(run, train_split, data, accelerator.num_processes)
     eval_splits = load_eval_splits(data, args.eval)
 
     # 3. Model, processor, optimizer and schedule, restored from the checkpoint when resuming.
