@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import peak_rss_growth
 
 from hf_clip.loss import contrastive_loss, resolve_chunk_size, sigmoid_loss
 
@@ -74,20 +75,11 @@ def step(name: str, inputs: list[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
 def peak_growth_child(name: str, batch_size: int) -> None:
     """In a child: build the inputs, reset the kernel's peak-RSS mark, run one step, report the growth and time."""
     inputs = make_inputs(batch_size)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
-    baseline = _rss_kib("VmRSS")
-    seconds = step(name, inputs)
-    print(json.dumps({"peak_growth_mb": (_rss_kib("VmHWM") - baseline) / 1024, "seconds": seconds}))
+    growth_mb, seconds = peak_rss_growth(lambda: step(name, inputs))
+    print(json.dumps({"peak_growth_mb": growth_mb, "seconds": seconds}))
 
 
 def in_child(name: str, batch_size: int, threads: int) -> dict[str, float]:

@@ -10,13 +10,12 @@ process's peak RSS cannot be reset.
 """
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
 
 import torch
-from common import make_config, make_inputs, median_throughput
+from common import make_config, make_inputs, median_throughput, peak_rss_growth
 
 import hf_clip  # noqa: F401
 from hf_clip import HFClipModel
@@ -56,24 +55,14 @@ def time_steps(preset: str, mode: str, repeats: int) -> dict[str, float]:
     return median_throughput(steps, BATCH[preset][mode], repeats)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
 def peak_growth_child(preset: str, mode: str, name: str) -> None:
     """In a child: build one model and its inputs, reset the kernel's peak-RSS mark, and report how far two
     steps raise it above the resident size before them."""
     torch.set_num_threads(2)
     model = make_models(preset)[name]
     step = make_step(model, make_inputs(model.config, BATCH[preset][mode]), mode)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
-    baseline = _rss_kib("VmRSS")
-    step()
-    step()
-    print(json.dumps({"peak_growth_mb": (_rss_kib("VmHWM") - baseline) / 1024}))
+    growth_mb, _ = peak_rss_growth(lambda: (step(), step()))
+    print(json.dumps({"peak_growth_mb": growth_mb}))
 
 
 def peak_growth(preset: str, mode: str, name: str) -> float:

@@ -22,7 +22,6 @@ process's own CPU seconds, which the other jobs barely change.
 """
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -31,7 +30,7 @@ import sys
 import time
 
 import torch
-from common import VOCAB, make_config, make_inputs
+from common import VOCAB, make_config, make_inputs, peak_rss_growth
 
 from hf_clip import HFClipModel, grad_cache_backward
 
@@ -106,11 +105,6 @@ def bench_patch_dropout(presets: list[str], repeats: int, clock) -> None:
             del models
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
 def grad_cache_child(batch_size: int, micro_batches: int) -> None:
     """In a child: reset the peak-RSS mark after building model, optimizer state and inputs, then report how far
     two steps raise it."""
@@ -118,13 +112,8 @@ def grad_cache_child(batch_size: int, micro_batches: int) -> None:
     torch.manual_seed(0)
     model = HFClipModel(make_config("tiny"))
     step = train_step(model, make_inputs(model.config, batch_size), micro_batches)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    baseline = _rss_kib("VmRSS")
-    step()
-    step()
-    print(json.dumps({"peak_growth_mb": (_rss_kib("VmHWM") - baseline) / 1024}))
+    growth_mb, _ = peak_rss_growth(lambda: (step(), step()))
+    print(json.dumps({"peak_growth_mb": growth_mb}))
 
 
 # glibc's malloc raises its mmap threshold each time a large block is freed, after which freed tensors stay in the

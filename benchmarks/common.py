@@ -1,8 +1,10 @@
 """What the benchmarks share: CLIP-sized configs and inputs, and the alternating timing loop."""
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -49,3 +51,20 @@ def median_throughput(steps: dict[str, Callable[[], None]], batch_size: int, rep
             step()
             times[name].append(time.perf_counter() - start)
     return {name: batch_size / statistics.median(values) for name, values in times.items()}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_rss_growth(run: Callable[[], Any]) -> tuple[float, Any]:
+    """Collect garbage, reset the kernel's peak-RSS mark (Linux), call `run`; returns how far the peak rose above
+    the resident size before the call, in MB, and what `run` returned. Run it in a fresh process per case: a
+    process's earlier allocations stay in its heap."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    baseline = _rss_kib("VmRSS")
+    result = run()
+    return (_rss_kib("VmHWM") - baseline) / 1024, result
