@@ -12,7 +12,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 
-from .loss import LOSS_TYPES
+from .loss import check_loss_settings
 
 
 def _check_width_and_heads(config: PreTrainedConfig) -> None:
@@ -234,19 +234,11 @@ class HFClipConfig(PreTrainedConfig):
     def validate_architecture(self) -> None:
         _check_positive(self, "projection_dim", "initializer_factor")
 
-    def validate_label_smoothing(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"HFClipConfig: `label_smoothing` must be in [0, 1), got {self.label_smoothing}.")
-        if self.label_smoothing and self.loss_type == "siglip":
-            raise ValueError("HFClipConfig: `label_smoothing` applies to loss_type 'clip' only (the sigmoid loss has "
-                             f"no softmax), got {self.label_smoothing} with loss_type 'siglip'.")
-
     def validate_loss(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"HFClipConfig: `loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
-            raise ValueError("HFClipConfig: `loss_chunk_size` must be None (automatic), 0 (dense) or a positive "
-                             f"number of rows, got {self.loss_chunk_size}.")
+        try:
+            check_loss_settings(self.loss_type, self.label_smoothing, self.loss_chunk_size)
+        except ValueError as error:
+            raise ValueError(f"HFClipConfig: {error}") from None
         if self.logit_bias_init_value is not None and self.loss_type != "siglip":
             raise ValueError("HFClipConfig: `logit_bias_init_value` is for loss_type 'siglip' (a softmax ignores a "
                              f"bias), got {self.logit_bias_init_value} with loss_type {self.loss_type!r}.")

@@ -65,17 +65,23 @@ def unwrap_clip_model(model: nn.Module) -> HFClipModel:
     return inner
 
 
+def check_micro_batches(num_micro_batches: int, batch_size: int) -> None:
+    """Raise `ValueError` unless 1 <= `num_micro_batches` <= `batch_size` (each micro-batch holds at least one pair)."""
+    if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) \
+            or not 1 <= num_micro_batches <= batch_size:
+        raise ValueError(f"num_micro_batches must be in [1, {batch_size}] (the batch size), got {num_micro_batches!r}.")
+
+
 def split_micro_batches(inputs: dict[str, torch.Tensor], num_micro_batches: int) -> list[dict[str, torch.Tensor]]:
     """Split every (N, ...) tensor of `inputs` into `num_micro_batches` consecutive chunks along the batch."""
     sizes = {name: value.shape[0] for name, value in inputs.items()}
     batch_size = sizes["pixel_values"]
     if any(size != batch_size for size in sizes.values()):
         raise ValueError(f"grad_cache_backward: every input needs the same batch size, got {sizes}.")
-    if not 1 <= num_micro_batches <= batch_size:
-        raise ValueError(
-            f"grad_cache_backward: num_micro_batches must be in [1, {batch_size}] (the batch size), "
-            f"got {num_micro_batches}."
-        )
+    try:
+        check_micro_batches(num_micro_batches, batch_size)
+    except ValueError as error:
+        raise ValueError(f"grad_cache_backward: {error}") from None
     chunks = {name: value.tensor_split(num_micro_batches) for name, value in inputs.items()}
     return [{name: chunks[name][index] for name in inputs} for index in range(num_micro_batches)]
 
@@ -154,4 +160,4 @@ def grad_cache_backward(
     return loss.detach()
 
 
-__all__ = ["RandomState", "grad_cache_backward", "split_micro_batches", "unwrap_clip_model"]
+__all__ = ["RandomState", "check_micro_batches", "grad_cache_backward", "split_micro_batches", "unwrap_clip_model"]

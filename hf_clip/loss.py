@@ -73,18 +73,34 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGradient.apply(features)
 
 
+def check_loss_settings(loss_type: str = "clip", label_smoothing: float = 0.0, chunk_size: int | None = None) -> None:
+    """Raise `ValueError` naming the first invalid loss setting: `loss_type` one of `LOSS_TYPES`; `label_smoothing`
+    in [0, 1), and 0 unless `loss_type` is "clip"; `chunk_size` None (automatic), 0 (dense) or a positive int.
+    The losses check their arguments with this, and `HFClipConfig` its loss fields."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}.")
+    if label_smoothing and loss_type != "clip":
+        raise ValueError(f"label_smoothing applies to loss_type='clip' only (the sigmoid loss has no softmax), got "
+                         f"{label_smoothing} with loss_type={loss_type!r}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0):
+        raise ValueError("chunk_size must be None (automatic), 0 (dense) or a positive number of rows "
+                         f"(HFClipConfig.loss_chunk_size), got {chunk_size!r}.")
+
+
 def resolve_chunk_size(chunk_size: int | None, rows: int, columns: int) -> int | None:
     """Rows per panel for a `rows` × `columns` logit matrix, or None for the dense path.
 
-    `chunk_size`: None picks dense up to `DENSE_MAX_LOGITS` logits, else panels of about `PANEL_LOGITS` logits (at
-    least `MIN_PANEL_ROWS` rows); 0 forces dense; k > 0 forces panels of k rows.
+    `chunk_size`: None picks dense up to `DENSE_MAX_LOGITS` logits, else panels of
+    about `PANEL_LOGITS` logits (at least `MIN_PANEL_ROWS` rows); 0 forces dense; k > 0 forces panels of k rows.
     """
+    check_loss_settings(chunk_size=chunk_size)
     if chunk_size is None:
         if rows * columns <= DENSE_MAX_LOGITS:
             return None
         return max(MIN_PANEL_ROWS, PANEL_LOGITS // columns)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
-        raise ValueError(f"chunk_size must be None (automatic), 0 (dense) or a positive int, got {chunk_size!r}.")
     return chunk_size or None
 
 
@@ -248,6 +264,7 @@ def contrastive_loss(
         Scalar fp32 loss: the mean over this rank's rows of (CE(image→text) + CE(text→image)) / 2.
     """
     _check_inputs("contrastive_loss", image_embeds, text_embeds, logit_scale=logit_scale)
+    check_loss_settings("clip", label_smoothing, chunk_size)
     rank, world_size = _distributed_world(gather_distributed)
     with torch.autocast(device_type=image_embeds.device.type, enabled=False):
         image, text, scale = image_embeds.float(), text_embeds.float(), logit_scale.float().reshape(())
@@ -301,6 +318,7 @@ def sigmoid_loss(
         Scalar fp32 loss, summed over this rank's rows against all columns and divided by this rank's n.
     """
     _check_inputs("sigmoid_loss", image_embeds, text_embeds, logit_scale=logit_scale, logit_bias=logit_bias)
+    check_loss_settings("siglip", 0.0, chunk_size)
     rank, world_size = _distributed_world(gather_distributed)
     with torch.autocast(device_type=image_embeds.device.type, enabled=False):
         image, text = image_embeds.float(), text_embeds.float()
@@ -332,27 +350,25 @@ def image_text_loss(
     """The loss `loss_type` names, from embeddings: `contrastive_loss` ("clip"; a bias would cancel in the softmax
     and is ignored) or `sigmoid_loss` ("siglip"; needs `logit_bias`). `HFClipModel.forward` calls this with
     `loss_settings(model.config)`; other training code (e.g. gradient caching) can do the same."""
+    check_loss_settings(loss_type, label_smoothing, chunk_size)
     if loss_type == "clip":
         return contrastive_loss(image_embeds, text_embeds, logit_scale, label_smoothing=label_smoothing,
                                 chunk_size=chunk_size, gather_distributed=gather_distributed)
-    if loss_type == "siglip":
-        if label_smoothing:
-            raise ValueError("label_smoothing applies to loss_type='clip' only; the sigmoid loss has no softmax.")
-        if logit_bias is None:
-            raise ValueError("loss_type='siglip' needs `logit_bias` (HFClipModel has one when its config says so).")
-        return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=chunk_size,
-                            gather_distributed=gather_distributed)
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    if logit_bias is None:
+        raise ValueError("loss_type='siglip' needs `logit_bias` (HFClipModel has one when its config says so).")
+    return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=chunk_size,
+                        gather_distributed=gather_distributed)
 
 
 def loss_settings(config) -> dict[str, Any]:
     """`image_text_loss` keyword arguments read from an `HFClipConfig`: loss_type, label_smoothing, chunk_size."""
-    return {"loss_type": getattr(config, "loss_type", "clip"), "label_smoothing": config.label_smoothing,
-            "chunk_size": getattr(config, "loss_chunk_size", None)}
+    return {"loss_type": config.loss_type, "label_smoothing": config.label_smoothing,
+            "chunk_size": config.loss_chunk_size}
 
 
 __all__ = [
     "LOSS_TYPES",
+    "check_loss_settings",
     "contrastive_loss",
     "gather_features",
     "image_text_loss",
