@@ -22,9 +22,8 @@ import torch
 
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor
 from hf_clip.convert import transformers_from_hf_clip
-from hf_clip.data import image_transform_for
 from training.args import DatasetArguments, RunArguments
-from training.data import TrainBatches, build_train_dataset, load_split
+from training.data import TrainBatches, build_train_dataset, image_transform_for, load_split
 from training.synthetic import caption_corpus
 from training.train import build_optimizer, resolve_mixed_precision
 

@@ -1,8 +1,14 @@
 """hf_clip: CLIP as a native Hugging Face Transformers model.
 
 Importing the package registers it with `AutoConfig`, `AutoModel`, `AutoModelForZeroShotImageClassification`,
-`AutoModelForImageClassification` and `AutoProcessor`.
+`AutoModelForImageClassification` and `AutoProcessor`. It loads nothing beyond what
+`from transformers import CLIPModel, CLIPProcessor` loads; reading datasets (training, dataset-level evaluation) is
+the job of the training package, `hf_clip_train` (`pip install "hf-clip[train]"`).
 """
+
+import importlib
+import warnings
+from typing import Any
 
 from transformers import (
     AutoConfig,
@@ -12,18 +18,18 @@ from transformers import (
     AutoProcessor,
 )
 
+from .collators import ContrastiveDataCollator, ImageClassificationDataCollator
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
-from .data import ContrastiveDataCollator, ImageClassificationDataCollator, ImageTextColumns
-from .evaluation import embed_split, evaluate_split, retrieval_recall, top_k_accuracy
-from .finetuning import (
+from .grad_cache import grad_cache_backward
+from .hub import PUBLISHED_HYPERPARAMETERS, ModelCardInfo, push_to_hub, render_model_card
+from .loss import contrastive_loss, gather_features, image_text_loss, sigmoid_loss
+from .metrics import (
     compute_classification_metrics,
     compute_contrastive_metrics,
     contrastive_accuracy_flags,
-    match_special_tokens,
+    retrieval_recall,
+    top_k_accuracy,
 )
-from .grad_cache import grad_cache_backward
-from .hub import PUBLISHED_HYPERPARAMETERS, push_to_hub, render_model_card
-from .loss import contrastive_loss, gather_features, image_text_loss, sigmoid_loss
 from .modeling_hf_clip import (
     HFClipForImageClassification,
     HFClipModel,
@@ -36,7 +42,7 @@ from .modeling_hf_clip import (
 )
 from .processing_hf_clip import HFClipProcessor, to_rgb_image
 from .templates import PHOTO_TEMPLATES
-from .tokenization import train_clip_tokenizer
+from .tokenization import match_special_tokens, train_clip_tokenizer
 from .zero_shot import from_zero_shot, weight_space_ensemble, zero_shot_classifier
 
 __version__ = "0.1.0"
@@ -58,6 +64,33 @@ HFClipModel.register_for_auto_class("AutoModel")
 HFClipForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 HFClipProcessor.register_for_auto_class("AutoProcessor")
 
+# Names that moved to the training package, which reads datasets: {old name: new module}.
+_MOVED_TO_TRAINING_PACKAGE = {
+    "ImageTextColumns": "hf_clip_train.data",
+    "embed_split": "hf_clip_train.data",
+    "evaluate_split": "hf_clip_train.data",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated aliases of the names in `_MOVED_TO_TRAINING_PACKAGE`: they warn and import the training package."""
+    if name not in _MOVED_TO_TRAINING_PACKAGE:
+        raise AttributeError(f"module 'hf_clip' has no attribute {name!r}")
+    module_name = _MOVED_TO_TRAINING_PACKAGE[name]
+    warnings.warn(
+        f"hf_clip.{name} moved to {module_name}.{name} (the training package, `pip install \"hf-clip[train]\"`); "
+        "the hf_clip alias will be removed in the next release.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ImportError(f"hf_clip.{name} is now {module_name}.{name}, which needs the training extra ({error}); "
+                          'install it with: pip install "hf-clip[train]"') from error
+    return getattr(module, name)
+
+
 __all__ = [
     "PUBLISHED_HYPERPARAMETERS",
     "PHOTO_TEMPLATES",
@@ -75,13 +108,11 @@ __all__ = [
     "HFClipVisionModel",
     "HFClipVisionModelWithProjection",
     "ImageClassificationDataCollator",
-    "ImageTextColumns",
+    "ModelCardInfo",
     "compute_classification_metrics",
     "compute_contrastive_metrics",
     "contrastive_accuracy_flags",
     "contrastive_loss",
-    "embed_split",
-    "evaluate_split",
     "from_zero_shot",
     "gather_features",
     "grad_cache_backward",

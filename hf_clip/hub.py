@@ -6,13 +6,16 @@
 `hyperparameters.json`. `HF_ENDPOINT` chooses the Hub (huggingface.co when unset).
 """
 
+import dataclasses
 import json
 import logging
 import math
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,8 +53,9 @@ _METRICS = (
        f"recall@{k}", f"Text-to-image recall@{k}") for k in (1, 5, 10)),
 )
 # The hyper-parameters published by default, in the vocabulary of Transformers' `TrainingArguments` and hf_clip's
-# configs; a caller publishes any other key only by naming it in `extra_hyperparameters`.
-PUBLISHED_HYPERPARAMETERS = frozenset({
+# configs, in the order a card lists them; a caller publishes any other key only by naming it in
+# `extra_hyperparameters`.
+PUBLISHED_HYPERPARAMETERS = (
     "model_name_or_path", "dataset_name", "dataset_config_name", "train_split", "image_column", "caption_column",
     "max_train_samples", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
     "num_processes", "global_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
@@ -59,7 +63,7 @@ PUBLISHED_HYPERPARAMETERS = frozenset({
     "fp16", "activation_checkpointing", "gradient_checkpointing", "torch_compile", "seed", "label_smoothing",
     "loss_type", "loss_chunk_size", "patch_dropout", "grad_cache_micro_batches", "lock_image",
     "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers",
-})
+)
 # Keys that name a credential are never published, not even when named in `extra_hyperparameters`.
 _PRIVATE_KEY = re.compile(r"(^|_)(token|password|passwd|secret|key|credentials?|auth)($|_)", re.IGNORECASE)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -68,13 +72,65 @@ _PATH_LIKE = re.compile(r"^(/|~|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
 T = TypeVar("T")
 
 
+@dataclass
+class ModelCardInfo:
+    """What a model card states beyond the model itself; `render_model_card` and `push_to_hub` both take one.
+
+    metrics: {split: {metric: value in [0, 1]}}, as `hf_clip_train.data.evaluate_split` returns per split. Known
+        metrics (zero-shot top-1/top-5, retrieval recall@k) become the front matter's `model-index`; `push_to_hub`
+        also writes them to `eval_results.json`. NaN or infinite values raise `ValueError`.
+    hyperparameters: {name: value}: the recipe, shown as a table in the order given (and written to
+        `hyperparameters.json` by `push_to_hub`). Only the keys in `hf_clip.PUBLISHED_HYPERPARAMETERS` and those
+        named in `extra_hyperparameters` are published, and never a key naming a credential (token, password,
+        secret, key, credentials, auth); the others are dropped with a warning that names them. None values are
+        left out; local paths are shown as "local path NAME".
+    dataset: the training data's Hub id, or a local path, shown as "local dataset NAME" (its basename only);
+        `dataset_split` is the split trained on and `dataset_description` a sentence on the data.
+    base_model: the Hub id fine-tuned from; a local directory is not linked.
+    limitations: extra text for "Intended use and limitations".
+    """
+
+    metrics: Mapping[str, Mapping[str, float]] | None = None
+    hyperparameters: Mapping[str, Any] | None = None
+    extra_hyperparameters: Iterable[str] = ()
+    dataset: str | None = None
+    dataset_split: str | None = None
+    dataset_description: str | None = None
+    base_model: str | None = None
+    limitations: str | None = None
+    license: str = "apache-2.0"
+
+
+_CARD_FIELDS = tuple(field.name for field in dataclasses.fields(ModelCardInfo))
+
+
+def _card_info(card: ModelCardInfo | None, card_fields: dict[str, Any], function: str) -> ModelCardInfo:
+    """`card`, or one built from the card fields passed one by one as keywords (the deprecated form)."""
+    unknown = sorted(set(card_fields) - set(_CARD_FIELDS))
+    if unknown:
+        raise TypeError(f"{function}() got unexpected keyword argument(s) {unknown}.")
+    if not card_fields:
+        return card or ModelCardInfo()
+    if card is not None:
+        raise TypeError(f"{function}(): pass the card's contents either as `card=ModelCardInfo(...)` or as keywords, "
+                        f"not both (got card and {sorted(card_fields)}).")
+    warnings.warn(f"Passing {sorted(card_fields)} to hf_clip.{function} as keywords is deprecated and will be removed "
+                  f"in the next release; pass card=hf_clip.ModelCardInfo(...) instead.", FutureWarning, stacklevel=3)
+    return ModelCardInfo(**card_fields)
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """Whether `name` is shaped like a Hub repo id: 'name' or 'namespace/name'."""
+    return bool(_HUB_ID.match(name))
+
+
 def _basename(path: str) -> str:
     return re.split(r"[/\\]", path.rstrip("/\\"))[-1] or path
 
 
 def public_name(name: str, kind: str) -> str:
     """A Hub id as is; a local path (or glob) as f"local {kind} {basename}", so that no local path is published."""
-    if name.startswith(f"local {kind} ") or (_HUB_ID.match(name) and not Path(name).expanduser().exists()):
+    if name.startswith(f"local {kind} ") or (is_hub_repo_id(name) and not Path(name).expanduser().exists()):
         return name
     return f"local {kind} {_basename(name)}"
 
@@ -96,7 +152,7 @@ def _clean_hyperparameters(hyperparameters: Mapping[str, Any] | None,
         raise TypeError(f"hyperparameters must be a mapping of names to values, got {type(hyperparameters).__name__}.")
     if isinstance(extra_hyperparameters, str):
         raise TypeError("extra_hyperparameters must be a collection of key names, not one string.")
-    allowed = PUBLISHED_HYPERPARAMETERS | set(extra_hyperparameters)
+    allowed = {*PUBLISHED_HYPERPARAMETERS, *extra_hyperparameters}
     unknown = [key for key in hyperparameters if key not in allowed]
     if unknown:
         logger.warning("Not publishing hyper-parameters %s: they are not in hf_clip.PUBLISHED_HYPERPARAMETERS; name "
@@ -139,40 +195,22 @@ def _format_value(value: Any) -> str:
 def render_model_card(
     model,
     repo_id: str,
+    card: ModelCardInfo | None = None,
     *,
-    metrics: Mapping[str, Mapping[str, float]] | None = None,
-    hyperparameters: Mapping[str, Any] | None = None,
-    extra_hyperparameters: Iterable[str] = (),
-    dataset: str | None = None,
-    dataset_split: str | None = None,
-    dataset_description: str | None = None,
-    base_model: str | None = None,
-    limitations: str | None = None,
-    license: str = "apache-2.0",
     template_path: str | Path = MODEL_CARD_TEMPLATE,
+    **card_fields: Any,
 ) -> ModelCard:
-    """Render the hf_clip model card for `model` (an `HFClipModel`).
-
-    Args:
-        metrics: {split: {metric: value in [0, 1]}}, as `hf_clip.evaluate_split` returns per split. Known metrics
-            (zero-shot top-1/top-5, retrieval recall@k) become the front matter's `model-index`.
-        hyperparameters: {name: value}: the recipe, shown as a table in the order given. Only the keys in
-            `hf_clip.PUBLISHED_HYPERPARAMETERS` (Transformers' `TrainingArguments` names and hf_clip's loss, patch
-            dropout, GradCache and tower-lock options) and those named in `extra_hyperparameters` are published, and
-            never a key naming a credential (token, password, secret, key, credentials, auth); the others are
-            dropped with a warning that names them. None values are left out; local paths are shown as
-            "local path NAME".
-        dataset: the training data's Hub id, or a local path, shown as "local dataset NAME" (its basename only);
-            `dataset_split` is the split trained on and `dataset_description` a sentence on the data.
-        base_model: the Hub id fine-tuned from; a local directory is not linked.
-        limitations: extra text for "Intended use and limitations".
-    """
-    metrics = _check_metrics(metrics)
+    """Render the hf_clip model card of `model` (an `HFClipModel`) for `repo_id`, with the metrics, recipe, data
+    and limitations of `card` (see `ModelCardInfo`). The card's fields may still be passed one by one as keywords
+    (deprecated)."""
+    card = _card_info(card, card_fields, "render_model_card")
+    metrics = _check_metrics(card.metrics)
     shown = {key: _format_value(value)
-             for key, value in _clean_hyperparameters(hyperparameters, extra_hyperparameters).items()
+             for key, value in _clean_hyperparameters(card.hyperparameters, card.extra_hyperparameters).items()
              if value is not None}
-    dataset_name = public_name(dataset, "dataset") if dataset else None
+    dataset_name = public_name(card.dataset, "dataset") if card.dataset else None
     dataset_id = dataset_name.removeprefix("local dataset ") if dataset_name else None
+    base_model = card.base_model
     if base_model is not None and (Path(base_model).exists() or base_model.count("/") != 1):
         base_model = None
 
@@ -191,7 +229,7 @@ def render_model_card(
         model_name=model_name,
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
-        license=license,
+        license=card.license,
         tags=["hf_clip", "clip", "vision", "contrastive-image-text", "zero-shot-image-classification"],
         datasets=[dataset_id] if dataset_id else None,
         base_model=base_model,
@@ -221,12 +259,12 @@ def render_model_card(
         logit_scale=math.exp(min(model.logit_scale.item(), math.log(config.logit_scale_max))),
         logit_scale_max=config.logit_scale_max,
         dataset_name=dataset_name,
-        dataset_split=dataset_split,
-        dataset_description=dataset_description,
+        dataset_split=card.dataset_split,
+        dataset_description=card.dataset_description,
         hyperparameters=shown,
         results_columns=results_columns,
         results_rows=results_rows,
-        limitations=limitations,
+        limitations=card.limitations,
     )
 
 
@@ -289,14 +327,8 @@ def push_to_hub(
     model,
     processor,
     repo_id: str,
+    card: ModelCardInfo | None = None,
     *,
-    metrics: Mapping[str, Mapping[str, float]] | None = None,
-    hyperparameters: Mapping[str, Any] | None = None,
-    extra_hyperparameters: Iterable[str] = (),
-    dataset: str | None = None,
-    dataset_split: str | None = None,
-    dataset_description: str | None = None,
-    base_model: str | None = None,
     state_dict: dict[str, Any] | None = None,
     private: bool = False,
     revision: str | None = None,
@@ -305,26 +337,28 @@ def push_to_hub(
     max_shard_size: int | str = "5GB",
     max_retries: int = 5,
     retry_base_delay: float = 1.0,
+    **card_fields: Any,
 ) -> CommitInfo:
     """Push `model` (an `HFClipModel`) and `processor` to `repo_id` as one commit, with a model card.
 
     Creates the repo (and the `revision` branch, from main) if needed; `private` applies when the repo is created.
-    `metrics`, `hyperparameters` (with `extra_hyperparameters`), `dataset`, `dataset_split`, `dataset_description`
-    and `base_model` fill the card (see `render_model_card`); the metrics are also written to `eval_results.json`
-    and the hyper-parameters, as the card shows them, to `hyperparameters.json`. NaN or infinite metrics raise
-    `ValueError`. `state_dict` is saved instead of `model.state_dict()` (as `save_pretrained` takes it, e.g.
-    gathered from a sharded model). A push whose files equal the remote ones makes no commit and returns the current
-    head. Transient failures are retried with backoff; a retried commit whose first attempt did land is detected as
+    `card` (a `ModelCardInfo`) fills the model card (see `render_model_card`); its metrics are also written to
+    `eval_results.json` and its hyper-parameters, as the card shows them, to `hyperparameters.json`. NaN or infinite
+    metrics raise `ValueError`. The card's fields may still be passed one by one as keywords (deprecated).
+    `state_dict` is saved instead of `model.state_dict()` (as `save_pretrained` takes it, e.g. gathered from a
+    sharded model). A push whose files equal the remote ones makes no commit and returns the current head.
+    Transient failures are retried with backoff; a retried commit whose first attempt did land is detected as
     unchanged, so it never creates a duplicate commit.
 
     Returns the `CommitInfo` of the new (or current) head commit.
     """
+    card = _card_info(card, card_fields, "push_to_hub")
     if not isinstance(repo_id, str) or not repo_id.strip("/"):
         raise ValueError(f"repo_id must be 'namespace/name' or 'name', got {repo_id!r}.")
     if processor is None:
         raise ValueError("push_to_hub needs the processor too: without it the repo cannot be used for inference.")
-    metrics = _check_metrics(metrics)
-    hyperparameters = _clean_hyperparameters(hyperparameters, extra_hyperparameters)
+    metrics = _check_metrics(card.metrics)
+    hyperparameters = _clean_hyperparameters(card.hyperparameters, card.extra_hyperparameters)
     api = HfApi(token=token)
     try:
         repo_id = _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True).repo_id,
@@ -338,10 +372,7 @@ def push_to_hub(
                                   state_dict=None if state_dict is None else dict(state_dict))
             processor.save_pretrained(folder)
             processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, for older tools
-            render_model_card(model, repo_id, metrics=metrics, hyperparameters=hyperparameters,
-                              extra_hyperparameters=extra_hyperparameters, dataset=dataset,
-                              dataset_split=dataset_split, dataset_description=dataset_description,
-                              base_model=base_model).save(Path(folder) / "README.md")
+            render_model_card(model, repo_id, card).save(Path(folder) / "README.md")
             if metrics:
                 (Path(folder) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
             if hyperparameters:
@@ -358,4 +389,11 @@ def push_to_hub(
         raise clear from None
 
 
-__all__ = ["PUBLISHED_HYPERPARAMETERS", "public_name", "push_to_hub", "render_model_card"]
+__all__ = [
+    "PUBLISHED_HYPERPARAMETERS",
+    "ModelCardInfo",
+    "is_hub_repo_id",
+    "public_name",
+    "push_to_hub",
+    "render_model_card",
+]

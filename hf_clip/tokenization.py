@@ -1,10 +1,16 @@
-"""Train a CLIP-style byte-level BPE tokenizer from captions, for models trained from scratch."""
+"""Tokenizers for hf_clip models: train a CLIP-style byte-level BPE tokenizer from captions (for models trained from
+scratch), and check that a model's text config agrees with its tokenizer on special tokens."""
+
+from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -33,6 +39,8 @@ def train_clip_tokenizer(
     end-of-text and is on the right. `vocab_size` is an upper bound: a small corpus may learn fewer merges.
     Derive the model's text config from the result with `HFClipConfig.from_preset(..., tokenizer=tokenizer)`.
     """
+    from transformers import CLIPTokenizer
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     min_vocab_size = 2 * len(alphabet) + 2
     if vocab_size < min_vocab_size:
@@ -81,4 +89,28 @@ def train_clip_tokenizer(
     )
 
 
-__all__ = ["train_clip_tokenizer"]
+def match_special_tokens(model, tokenizer) -> None:
+    """Set the text config's eos/bos/pad ids to the tokenizer's where it defines them, as
+    `Trainer(processing_class=...)` would, after checking that the text tower still pools at the same token.
+
+    Legacy CLIP configs (eos_token_id 2) pool at the highest token id, which is the first end-of-text token only when
+    end-of-text is the tokenizer's last id. Any other disagreement raises `ValueError`, since the model and the
+    tokenizer would then disagree on where a text ends.
+    """
+    text_config = model.config.get_text_config()
+    eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token; the text tower pools at the end-of-text token.")
+    legacy_equivalent = text_config.eos_token_id == 2 and eos_token_id == len(tokenizer) - 1
+    if text_config.eos_token_id != eos_token_id and not legacy_equivalent:
+        raise ValueError(
+            f"The text config pools at eos_token_id {text_config.eos_token_id} but the tokenizer ends text with id "
+            f"{eos_token_id}; fix text_config.eos_token_id in config.json."
+        )
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, name)
+        if token_id is not None:
+            setattr(text_config, name, token_id)
+
+
+__all__ = ["match_special_tokens", "train_clip_tokenizer"]

@@ -49,7 +49,8 @@ def push(job: dict) -> dict:
     if job.get("transformers_method"):  # PreTrainedModel.push_to_hub / ProcessorMixin.push_to_hub
         model.push_to_hub(job["repo_id"])
         return {"oid": processor.push_to_hub(job["repo_id"]).oid}
-    commit = hf_clip.push_to_hub(model, processor, job["repo_id"], retry_base_delay=0.05, **job.get("kwargs", {}))
+    card = hf_clip.ModelCardInfo(**job["card"]) if "card" in job else None
+    commit = hf_clip.push_to_hub(model, processor, job["repo_id"], card, retry_base_delay=0.05, **job.get("kwargs", {}))
     return {"oid": commit.oid}
 
 

@@ -1,4 +1,5 @@
-"""hf_clip.evaluation against naive formulas and a row-by-row reference computation."""
+"""Dataset-level evaluation (training.data.evaluate_split) and hf_clip.metrics against naive formulas and a
+row-by-row reference computation."""
 
 import io
 
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hf_clip import HFClipModel, HFClipProcessor, evaluate_split, retrieval_recall, top_k_accuracy, zero_shot_classifier
-from hf_clip.data import image_transform_for
+from hf_clip import HFClipModel, HFClipProcessor, retrieval_recall, top_k_accuracy, zero_shot_classifier
+from training.data import evaluate_split, image_transform_for
 from training.synthetic import CLASS_NAMES, TEMPLATES, build_shapes_dataset
 
 
@@ -69,3 +70,16 @@ def test_evaluate_split_matches_a_row_by_row_reference_and_skips_bad_rows(saved_
         expected.update({f"{direction}_R@{k}": _naive_top_k(scores, list(range(23)), k) for k in (1, 5, 10)})
     assert results == pytest.approx(expected, abs=1e-6)
     assert model.training is False
+
+
+@pytest.mark.parametrize("name", ["evaluate_split", "embed_split", "ImageTextColumns"])
+def test_names_moved_to_the_training_package_still_import_from_hf_clip_with_a_warning(name):
+    import hf_clip_train.data
+
+    import hf_clip
+
+    with pytest.warns(FutureWarning, match=rf"hf_clip\.{name} moved to hf_clip_train\.data\.{name}"):
+        alias = getattr(hf_clip, name)
+    assert alias is getattr(hf_clip_train.data, name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        hf_clip.no_such_name  # noqa: B018

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 import hf_clip
-from hf_clip import HFClipModel, HFClipProcessor, render_model_card
+from hf_clip import HFClipModel, HFClipProcessor, ModelCardInfo, render_model_card
 
 WORKERS = Path(__file__).with_name("hub_workers.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -83,16 +83,16 @@ def pushed_repo(hub_server, saved_checkpoint, tmp_path_factory):
     """alice/round-trip-clip, pushed once with metrics and training arguments."""
     env = hub_env(hub_server, tmp_path_factory.mktemp("hf_home_push"))
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "round-trip-clip",
-           "kwargs": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS, "commit_message": "First model",
-                      "extra_hyperparameters": [*PRIVATE_ARGS]}}
+           "card": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS, "extra_hyperparameters": [*PRIVATE_ARGS]},
+           "kwargs": {"commit_message": "First model"}}
     report = run_worker("push", job, env)
     return {"repo_id": "alice/round-trip-clip", "oid": report["oid"], "stderr": report["stderr"]}
 
 
 def test_model_card_front_matter_is_valid_and_carries_the_metrics(saved_checkpoint):
     model = HFClipModel.from_pretrained(saved_checkpoint)
-    card = render_model_card(model, "alice/round-trip-clip", metrics=METRICS, hyperparameters=HYPERPARAMETERS,
-                             **CARD_DATA)
+    card = render_model_card(model, "alice/round-trip-clip",
+                             ModelCardInfo(metrics=METRICS, hyperparameters=HYPERPARAMETERS, **CARD_DATA))
     parsed = ModelCard(str(card))  # parses and validates the YAML front matter with ModelCardData
     data = parsed.data
     assert data.library_name == "transformers" and data.pipeline_tag == "zero-shot-image-classification"
@@ -119,34 +119,35 @@ def test_model_card_front_matter_is_valid_and_carries_the_metrics(saved_checkpoi
 
 def test_local_directory_is_not_a_base_model(saved_checkpoint):
     model = HFClipModel.from_pretrained(saved_checkpoint)
-    card = render_model_card(model, "me/m", base_model=str(saved_checkpoint), dataset=str(saved_checkpoint))
+    info = ModelCardInfo(base_model=str(saved_checkpoint), dataset=str(saved_checkpoint))
+    card = render_model_card(model, "me/m", info)
     assert ModelCard(str(card)).data.base_model is None
     assert ModelCard(str(card)).data.datasets == [saved_checkpoint.name]  # a local dataset path shows by its name
     assert "No training data or hyper-parameters were recorded" in str(render_model_card(model, "me/m"))
     with pytest.raises(TypeError, match="split names"):
-        render_model_card(model, "me/m", metrics={"zero_shot_top1": 0.5})
+        render_model_card(model, "me/m", ModelCardInfo(metrics={"zero_shot_top1": 0.5}))
 
 
 def test_card_publishes_known_hyperparameters_no_credential_and_no_local_path(saved_checkpoint, caplog):
     model = HFClipModel.from_pretrained(saved_checkpoint)
     hyperparameters = {**PRIVATE_ARGS, "learning_rate": 1e-3, "my_schedule": "cosine-restarts"}
     with caplog.at_level(logging.WARNING, logger="hf_clip.hub"):
-        default = str(render_model_card(model, "me/m", hyperparameters=hyperparameters))
+        default = str(render_model_card(model, "me/m", ModelCardInfo(hyperparameters=hyperparameters)))
     assert "| `learning_rate` | 0.001 |" in default
     assert "my_schedule" not in default and "logging_dir" not in default
     assert "['api_key', 'aws_access_key_id', 'credentials', 'logging_dir', 'my_schedule', 'passwd', 'private_key', " \
            "'wandb_api_key']" in caplog.text
     for value in PRIVATE_ARGS.values():
         assert value not in caplog.text, value
-    text = str(render_model_card(model, "me/m", hyperparameters=hyperparameters,
-                                 extra_hyperparameters=[*PRIVATE_ARGS, "my_schedule"],
-                                 dataset="/home/me/datasets/laion-subset", base_model=str(saved_checkpoint)))
+    text = str(render_model_card(model, "me/m", ModelCardInfo(
+        hyperparameters=hyperparameters, extra_hyperparameters=[*PRIVATE_ARGS, "my_schedule"],
+        dataset="/home/me/datasets/laion-subset", base_model=str(saved_checkpoint))))
     assert "Trained on **local dataset laion-subset**" in text and "| `my_schedule` | cosine-restarts |" in text
     assert "| `logging_dir` | local path runs |" in text
     assert ModelCard(text).data.datasets == ["laion-subset"]
     for value in (*PRIVATE_ARGS.values(), "/home/me", str(saved_checkpoint)):
         assert value not in text, value
-    hub_dataset = render_model_card(model, "me/m", dataset="laion/laion400m")
+    hub_dataset = render_model_card(model, "me/m", ModelCardInfo(dataset="laion/laion400m"))
     assert "Trained on **laion/laion400m**" in str(hub_dataset)
 
 
@@ -155,9 +156,24 @@ def test_non_finite_metrics_are_refused(saved_checkpoint, value):
     model = HFClipModel.from_pretrained(saved_checkpoint)
     metrics = {"test": {"zero_shot_top1": 0.5, "image_to_text_R@1": value}}
     with pytest.raises(ValueError, match=r"metrics\['test'\]\['image_to_text_R@1'\] is (nan|inf)"):
-        render_model_card(model, "me/m", metrics=metrics)
+        render_model_card(model, "me/m", ModelCardInfo(metrics=metrics))
     with pytest.raises(ValueError, match="NaN or infinite"):
-        hf_clip.push_to_hub(model, HFClipProcessor.from_pretrained(saved_checkpoint), "me/m", metrics=metrics)
+        hf_clip.push_to_hub(model, HFClipProcessor.from_pretrained(saved_checkpoint), "me/m",
+                            ModelCardInfo(metrics=metrics))
+
+
+def test_card_fields_as_keywords_still_work_with_a_deprecation_warning(saved_checkpoint):
+    """The former call form `render_model_card(model, repo_id, metrics=..., ...)` renders the same card and warns."""
+    model = HFClipModel.from_pretrained(saved_checkpoint)
+    expected = str(render_model_card(model, "me/m", ModelCardInfo(metrics=METRICS, hyperparameters=HYPERPARAMETERS,
+                                                                  **CARD_DATA)))
+    with pytest.warns(FutureWarning, match=r"pass card=hf_clip.ModelCardInfo\(...\) instead"):
+        legacy = render_model_card(model, "me/m", metrics=METRICS, hyperparameters=HYPERPARAMETERS, **CARD_DATA)
+    assert str(legacy) == expected
+    with pytest.raises(TypeError, match="not both"):
+        render_model_card(model, "me/m", ModelCardInfo(), metrics=METRICS)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'metric'"):
+        hf_clip.push_to_hub(model, HFClipProcessor.from_pretrained(saved_checkpoint), "me/m", metric=METRICS)
 
 
 @pytest.mark.slow
@@ -211,7 +227,7 @@ def test_pull_with_remote_code_and_no_hf_clip(hub_server, pushed_repo, saved_che
 @pytest.mark.slow
 def test_repush_without_changes_makes_no_commit(hub_server, pushed_repo, saved_checkpoint, tmp_path):
     job = {"checkpoint": str(saved_checkpoint), "repo_id": pushed_repo["repo_id"],
-           "kwargs": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS, "extra_hyperparameters": [*PRIVATE_ARGS]}}
+           "card": {"metrics": METRICS, "hyperparameters": PUSHED_ARGS, "extra_hyperparameters": [*PRIVATE_ARGS]}}
     report = run_worker("push", job, hub_env(hub_server, tmp_path / "hf_home"))
     repo = hub_server.hub.repos[pushed_repo["repo_id"]]
     assert report["oid"] == pushed_repo["oid"] == repo.branches["main"]

@@ -1,8 +1,11 @@
 """What the wheel installs, and the console scripts without the training extra."""
 
+import json
+import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -28,7 +31,7 @@ def test_wheel_installs_hf_clip_and_hf_clip_train_but_no_training_package(tmp_pa
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {
         "hf_clip", "hf_clip_train"}
     assert {"hf_clip_train/train.py", "hf_clip_train/synthetic.py", "hf_clip/model_cards/hf_clip_model_card.md",
-            "hf_clip/evaluation.py"} <= set(names)
+            "hf_clip/collators.py", "hf_clip_train/data.py"} <= set(names)
     entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("train", "evaluate", "finetune"):
         assert f"hf-clip-{script} = hf_clip_train.cli:{script}" in entry_points
@@ -42,3 +45,36 @@ def test_console_scripts_name_the_missing_training_extra(script, monkeypatch):
         getattr(cli, script)()
     assert str(exited.value) == (f"hf-clip-{script} needs the training extra, and accelerate, datasets are not "
                                  'installed. Install it with: pip install "hf-clip[train]"')
+
+
+def test_import_hf_clip_loads_no_module_beyond_transformers_clip():
+    """`import hf_clip` costs what `from transformers import CLIPModel, CLIPProcessor` costs: in a clean interpreter,
+    every module it adds is one of its own (no datasets, pyarrow, optional extras or extra Transformers modules)."""
+    script = textwrap.dedent("""
+        import json, sys
+        from transformers import CLIPModel, CLIPProcessor
+        before = set(sys.modules)
+        import hf_clip
+        print(json.dumps(sorted(set(sys.modules) - before)))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    added = json.loads(result.stdout)
+    assert added and all(name == "hf_clip" or name.startswith("hf_clip.") for name in added), added
+
+
+def _layout_table() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n## Layout\n"):]
+    return section[: section.find("\n## ", 1) if section.find("\n## ", 1) > 0 else len(section)]
+
+
+def test_readme_layout_table_names_every_module_and_nothing_else():
+    named = set(re.findall(r"`((?:hf_clip|training|benchmarks|examples|tests|model_cards)/[^`]*)`", _layout_table()))
+    modules = {path.relative_to(REPO).as_posix() for folder in ("hf_clip", "training", "benchmarks", "examples")
+               for path in (REPO / folder).glob("*.py")}
+    missing = sorted(module for module in modules
+                     if module not in named and not (module.endswith("__init__.py") and module.startswith("training")))
+    assert not missing, f"README.md's layout table does not name {missing}"
+    stale = sorted(path for path in named if not (REPO / path.rstrip("/")).exists())
+    assert not stale, f"README.md's layout table names paths that do not exist: {stale}"

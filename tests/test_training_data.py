@@ -11,19 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_clip import ContrastiveDataCollator, HFClipProcessor, ImageTextColumns
-from hf_clip.data import ImageTextDataset, image_transform_for
+from hf_clip import ContrastiveDataCollator, HFClipProcessor
 from training import evaluate, finetune_trainer
 from training.args import DatasetArguments
 from training.checkpointing import STATE_FILE, read_state, resolve_checkpoint
 from training.data import (
     GlobalBatchSampler,
+    ImageTextColumns,
+    ImageTextDataset,
     ProcessShare,
     TrainBatches,
     base_directory,
     build_train_dataset,
     check_columns,
     check_usable_rows,
+    image_transform_for,
     load_split,
 )
 from training.train import ARGUMENT_CLASSES, cpu_has_native_bf16, parse_args, resolve_mixed_precision

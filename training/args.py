@@ -13,7 +13,6 @@ with a deprecation warning.
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
+
+from hf_clip.hub import is_hub_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -215,14 +216,11 @@ class RunArguments:
     )
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
 def check_model_name_or_path(model_name_or_path: str | None) -> None:
     """Refuse a `--model_name_or_path` that is neither an existing directory nor shaped like a Hub repo id."""
     if model_name_or_path is None or Path(model_name_or_path).expanduser().exists():
         return
-    if not _HUB_ID.match(model_name_or_path):
+    if not is_hub_repo_id(model_name_or_path):
         raise FileNotFoundError(f"--model_name_or_path {model_name_or_path!r}: no such directory, and not a Hub repo "
                                 "id ('name' or 'namespace/name').")
 

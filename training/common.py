@@ -5,45 +5,47 @@ from pathlib import Path
 
 from transformers import AutoProcessor, pipeline
 
-from hf_clip import PHOTO_TEMPLATES, HFClipConfig, HFClipModel, HFClipProcessor, evaluate_split, match_special_tokens
+from hf_clip import PHOTO_TEMPLATES, HFClipConfig, HFClipModel, HFClipProcessor, match_special_tokens
 
 from .args import DatasetArguments, EvalArguments, LoaderArguments, LossArguments, TowerLockArguments
-from .data import (
-    BAD_SAMPLE_ERRORS,
-    USABILITY_PROBE_ROWS,
-    columns_of,
-    decode_image,
-    first_rows,
-    without_image_decoding,
-    worker_count,
-)
+from .data import columns_of, evaluate_split, first_decodable_image, worker_count
 from .synthetic import TEMPLATES as SHAPES_TEMPLATES
 
 
-def loss_overrides(loss_args: LossArguments | None) -> dict:
-    """Config fields for `--loss_type` / `--loss_chunk_size` (only those given)."""
-    if loss_args is None:
-        return {}
-    overrides = {} if loss_args.loss_chunk_size is None else {"loss_chunk_size": loss_args.loss_chunk_size}
-    if loss_args.loss_type is not None:
-        overrides.update(loss_type=loss_args.loss_type, logit_bias_init_value=None)
+def config_overrides(patch_dropout: float | None = None, loss_args: LossArguments | None = None) -> dict:
+    """`HFClipConfig` fields set by `--patch_dropout`, `--loss_type` and `--loss_chunk_size` (only those given)."""
+    overrides = {}
+    if patch_dropout is not None:
+        overrides["vision_config"] = {"patch_dropout": patch_dropout}
+    if loss_args is not None and loss_args.loss_chunk_size is not None:
+        overrides["loss_chunk_size"] = loss_args.loss_chunk_size
+    if loss_args is not None and loss_args.loss_type is not None:
+        overrides["loss_type"] = loss_args.loss_type
     return overrides
+
+
+def override_config(config: HFClipConfig, overrides: dict) -> HFClipConfig:
+    """A new config with `overrides` (top-level fields, partial `text_config` / `vision_config` dicts) applied, built
+    through the config's own validation, so a bad value fails here, naming the field. A switch of `loss_type` also
+    takes that loss's initial `logit_bias`."""
+    if not overrides:
+        return config
+    values = config.to_dict()
+    for key, value in overrides.items():
+        values[key] = {**values[key], **value} if key in ("text_config", "vision_config") else value
+    if values["loss_type"] != config.loss_type:
+        values["logit_bias_init_value"] = None
+    return HFClipConfig.from_dict(values)
 
 
 def load_pretrained(model_name_or_path: str, patch_dropout: float | None = None,
                     loss_args: LossArguments | None = None) -> tuple[HFClipModel, HFClipProcessor]:
     """An hf_clip or Transformers CLIP checkpoint and its processor, with the text config's special token ids
-    matched to the tokenizer's (see `hf_clip.match_special_tokens`); `patch_dropout` overrides the checkpoint's.
-    `loss_args` may switch the loss; a CLIP checkpoint switched to SigLIP gets a new `logit_bias` at the SigLIP
-    initialisation."""
+    matched to the tokenizer's (see `hf_clip.match_special_tokens`); `patch_dropout` and `loss_args` override the
+    checkpoint's config (see `override_config`): a CLIP checkpoint switched to SigLIP gets a new `logit_bias` at the
+    SigLIP initialisation."""
     config = HFClipConfig.from_pretrained(model_name_or_path)
-    if patch_dropout is not None:
-        config.vision_config.patch_dropout = patch_dropout
-    overrides = loss_overrides(loss_args)
-    if overrides.get("loss_type", config.loss_type) == config.loss_type:
-        overrides.pop("logit_bias_init_value", None)
-    if overrides:
-        config = HFClipConfig.from_dict({**config.to_dict(), **overrides})
+    config = override_config(config, config_overrides(patch_dropout, loss_args))
     model = HFClipModel.from_pretrained(model_name_or_path, config=config)
     loaded = AutoProcessor.from_pretrained(model_name_or_path)
     match_special_tokens(model, loaded.tokenizer)
@@ -105,14 +107,10 @@ def pipeline_demo(model_dir: str | Path, splits: dict, data_args: DatasetArgumen
     if dataset is None or data_args.label_column not in dataset.column_names:
         return None
     names = dataset.features[data_args.label_column].names
-    for row in without_image_decoding(first_rows(dataset, USABILITY_PROBE_ROWS)):
-        try:
-            image = decode_image(row[data_args.image_column], columns_of(data_args).base_dir)
-            break
-        except BAD_SAMPLE_ERRORS:
-            continue
-    else:
+    found = first_decodable_image(dataset, data_args)
+    if found is None:
         return "pipeline: no decodable image among the first evaluation rows"
+    row, image = found
     classifier = pipeline("zero-shot-image-classification", model=str(model_dir))
     predictions = classifier(image, candidate_labels=names, hypothesis_template="a photo of a {}.")
     top = ", ".join(f"{p['label']} {100 * p['score']:.1f}%" for p in predictions[:3])

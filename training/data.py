@@ -1,4 +1,6 @@
-"""Image-caption data from HF datasets: loading, validation, decoding and augmentation in DataLoader workers.
+"""Everything that reads image-caption datasets: loading and checking splits, decoding and augmenting rows in
+DataLoader workers, the map-style and streamed datasets, the global-batch sampler, and dataset-level embedding and
+evaluation.
 
 Map-style data is read in global batches: each step's global batch is one slice of a seeded permutation and rank r
 takes its share of it, so N processes see exactly the batches of one process with N times the batch size, and a
@@ -8,13 +10,18 @@ from worker RNG state, which makes runs reproducible and resumable whatever the 
 
 A row whose image cannot be decoded or whose caption is empty or not a string is skipped and counted; map-style
 reading then takes the next row, so batch sizes stay equal across ranks as the distributed loss requires.
+
+Evaluation (`evaluate_split`): zero-shot classification, where each class embedding is the mean of the
+L2-normalised embeddings of its prompts (`hf_clip.zero_shot_classifier`) and an image's prediction is its most
+similar class, and image-text retrieval, which pairs each image with its first caption.
 """
 
 import functools
 import glob
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,20 +29,13 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+import torch.distributed as dist
 from datasets.distributed import split_dataset_by_node
+from PIL import Image
+from tqdm.auto import tqdm
 
-from hf_clip.data import (
-    BAD_SAMPLE_ERRORS,
-    ContrastiveDataCollator,
-    ImageTextColumns,
-    ImageTextDataset,
-    ImageTransform,
-    decode_image,
-    decode_row,
-    pick_caption,
-    prepare_columns,
-    without_image_decoding,
-)
+from hf_clip import PHOTO_TEMPLATES, ContrastiveDataCollator, retrieval_recall, top_k_accuracy, zero_shot_classifier
+from hf_clip.collators import BAD_SAMPLE_ERRORS, decode_image, pick_caption
 
 from .args import DatasetArguments, EvalArguments
 from .synthetic import build_shapes_dataset
@@ -43,6 +43,8 @@ from .synthetic import build_shapes_dataset
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASET = "embedded shapes dataset"
+MAX_CONSECUTIVE_BAD_ROWS = 64
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 USABILITY_PROBE_ROWS = 64
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -53,6 +55,17 @@ class ProcessShare:
 
     index: int = 0
     count: int = 1
+
+
+@dataclass(frozen=True)
+class ImageTextColumns:
+    """Where a dataset keeps its images, captions and class labels, and the folder relative image paths are read
+    from (None: the working directory)."""
+
+    image: str = "image"
+    caption: str = "caption"
+    label: str | None = "label"
+    base_dir: str | os.PathLike | None = None
 
 
 def dataset_label(dataset_name: str | None) -> str:
@@ -146,8 +159,117 @@ def check_columns(dataset, dataset_name: str | None, split: str, columns: dict[s
             )
 
 
+def without_image_decoding(dataset):
+    """A datasets `Dataset` or `IterableDataset` with every `Image` column left undecoded ({"bytes", "path"} cells),
+    so that reading a row never decodes an image: a corrupt file fails only in `decode_image`, as a skipped row."""
+    if hasattr(dataset, "decode"):  # IterableDataset
+        return dataset.decode(False)
+    for name, feature in (dataset.features or {}).items():
+        if type(feature).__name__ == "Image" and feature.decode:
+            dataset = dataset.cast_column(name, type(feature)(decode=False))
+    return dataset
+
+
+def prepare_columns(dataset, image_column: str, caption_column: str):
+    """Only the image and caption columns, with images undecoded until a worker reads them, so a corrupt file becomes
+    a skipped row, not a crash."""
+    return without_image_decoding(dataset.select_columns([image_column, caption_column]))
+
+
+@dataclass
+class ImageTransform:
+    """PIL image -> normalised (3, size, size) tensor. Training uses a random resized crop; evaluation resizes the
+    short side and centre-crops, like the CLIP image processor."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train: bool
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (0.9, 1 / 0.9)
+
+    def crop_box(self, width: int, height: int, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
+        if self.train and rng is not None:
+            area = width * height
+            for _ in range(10):
+                target = area * rng.uniform(*self.crop_scale)
+                aspect = math.exp(rng.uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])))
+                w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+                if 0 < w <= width and 0 < h <= height:
+                    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+                    return left, top, left + w, top + h
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return left, top, left + side, top + side
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        box = self.crop_box(*image.size, rng)
+        resized = image.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
+        array = np.asarray(resized, dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def image_transform_for(processor, train: bool, crop_scale_min: float = 0.8) -> ImageTransform:
+    """The `ImageTransform` with the size and normalisation of `processor`'s image processor."""
+    image_processor = processor.image_processor
+    return ImageTransform(
+        size=image_processor.crop_size["height"],
+        mean=tuple(image_processor.image_mean),
+        std=tuple(image_processor.image_std),
+        train=train,
+        crop_scale=(crop_scale_min, 1.0),
+    )
+
+
+def decode_row(row: dict[str, Any], columns: ImageTextColumns, transform: ImageTransform,
+               rng: np.random.Generator | None) -> tuple[torch.Tensor, str]:
+    """One dataset row -> (pixel_values (3, size, size), caption). Raises one of BAD_SAMPLE_ERRORS if unusable."""
+    caption = pick_caption(row[columns.caption], rng)
+    return transform(decode_image(row[columns.image], columns.base_dir), rng), caption
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Map-style rows -> samples {"pixel_values", caption column, "row_id", "skipped"}, decoded in the worker.
+
+    With `replace_bad_rows`, a bad row is replaced by the next usable one and counted in "skipped"; without it
+    (evaluation), a bad row yields None, which `ContrastiveDataCollator` drops and counts. Augmentation randomness
+    comes from (seed, epoch, row), so samples do not depend on the worker that decodes them.
+    """
+
+    def __init__(self, dataset, transform: ImageTransform, columns: ImageTextColumns = ImageTextColumns(), *,
+                 seed: int = 0, replace_bad_rows: bool = True):
+        self.dataset = prepare_columns(dataset, columns.image, columns.caption)
+        self.transform, self.columns, self.seed = transform, columns, seed
+        self.replace_bad_rows = replace_bad_rows
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, row_id: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.epoch, row_id]) if self.transform.train else None
+        pixel_values, caption = decode_row(self.dataset[row_id], self.columns, self.transform, rng)
+        return {"pixel_values": pixel_values, self.columns.caption: caption, "row_id": row_id}
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        attempts = MAX_CONSECUTIVE_BAD_ROWS if self.replace_bad_rows else 1
+        for attempt in range(attempts):
+            row_id = (index + attempt) % len(self.dataset)
+            try:
+                return {**self.load(row_id), "skipped": attempt}
+            except BAD_SAMPLE_ERRORS as error:
+                logger.debug("Skipping row %d: %s", row_id, error)
+        if not self.replace_bad_rows:
+            return None
+        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD_ROWS} consecutive unusable rows from row {index}; check the data.")
+
+
 class StreamingImageTextDataset(torch.utils.data.IterableDataset):
-    """Streamed rows (already split across processes) -> the same samples as `hf_clip.data.ImageTextDataset`."""
+    """Streamed rows (already split across processes) -> the same samples as `ImageTextDataset`."""
 
     def __init__(self, dataset: datasets.IterableDataset, transform: ImageTransform, columns: ImageTextColumns, *,
                  seed: int):
@@ -284,16 +406,26 @@ def check_usable_rows(dataset, data_args: DatasetArguments, split: str) -> None:
     )
 
 
-def typical_image_size(dataset, data_args: DatasetArguments) -> int | None:
-    """The median longer side, in pixels, of the decodable images among the first rows; None if none decodes."""
+def decodable_images(dataset, data_args: DatasetArguments, limit: int = USABILITY_PROBE_ROWS
+                     ) -> Iterator[tuple[dict[str, Any], Image.Image]]:
+    """(row, RGB image) for each row among the first `limit` whose image decodes; the others are passed over."""
     base_dir = base_directory(data_args.dataset_name)
-    sides = []
-    for row in without_image_decoding(first_rows(dataset, USABILITY_PROBE_ROWS)):
+    for row in without_image_decoding(first_rows(dataset, limit)):
         try:
-            sides.append(max(decode_image(row[data_args.image_column], base_dir).size))
+            yield row, decode_image(row[data_args.image_column], base_dir)
         except BAD_SAMPLE_ERRORS:
             continue
+
+
+def typical_image_size(dataset, data_args: DatasetArguments) -> int | None:
+    """The median longer side, in pixels, of the decodable images among the first rows; None if none decodes."""
+    sides = [max(image.size) for _, image in decodable_images(dataset, data_args)]
     return int(np.median(sides)) if sides else None
+
+
+def first_decodable_image(dataset, data_args: DatasetArguments) -> tuple[dict[str, Any], Image.Image] | None:
+    """The first (row, image) among the first rows whose image decodes; None if there is none."""
+    return next(decodable_images(dataset, data_args), None)
 
 
 def caption_samples(dataset, caption_column: str, limit: int = 200_000) -> Iterator[str]:
@@ -329,3 +461,89 @@ def load_eval_splits(data_args: DatasetArguments, eval_args: EvalArguments, colu
             dataset = first_rows(dataset, eval_args.max_eval_samples)
         splits[name] = dataset
     return splits
+
+
+@dataclass
+class SplitEmbeddings:
+    """A split's normalised image and first-caption embeddings (n, dim), the dataset row of each (n,), and the
+    number of rows left out as unusable."""
+
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    row_ids: torch.Tensor
+    skipped: int
+
+
+def _shared(split_across_processes: bool) -> bool:
+    return split_across_processes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _process_share(num_rows: int) -> range:
+    """This process's contiguous share of `num_rows` rows; the first `num_rows % world_size` get one more."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    per_process, extra = divmod(num_rows, world_size)
+    start = rank * per_process + min(rank, extra)
+    return range(start, start + per_process + (1 if rank < extra else 0))
+
+
+@torch.no_grad()
+def embed_split(model, processor, dataset, *, columns: ImageTextColumns = ImageTextColumns(), batch_size: int = 256,
+                num_workers: int = 0, split_across_processes: bool = False, description: str | None = None
+                ) -> SplitEmbeddings:
+    """Embed every usable row of a map-style `dataset` (images with the evaluation transform, first captions)."""
+    shared = _shared(split_across_processes)
+    rows = _process_share(len(dataset)) if shared else range(len(dataset))
+    local = ImageTextDataset(dataset.select(rows), image_transform_for(processor, train=False), columns,
+                             replace_bad_rows=False)
+    loader = torch.utils.data.DataLoader(
+        local, batch_size=batch_size, num_workers=num_workers,
+        collate_fn=ContrastiveDataCollator(processor, columns.image, columns.caption, sample_captions=False))
+    image_embeds, text_embeds, row_ids, skipped = [], [], [], 0
+    show = description is not None and (not shared or dist.get_rank() == 0)
+    for batch in tqdm(loader, desc=description, disable=not show, leave=False):
+        skipped += int(batch["skipped"])
+        if batch["row_ids"].numel() == 0:
+            continue
+        outputs = model(**{key: batch[key].to(model.device) for key in MODEL_INPUTS})
+        image_embeds.append(outputs.image_embeds.float().cpu())
+        text_embeds.append(outputs.text_embeds.float().cpu())
+        row_ids.append(torch.tensor(rows)[batch["row_ids"]])
+    parts = [(torch.cat(image_embeds) if image_embeds else None, torch.cat(text_embeds) if text_embeds else None,
+              torch.cat(row_ids) if row_ids else None, skipped)]
+    if shared:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, parts[0])
+        parts = gathered
+    usable = [part for part in parts if part[0] is not None]
+    if not usable:
+        raise ValueError(f"No usable row among the {len(dataset)} rows of the split (image column "
+                         f"{columns.image!r}, caption column {columns.caption!r}).")
+    return SplitEmbeddings(torch.cat([p[0] for p in usable]), torch.cat([p[1] for p in usable]),
+                           torch.cat([p[2] for p in usable]), sum(p[3] for p in parts))
+
+
+def evaluate_split(model, processor, dataset, *, columns: ImageTextColumns = ImageTextColumns(),
+                   class_names: Sequence[str] | None = None, templates: Sequence[str] = PHOTO_TEMPLATES,
+                   batch_size: int = 256, num_workers: int = 0, split_across_processes: bool = False,
+                   description: str | None = None) -> dict[str, float]:
+    """Retrieval recall@1/5/10 on one split and, when it has the `columns.label` column, zero-shot top-1/top-5 over
+    `class_names` (default: the column's `ClassLabel` names) with prompt ensembling over `templates`.
+
+    Returns {"num_samples", "skipped_samples", "image_to_text_R@k", "text_to_image_R@k", "zero_shot_top1",
+    "zero_shot_top5"}, accuracies in [0, 1].
+    """
+    was_training = model.training
+    model.eval()
+    embedded = embed_split(model, processor, dataset, columns=columns, batch_size=batch_size,
+                           num_workers=num_workers, split_across_processes=split_across_processes,
+                           description=description)
+    results = {"num_samples": len(embedded.row_ids), "skipped_samples": embedded.skipped}
+    results.update(retrieval_recall(embedded.image_embeds, embedded.text_embeds))
+    if columns.label and columns.label in dataset.column_names:
+        names = list(class_names or dataset.features[columns.label].names)
+        classifier = zero_shot_classifier(model, processor.tokenizer, names, list(templates))
+        labels = torch.tensor(dataset[columns.label])[embedded.row_ids]
+        accuracy = top_k_accuracy(embedded.image_embeds @ classifier.cpu().T, labels)
+        results.update({f"zero_shot_{key}": value for key, value in accuracy.items()})
+    model.train(was_training)
+    return results

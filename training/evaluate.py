@@ -1,4 +1,5 @@
-"""Zero-shot classification and image-text retrieval evaluation of a saved hf_clip model (`hf_clip.evaluate_split`).
+"""Zero-shot classification and image-text retrieval evaluation of a saved hf_clip model (`evaluate_split` of
+`training.data`).
 
     python -m training.evaluate --model_name_or_path outputs/hf-clip      # the embedded dataset's test splits
     python -m training.evaluate --model_name_or_path DIR --dataset_name DATA --eval_splits test \

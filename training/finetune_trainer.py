@@ -45,7 +45,14 @@ from .args import (
     parse_with_config_file,
 )
 from .common import load_pretrained, lock_towers, pipeline_demo, zero_shot_templates
-from .data import columns_of, dataset_label, decode_image, first_rows, load_eval_splits, load_train_split
+from .data import (
+    columns_of,
+    dataset_label,
+    first_decodable_image,
+    first_rows,
+    load_eval_splits,
+    load_train_split,
+)
 
 logger = logging.getLogger("training")
 
@@ -215,9 +222,9 @@ def finetune_classifier(model, processor, args: FinetuneScriptArguments) -> dict
     trainer.save_model()
     if trainer.is_world_process_zero():
         report(results, training_args)
-        if eval_splits:
-            row = next(iter(eval_splits.values()))[0]
-            image = decode_image(row[data.image_column], base_dir)
+        found = first_decodable_image(next(iter(eval_splits.values())), data) if eval_splits else None
+        if found is not None:
+            row, image = found
             top = pipeline("image-classification", model=training_args.output_dir)(image)[0]
             truth = classifier.config.id2label[row[data.label_column]]
             print(f"pipeline on one image of a {truth!r}: {top['label']} {100 * top['score']:.1f}%")

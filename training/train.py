@@ -24,16 +24,18 @@ from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 from hf_clip import (
     PHOTO_TEMPLATES,
+    PUBLISHED_HYPERPARAMETERS,
     ContrastiveDataCollator,
     HFClipConfig,
     HFClipModel,
     HFClipProcessor,
+    ModelCardInfo,
     grad_cache_backward,
     push_to_hub,
     render_model_card,
     train_clip_tokenizer,
 )
-from hf_clip.data import image_transform_for
+from hf_clip.grad_cache import check_micro_batches
 from hf_clip.hub import public_name
 
 from .args import (
@@ -53,13 +55,21 @@ from .args import (
     warmup_step_count,
 )
 from .checkpointing import read_state, resolve_checkpoint, save_checkpoint, truncate_step_log
-from .common import evaluate_splits, format_results_table, load_pretrained, lock_towers, loss_overrides, pipeline_demo
+from .common import (
+    config_overrides,
+    evaluate_splits,
+    format_results_table,
+    load_pretrained,
+    lock_towers,
+    pipeline_demo,
+)
 from .data import (
     ProcessShare,
     TrainBatches,
     build_train_dataset,
     caption_samples,
     check_usable_rows,
+    image_transform_for,
     load_eval_splits,
     load_train_split,
     typical_image_size,
@@ -83,16 +93,9 @@ RENAMED_FLAGS = {
     "gradient_checkpointing": "activation_checkpointing",
     "num_workers": "dataloader_num_workers",
 }
-# The recipe as the model card and hyperparameters.json show it, passed as `extra_hyperparameters` too: the keys
-# beyond `hf_clip.PUBLISHED_HYPERPARAMETERS` (preset, tokenizer_vocab_size, context_length) are this script's own.
-CARD_KEYS = (
-    "model_name_or_path", "preset", "dataset_name", "dataset_config_name", "train_split", "image_column",
-    "caption_column", "max_train_samples", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "num_processes", "global_batch_size", "learning_rate", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-    "adam_epsilon", "max_grad_norm", "mixed_precision", "activation_checkpointing", "lock_image",
-    "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers", "tokenizer_vocab_size", "context_length",
-    "seed", "patch_dropout", "grad_cache_micro_batches", "torch_compile", "image_size", "patch_size",
-)
+# This script's own recipe keys, published beside `hf_clip.PUBLISHED_HYPERPARAMETERS` (as `extra_hyperparameters`).
+SCRIPT_CARD_KEYS = ("preset", "tokenizer_vocab_size", "context_length", "image_size", "patch_size")
+CARD_KEYS = (*PUBLISHED_HYPERPARAMETERS, *SCRIPT_CARD_KEYS)
 
 
 @dataclass
@@ -133,11 +136,11 @@ def parse_args(argv: list[str] | None = None) -> TrainScriptArguments:
 
 
 def check_grad_cache(run: RunArguments) -> None:
-    if not 1 <= run.grad_cache_micro_batches <= run.per_device_train_batch_size:
-        raise ValueError(
-            f"--grad_cache_micro_batches must be between 1 and --per_device_train_batch_size "
-            f"({run.per_device_train_batch_size}), got {run.grad_cache_micro_batches}."
-        )
+    try:
+        check_micro_batches(run.grad_cache_micro_batches, run.per_device_train_batch_size)
+    except ValueError as error:
+        raise ValueError(f"--grad_cache_micro_batches (with --per_device_train_batch_size "
+                         f"{run.per_device_train_batch_size}): {error}") from None
 
 
 def set_default_batch_size(run: RunArguments, train_split, data: DatasetArguments, num_processes: int) -> None:
@@ -191,10 +194,9 @@ def build_model_and_processor(args: TrainScriptArguments, train_split, accelerat
     geometry = image_geometry(args.scratch, typical_image_size(train_split, args.data))
     args.scratch.image_size, args.scratch.patch_size = geometry["image_size"], geometry["patch_size"]
     logger.info("Image size %d, patch size %d", geometry["image_size"], geometry["patch_size"])
-    config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer,
-                                      vision_config={"patch_dropout": args.patch_dropout.patch_dropout or 0.0,
-                                                     **geometry},
-                                      **loss_overrides(args.loss))
+    overrides = config_overrides(args.patch_dropout.patch_dropout, args.loss)
+    overrides["vision_config"] = {**overrides.get("vision_config", {}), **geometry}
+    config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer, **overrides)
     model = HFClipModel(config)
     return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
 
@@ -277,12 +279,14 @@ def card_hyperparameters(args: TrainScriptArguments, accelerator: Accelerator) -
             and not (key.endswith("_unlocked_layers") and not values.get(key.removesuffix("_unlocked_layers")))}
 
 
-def card_dataset(args: TrainScriptArguments) -> dict:
-    """The model card's training-data fields."""
+def model_card(args: TrainScriptArguments, results: dict, hyperparameters: dict) -> ModelCardInfo:
+    """What the run's model card states: its results, its recipe and its training data."""
     embedded = args.data.dataset_name is None
-    return {"dataset": DATASET_ID if embedded else args.data.dataset_name, "dataset_split": args.data.train_split,
-            "dataset_description": describe(args.data.embedded_num_train) if embedded else None,
-            "base_model": args.model.model_name_or_path}
+    return ModelCardInfo(
+        metrics=results, hyperparameters=hyperparameters, extra_hyperparameters=SCRIPT_CARD_KEYS,
+        dataset=DATASET_ID if embedded else args.data.dataset_name, dataset_split=args.data.train_split,
+        dataset_description=describe(args.data.embedded_num_train) if embedded else None,
+        base_model=args.model.model_name_or_path)
 
 
 def evaluate(accelerator: Accelerator, model, processor, eval_splits: dict, args: TrainScriptArguments,
@@ -303,10 +307,9 @@ def push_checkpoint(accelerator: Accelerator, model, processor: HFClipProcessor,
     """Push the model at `step` to the `checkpoints` branch of `repo_id`; every process must call it."""
     state_dict = scalar_logit_scale(accelerator.get_state_dict(model))
     if accelerator.is_main_process:
-        hyperparameters = {**card_hyperparameters(args, accelerator), "max_steps": step}
-        commit = push_to_hub(unsharded_model(accelerator, model, state_dict), processor, repo_id, state_dict=state_dict,
-                             hyperparameters=hyperparameters, extra_hyperparameters=CARD_KEYS, **card_dataset(args),
-                             private=args.run.hub_private_repo, revision=HUB_CHECKPOINT_BRANCH,
+        card = model_card(args, {}, {**card_hyperparameters(args, accelerator), "max_steps": step})
+        commit = push_to_hub(unsharded_model(accelerator, model, state_dict), processor, repo_id, card,
+                             state_dict=state_dict, private=args.run.hub_private_repo, revision=HUB_CHECKPOINT_BRANCH,
                              commit_message=f"Checkpoint at step {step}")
         logger.info("Pushed the step-%d checkpoint: %s", step, commit.commit_url)
     accelerator.wait_for_everyone()
@@ -326,19 +329,10 @@ def save(accelerator: Accelerator, model, processor: HFClipProcessor, results: d
     return state_dict, unsharded
 
 
-def write_card(model: HFClipModel, repo_id: str, results: dict, hyperparameters: dict, args: TrainScriptArguments,
-               output_dir: Path) -> None:
-    """The model card, with the run's results and recipe, as `output_dir/README.md`."""
-    render_model_card(model, repo_id, metrics=results, hyperparameters=hyperparameters,
-                      extra_hyperparameters=CARD_KEYS, **card_dataset(args)).save(output_dir / "README.md")
-
-
-def push(model: HFClipModel, state_dict: dict, processor: HFClipProcessor, repo_id: str, results: dict,
-         hyperparameters: dict, args: TrainScriptArguments) -> str:
+def push(model: HFClipModel, state_dict: dict, processor: HFClipProcessor, repo_id: str, card: ModelCardInfo,
+         args: TrainScriptArguments) -> str:
     """Push the final model, processor, card and results in one commit; returns the commit URL."""
-    commit = push_to_hub(model, processor, repo_id, state_dict=state_dict, metrics=results,
-                         hyperparameters=hyperparameters, extra_hyperparameters=CARD_KEYS, **card_dataset(args),
-                         private=args.run.hub_private_repo)
+    commit = push_to_hub(model, processor, repo_id, card, state_dict=state_dict, private=args.run.hub_private_repo)
     return commit.commit_url
 
 
@@ -480,9 +474,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     state_dict, unwrapped = save(accelerator, model, processor, results, output_dir)
     skipped = int(accelerator.reduce(torch.tensor(float(skipped_total), device=accelerator.device), "sum").item())
     if accelerator.is_main_process:
-        hyperparameters = card_hyperparameters(args, accelerator)
         # 8. The model card.
-        write_card(unwrapped, repo_id, results, hyperparameters, args, output_dir)
+        card = model_card(args, results, card_hyperparameters(args, accelerator))
+        render_model_card(unwrapped, repo_id, card).save(output_dir / "README.md")
         print(f"\nResults after {step} steps ({global_batch} images per step, {skipped} unusable rows skipped):")
         print(format_results_table(results))
         # 9. The zero-shot pipeline, loaded from the saved folder, on one image.
@@ -492,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         print(f"Saved model, processor and model card to {output_dir}")
         # 10. Push to the Hub.
         if run.push_to_hub:
-            commit_url = push(unwrapped, state_dict, processor, repo_id, results, hyperparameters, args)
+            commit_url = push(unwrapped, state_dict, processor, repo_id, card, args)
             print(f"Pushed to the Hub: {commit_url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,5 +1,5 @@
-"""Pieces for fine-tuning with `transformers.Trainer`: evaluation metrics and a special-token check (the data
-collators are in `hf_clip.data`).
+"""Evaluation metrics: zero-shot accuracy and image-text retrieval recall from embeddings, and the
+`compute_metrics` pieces for `transformers.Trainer`.
 
     trainer = Trainer(
         model=model,
@@ -11,14 +11,38 @@ collators are in `hf_clip.data`).
     )
 
 Trainer removes the dataset columns that the model's `forward` does not name before collating, which would drop the
-raw `image` and `caption` columns these collators read: `remove_unused_columns=False` is the one flag to set.
+raw `image` and `caption` columns the collators read: `remove_unused_columns=False` is the one flag to set.
 """
 
-from typing import Any
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers import EvalPrediction
+
+if TYPE_CHECKING:
+    from transformers import EvalPrediction
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """logits (n, classes), labels (n,) -> {"top1": ..., "top5": ...} in [0, 1]."""
+    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = ranked == labels[:, None]
+    return {f"top{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
+                     ) -> dict[str, float]:
+    """Paired, normalised (n, dim) embeddings -> image→text and text→image recall@k (the pair is the target)."""
+    similarity = image_embeds @ text_embeds.T
+    targets = torch.arange(len(similarity))
+    results = {}
+    for direction, scores in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+        hits = ranked == targets[:, None]
+        results.update({f"{direction}_R@{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks})
+    return results
 
 
 def contrastive_accuracy_flags(logits: tuple[torch.Tensor, ...], labels: Any = None) -> torch.Tensor:
@@ -45,33 +69,10 @@ def compute_classification_metrics(eval_prediction: EvalPrediction) -> dict[str,
     return {"accuracy": float((predictions == np.asarray(eval_prediction.label_ids)).mean())}
 
 
-def match_special_tokens(model, tokenizer) -> None:
-    """Set the text config's eos/bos/pad ids to the tokenizer's where it defines them, as
-    `Trainer(processing_class=...)` would, after checking that the text tower still pools at the same token.
-
-    Legacy CLIP configs (eos_token_id 2) pool at the highest token id, which is the first end-of-text token only when
-    end-of-text is the tokenizer's last id. Any other disagreement raises `ValueError`, since the model and the
-    tokenizer would then disagree on where a text ends.
-    """
-    text_config = model.config.get_text_config()
-    eos_token_id = tokenizer.eos_token_id
-    if eos_token_id is None:
-        raise ValueError("The tokenizer has no eos token; the text tower pools at the end-of-text token.")
-    legacy_equivalent = text_config.eos_token_id == 2 and eos_token_id == len(tokenizer) - 1
-    if text_config.eos_token_id != eos_token_id and not legacy_equivalent:
-        raise ValueError(
-            f"The text config pools at eos_token_id {text_config.eos_token_id} but the tokenizer ends text with id "
-            f"{eos_token_id}; fix text_config.eos_token_id in config.json."
-        )
-    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        token_id = getattr(tokenizer, name)
-        if token_id is not None:
-            setattr(text_config, name, token_id)
-
-
 __all__ = [
     "compute_classification_metrics",
     "compute_contrastive_metrics",
     "contrastive_accuracy_flags",
-    "match_special_tokens",
+    "retrieval_recall",
+    "top_k_accuracy",
 ]
