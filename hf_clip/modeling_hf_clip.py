@@ -17,7 +17,6 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,12 +30,16 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, has_file
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
 from .loss import image_text_loss, loss_settings
+
+# Transformers saves a model's code with the modules it imports relatively, so this import puts the processor's
+# module beside every saved model, where the `AutoProcessor` entry of the config's `auto_map` points.
+from .processing_hf_clip import HFClipProcessor  # noqa: F401
 
 
 @dataclass
@@ -331,6 +334,21 @@ def _check_end_of_text(is_eos: torch.Tensor, eos_token_id: int | list[int]) -> N
     )
 
 
+def _pickled_weights_file(pretrained_model_name_or_path, kwargs: dict) -> str | None:
+    """The name of the pickled weights file a local folder or Hub repo holds (`pytorch_model.bin` or its index),
+    or None. A Hub repo is asked with the caller's revision and token; a failed request counts as no file."""
+    subfolder = kwargs.get("subfolder") or ""
+    for name in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
+        try:
+            if has_file(pretrained_model_name_or_path, f"{subfolder}/{name}" if subfolder else name,
+                        revision=kwargs.get("revision"), token=kwargs.get("token"),
+                        local_files_only=bool(kwargs.get("local_files_only")), cache_dir=kwargs.get("cache_dir")):
+                return name
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 class HFClipPreTrainedModel(PreTrainedModel):
     """Weight init follows OpenAI CLIP: std width^-0.5 for attention inputs and projections,
     width^-0.5·(2·layers)^-0.5 for residual outputs, (2·width)^-0.5 for the MLP input, 0.02 for token
@@ -349,8 +367,6 @@ class HFClipPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"position_ids"]
     # The contrastive loss is a batch mean, so the Trainer must not pass `num_items_in_batch` and skip its scaling.
     accepts_loss_kwargs = False
-    # Auto classes a remote-code checkpoint maps to this class besides its `register_for_auto_class` one.
-    _extra_auto_map: dict[str, str] = {}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -368,24 +384,17 @@ class HFClipPreTrainedModel(PreTrainedModel):
         except OSError as error:
             if not safetensors_by_default or pretrained_model_name_or_path is None:
                 raise
-            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-            pickled = [name for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")
-                       if (folder / name).is_file()]
-            if not pickled:
+            pickled = _pickled_weights_file(pretrained_model_name_or_path, kwargs)
+            if pickled is None:
                 raise
             raise OSError(
-                f"{str(folder)!r} has no model.safetensors, only {pickled[0]} (pickled PyTorch weights). hf_clip does "
-                "not read pickles by default because unpickling a file can run arbitrary code. If you trust where it "
-                "came from, load it with `from_pretrained(..., use_safetensors=False)` and re-save it with "
-                "`save_pretrained`, which writes safetensors."
+                f"{pretrained_model_name_or_path!r} has no model.safetensors, only {pickled} (pickled PyTorch "
+                "weights). hf_clip does not read pickles by default because unpickling a file can run arbitrary code. "
+                "If you trust where it came from, convert it once with use_safetensors=False and load the converted "
+                "folder from then on:\n"
+                f"    {cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}, "
+                "use_safetensors=False).save_pretrained('converted')  # writes model.safetensors"
             ) from error
-
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`. A registered class writes an `auto_map` naming only itself, its config
-        and `_extra_auto_map` (`register_for_auto_class` records one auto class per model class)."""
-        if self._auto_class is not None:
-            self.config.auto_map = dict(self._extra_auto_map)
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # Transformers skips modules without direct parameters in code outside its own package, guarding remote code
@@ -531,9 +540,6 @@ class HFClipModel(HFClipPreTrainedModel):
     optimiser step, so the parameter itself never drifts above the bound, where the clamp zeroes its gradient.
     A SigLIP model (`loss_type="siglip"`) also learns `logit_bias`, added to every logit; CLIP models have none.
     """
-
-    # The zero-shot pipeline resolves this key when hf_clip is not installed.
-    _extra_auto_map = {"AutoModelForZeroShotImageClassification": "modeling_hf_clip.HFClipModel"}
 
     def __init__(self, config: HFClipConfig):
         super().__init__(config)
