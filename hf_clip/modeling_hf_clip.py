@@ -289,17 +289,34 @@ class HFClipTextEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         seq_length = input_ids.shape[-1]
-        max_positions = self.position_embedding.num_embeddings
-        if seq_length > max_positions:
-            raise ValueError(
-                f"Text of {seq_length} tokens is longer than the model's context (`max_position_embeddings` = "
-                f"{max_positions}); tokenize with `truncation=True`."
-            )
         if position_ids is None:
             position_embeds = self.position_embedding.weight[:seq_length].unsqueeze(0)
         else:
             position_embeds = self.position_embedding(position_ids)
         return self.token_embedding(input_ids) + position_embeds
+
+
+def _check_context_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, context: int) -> None:
+    """(batch, seq) ids must fit the `context` learned positions. The error says whether the texts are too long
+    or only padded past the context (then counting the attended tokens is one host sync, on the error path only)."""
+    seq_length = input_ids.shape[-1]
+    if seq_length <= context:
+        return
+    message = (f"input_ids have {seq_length} positions, more than the model's context of {context} tokens "
+               "(`max_position_embeddings`).")
+    longest = None if attention_mask is None else int(attention_mask.sum(-1).max())
+    if longest is not None and longest <= context:
+        raise ValueError(
+            f"{message} The longest text holds only {longest} tokens: the batch was padded past the context "
+            f"(e.g. padding='max_length' with a larger max_length). Tokenize with max_length={context} (or less), "
+            f"e.g. processor(text=..., padding='max_length', max_length={context}, truncation=True); in "
+            f"Transformers' run_clip.py, pass --max_seq_length {context}."
+        )
+    raise ValueError(
+        f"{message} Tokenize with truncation=True and max_length={context} (or less), e.g. "
+        f"processor(text=..., padding=True, truncation=True, max_length={context}), which cuts longer texts and keeps "
+        "their end-of-text token."
+    )
 
 
 def _left_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -488,6 +505,7 @@ class HFClipTextModel(HFClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """input_ids, attention_mask (1 = token, 0 = padding on either side): (batch, seq).
         Returns last_hidden_state (batch, seq, width) and pooler_output (batch, width)."""
+        _check_context_length(input_ids, attention_mask, self.config.max_position_embeddings)
         _check_token_ids(input_ids, self.config.vocab_size)
         padding_mask = _left_padding_mask(attention_mask)
         if padding_mask is not None and position_ids is None:
