@@ -680,7 +680,7 @@ class HFClipModel(HFClipPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         gather_distributed: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> HFClipOutput | tuple:
+    ) -> HFClipOutput | BaseModelOutputWithPooling | tuple:
         """input_ids: (n_texts, seq); pixel_values: (n_images, C, H, W).
 
         Returns logits_per_image (n_images, n_texts) and, with `return_loss=True`, the loss of `config.loss_type`
@@ -688,9 +688,19 @@ class HFClipModel(HFClipPreTrainedModel):
         scores this process's batch alone unless `gather_distributed=True`, which, under an initialised
         `torch.distributed` group, scores it against every rank's batch: a collective that all ranks must join, set
         by data-parallel training (`training.train`, `ContrastiveDataCollator` for Trainer).
+
+        Given one modality only (as Transformers' `feature-extraction` and `image-feature-extraction` pipelines call
+        it), returns that tower's `get_text_features` / `get_image_features` output: last_hidden_state
+        (n, seq, width) and the projected, unnormalised pooler_output (n, projection_dim).
         """
-        if input_ids is None or pixel_values is None:
-            raise ValueError("HFClipModel.forward needs both `input_ids` and `pixel_values`.")
+        if input_ids is None and pixel_values is None:
+            raise ValueError("HFClipModel.forward needs `input_ids`, `pixel_values` or both.")
+        if (input_ids is None or pixel_values is None) and return_loss:
+            raise ValueError("return_loss=True needs both `input_ids` and `pixel_values` (image-caption pairs).")
+        if input_ids is None:
+            return self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
+        if pixel_values is None:
+            return self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         if return_loss and input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"return_loss=True needs one caption per image, got {pixel_values.shape[0]} images and "
