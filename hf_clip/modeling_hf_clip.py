@@ -486,7 +486,9 @@ class HFClipTextModel(HFClipPreTrainedModel):
         if eos_token_id == 2:  # legacy CLIP configs pooled at the highest token id
             return input_ids.argmax(dim=-1)
         eos_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
-        is_eos = torch.isin(input_ids, torch.tensor(eos_ids, device=input_ids.device))
+        is_eos = input_ids == eos_ids[0]
+        for token_id in eos_ids[1:]:  # `==` rather than `torch.isin`, which the dynamo ONNX exporter cannot lower
+            is_eos = is_eos | (input_ids == token_id)
         if padding_mask is not None:
             is_eos = is_eos & padding_mask.bool()
         if all(0 <= token_id < self.config.vocab_size for token_id in eos_ids):
