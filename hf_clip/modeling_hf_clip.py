@@ -10,7 +10,9 @@ Differences from Transformers' CLIP:
   right-padded or unmasked text runs causal attention without a mask (SDPA's `is_causal` path);
 - `logit_scale` is clamped to `config.logit_scale_max`, the similarities are computed in fp32, and the loss is
   distributed-correct under DDP (`loss.contrastive_loss`);
-- OpenAI CLIP's weight init; `HFClipForImageClassification` classifies the normalised projected class token.
+- OpenAI CLIP's weight init; `HFClipForImageClassification` classifies the normalised projected class token;
+- `HFClipModel.forward` given one modality returns that tower's features, as Transformers' feature-extraction
+  pipelines call it.
 """
 
 import contextlib
