@@ -236,3 +236,15 @@ def test_hf_clip_export_clip_command_writes_a_plain_clip_folder(saved_checkpoint
     main(["clip", str(saved_checkpoint), str(tmp_path / "plain")])
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["model_type"] == "clip"
     assert os.path.isfile(tmp_path / "plain" / "preprocessor_config.json")
+
+
+def test_export_onnx_without_the_onnx_extra_names_it(saved_checkpoint, tmp_path, monkeypatch, capsys):
+    from hf_clip.export import export_onnx, main
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the [onnx] extra were only partly installed
+    model = HFClipModel.from_pretrained(saved_checkpoint)
+    with pytest.raises(ImportError, match=r'onnxruntime not installed\. Install it with: pip install "hf-clip\[onnx'):
+        export_onnx(model, HFClipProcessor.from_pretrained(saved_checkpoint), tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["onnx", str(saved_checkpoint), str(tmp_path / "out")])
+    assert exited.value.code == 1 and 'pip install "hf-clip[onnx]"' in capsys.readouterr().err

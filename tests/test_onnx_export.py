@@ -3,8 +3,6 @@
 Skipped where the `[onnx]` extra (onnx, onnxscript, onnxruntime) is not installed; `make install` installs it.
 """
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
 from hf_clip import HFClipModel, HFClipProcessor, train_clip_tokenizer  # noqa: E402
-from hf_clip.export import export_onnx  # noqa: E402
+from hf_clip.export import main  # noqa: E402
 
 TOLERANCE = 1e-4
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 230), "yellow": (230, 220, 30),
@@ -37,7 +35,8 @@ def _colour_images(count: int, seed: int) -> tuple[list[Image.Image], list[int]]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A small model trained for 60 steps to name the colour of a picture, and its ONNX export (fp32 and int8)."""
+    """A small model trained for 60 steps to name the colour of a picture, and its ONNX export (fp32 and int8) by
+    `hf-clip-export onnx --quantize`."""
     names = list(COLOURS)
     captions = [f"a {template} {name} picture" for name in names for template in ("photo of a", "bright", "")]
     tokenizer = train_clip_tokenizer(captions + CAPTIONS, vocab_size=600, model_max_length=16)
@@ -59,9 +58,11 @@ def trained(tmp_path_factory):
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    out = tmp_path_factory.mktemp("onnx")
-    written = export_onnx(model, processor, out, quantize=True)
-    return model, processor, out, written
+    checkpoint, out = tmp_path_factory.mktemp("checkpoint"), tmp_path_factory.mktemp("onnx")
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    main(["onnx", str(checkpoint), str(out), "--quantize"])  # the `hf-clip-export onnx` console script
+    return model, processor, out
 
 
 def _session(path) -> "ort.InferenceSession":
@@ -77,9 +78,9 @@ def _text_batch(processor, texts: list[str], side: str) -> dict[str, torch.Tenso
 
 
 def test_export_writes_graphs_processor_and_readme(trained):
-    model, _, out, written = trained
-    assert set(written) == {"text_model.onnx", "vision_model.onnx", "text_model_int8.onnx",
-                            "vision_model_int8.onnx", "README.md"}
+    model, _, out = trained
+    assert {path.name for path in out.glob("*.onnx")} == {"text_model.onnx", "vision_model.onnx",
+                                                          "text_model_int8.onnx", "vision_model_int8.onnx"}
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     text, vision = _session(out / "text_model.onnx"), _session(out / "vision_model.onnx")
@@ -97,7 +98,7 @@ def test_export_writes_graphs_processor_and_readme(trained):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_text_graph_matches_pytorch_at_other_batch_sizes_and_lengths(trained, side):
     """Traced at batch 2 and length 8; run at batches 1, 3 and 5, lengths from 4 up to the 16-token context."""
-    model, processor, out, _ = trained
+    model, processor, out = trained
     session = _session(out / "text_model.onnx")
     batches = [["a red picture"], ["red", "a photo of a bright yellow picture", "a green one"],
                ["a", "b c", "a photo of a bright orange picture on the left at the top " * 3, "white", "purple"]]
@@ -114,7 +115,7 @@ def test_text_graph_matches_pytorch_at_other_batch_sizes_and_lengths(trained, si
 
 
 def test_left_and_right_padding_give_the_same_onnx_embeddings(trained):
-    _, processor, out, _ = trained
+    _, processor, out = trained
     session = _session(out / "text_model.onnx")
     texts = ["red", "a photo of a bright yellow picture", "a green one"]
     embeds = {}
@@ -125,7 +126,7 @@ def test_left_and_right_padding_give_the_same_onnx_embeddings(trained):
 
 
 def test_vision_graph_matches_pytorch_on_tiny_and_large_images_at_other_batch_sizes(trained):
-    model, processor, out, _ = trained
+    model, processor, out = trained
     session = _session(out / "vision_model.onnx")
     rng = np.random.default_rng(1)
     batches = [[Image.new("RGB", (1, 1), (200, 10, 10))],
@@ -141,7 +142,7 @@ def test_vision_graph_matches_pytorch_on_tiny_and_large_images_at_other_batch_si
 
 
 def test_scores_rebuilt_from_the_graphs_equal_the_models_logits(trained):
-    model, processor, out, _ = trained
+    model, processor, out = trained
     images, _ = _colour_images(4, seed=1000)
     texts = [f"a photo of a {name} picture" for name in COLOURS]
     inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
@@ -171,25 +172,9 @@ def _zero_shot_predictions(text_path, vision_path, processor, images) -> np.ndar
 def test_int8_graphs_keep_zero_shot_predictions_of_a_trained_model(trained):
     """Dynamic int8 quantisation of a model trained to name colours: top-1 agreement with fp32 >= 99% on 400 new
     pictures, and the fp32 graphs themselves are right on >= 90% of them."""
-    _, processor, out, _ = trained
+    _, processor, out = trained
     images, labels = _colour_images(400, seed=2000)
     fp32 = _zero_shot_predictions(out / "text_model.onnx", out / "vision_model.onnx", processor, images)
     int8 = _zero_shot_predictions(out / "text_model_int8.onnx", out / "vision_model_int8.onnx", processor, images)
     assert (fp32 == np.array(labels)).mean() >= 0.90
     assert (int8 == fp32).mean() >= 0.99
-
-
-@pytest.mark.slow
-def test_console_script_exports_a_saved_checkpoint(saved_checkpoint, tmp_path):
-    out = tmp_path / "onnx"
-    result = subprocess.run([sys.executable, "-m", "hf_clip.export", "onnx", str(saved_checkpoint), str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    model = HFClipModel.from_pretrained(saved_checkpoint).eval()
-    processor = HFClipProcessor.from_pretrained(saved_checkpoint)
-    inputs = processor(text=CAPTIONS[:5], padding=True, return_tensors="pt")
-    text_embeds = _session(out / "text_model.onnx").run(["text_embeds"], {k: v.numpy() for k, v in inputs.items()})[0]
-    with torch.no_grad():
-        expected = model.get_text_features(**inputs).pooler_output
-    np.testing.assert_allclose(text_embeds, expected.numpy(), atol=TOLERANCE, rtol=0)
-    assert sorted(p.name for p in out.iterdir() if p.suffix == ".onnx") == ["text_model.onnx", "vision_model.onnx"]
