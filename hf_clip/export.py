@@ -250,7 +250,6 @@ def export_clip(model: HFClipModel, processor: HFClipProcessor, output_dir: str 
 
     tokenizer = copy.deepcopy(processor.tokenizer)
     tokenizer.padding_side = "right"
-    tokenizer._auto_map = None
     for key in ("auto_map", "processor_class"):
         tokenizer.init_kwargs.pop(key, None)
     image_processor = copy.deepcopy(processor.image_processor)
