@@ -68,7 +68,7 @@ def report(title: str, seconds: dict[str, float], batch: int, baseline: str) -> 
               f"{seconds[baseline] / value:5.2f}x vs {baseline}")
 
 
-def tower_speed(model: HFClipModel, out: Path, repeats: int, threads: int) -> None:
+def tower_speed(model: HFClipModel, out: Path, repeats: int, threads: int, tower_names: list[str]) -> None:
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(32, 3, 224, 224, generator=generator)
     vocab, context = model.config.text_config.vocab_size, model.config.text_config.max_position_embeddings
@@ -88,23 +88,22 @@ def tower_speed(model: HFClipModel, out: Path, repeats: int, threads: int) -> No
     text_feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
     sessions = {name: session(out / name, threads) for name in
                 ("vision_model.onnx", "vision_model_int8.onnx", "text_model.onnx", "text_model_int8.onnx")}
-    image = median_seconds({
-        "eager PyTorch fp32": eager(model.get_image_features, pixel_values=pixel_values),
-        "onnxruntime fp32": lambda: sessions["vision_model.onnx"].run(None, image_feed),
-        "onnxruntime int8 (dynamic)": lambda: sessions["vision_model_int8.onnx"].run(None, image_feed),
-    }, repeats)
-    report("ViT-B/32 image tower, batch 32 (224 px)", image, 32, "eager PyTorch fp32")
-    text = median_seconds({
-        "eager PyTorch fp32": eager(model.get_text_features, input_ids=input_ids, attention_mask=attention_mask),
-        "onnxruntime fp32": lambda: sessions["text_model.onnx"].run(None, text_feed),
-        "onnxruntime int8 (dynamic)": lambda: sessions["text_model_int8.onnx"].run(None, text_feed),
-    }, repeats)
-    report("ViT-B/32 text tower, batch 256 x 77", text, 256, "eager PyTorch fp32")
-
-    with torch.inference_mode():
-        image_embeds = model.get_image_features(pixel_values=pixel_values).pooler_output.numpy()
-        text_embeds = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output.numpy()
-    for name, feed, expected in (("vision_model", image_feed, image_embeds), ("text_model", text_feed, text_embeds)):
+    towers = {
+        "image": ("vision_model", model.get_image_features, {"pixel_values": pixel_values}, image_feed,
+                  "ViT-B/32 image tower, batch 32 (224 px)", 32),
+        "text": ("text_model", model.get_text_features, {"input_ids": input_ids, "attention_mask": attention_mask},
+                 text_feed, "ViT-B/32 text tower, batch 256 x 77", 256),
+    }
+    for tower in tower_names:
+        name, method, inputs, feed, title, batch = towers[tower]
+        seconds = median_seconds({
+            "eager PyTorch fp32": eager(method, **inputs),
+            "onnxruntime fp32": lambda: sessions[f"{name}.onnx"].run(None, feed),
+            "onnxruntime int8 (dynamic)": lambda: sessions[f"{name}_int8.onnx"].run(None, feed),
+        }, repeats)
+        report(title, seconds, batch, "eager PyTorch fp32")
+        with torch.inference_mode():
+            expected = method(**inputs).pooler_output.numpy()
         fp32 = sessions[f"{name}.onnx"].run(None, feed)[0]
         int8 = sessions[f"{name}_int8.onnx"].run(None, feed)[0]
         cosine = (F.normalize(torch.from_numpy(int8), dim=-1) * F.normalize(torch.from_numpy(fp32), dim=-1)).sum(-1)
@@ -184,20 +183,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--demo_model", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--skip", nargs="*", default=[], choices=["towers", "agreement", "pipeline"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["image", "text", "agreement", "pipeline"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_kind()}; torch {torch.__version__} with {args.threads} threads, onnxruntime {ort.__version__} "
           f"with {args.threads} intra-op threads; medians of {args.repeats} alternating calls")
 
     model = HFClipModel(make_config("ViT-B-32")).eval()
-    if "towers" not in args.skip:
+    tower_names = [name for name in ("image", "text") if name not in args.skip]
+    if tower_names:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = train_clip_tokenizer(["a photo of a cat", "a photo of a dog"] * 4, vocab_size=600)
             start = time.perf_counter()
             export_onnx(model, HFClipProcessor.from_tokenizer(tokenizer), tmp, quantize=True)
             print(f"export_onnx(ViT-B/32, quantize=True): {time.perf_counter() - start:.0f} s")
-            tower_speed(model, Path(tmp), args.repeats, args.threads)
+            tower_speed(model, Path(tmp), args.repeats, args.threads, tower_names)
     if "agreement" not in args.skip:
         if (args.demo_model / "config.json").is_file():
             zero_shot_agreement(args.demo_model, args.repeats, args.threads)

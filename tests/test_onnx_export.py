@@ -178,3 +178,27 @@ def test_int8_graphs_keep_zero_shot_predictions_of_a_trained_model(trained):
     int8 = _zero_shot_predictions(out / "text_model_int8.onnx", out / "vision_model_int8.onnx", processor, images)
     assert (fp32 == np.array(labels)).mean() >= 0.90
     assert (int8 == fp32).mean() >= 0.99
+
+
+def test_siglip_graphs_also_output_the_logit_bias(tokenizer, tmp_path):
+    from hf_clip import HFClipConfig
+    from hf_clip.export import export_onnx
+
+    layer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = HFClipConfig.from_preset("tiny", tokenizer=tokenizer, loss_type="siglip", projection_dim=16,
+                                      text_config=layer, vision_config={**layer, "image_size": 16, "patch_size": 8})
+    model = HFClipModel(config).eval()
+    processor = HFClipProcessor.from_tokenizer(tokenizer, image_size=16)
+    export_onnx(model, processor, tmp_path)
+    inputs = processor(text=CAPTIONS[:3], images=[Image.new("RGB", (9, 9), "red")] * 2, padding=True,
+                       return_tensors="pt")
+    text_embeds, logit_scale, logit_bias = _session(tmp_path / "text_model.onnx").run(
+        None, {k: inputs[k].numpy() for k in ("input_ids", "attention_mask")})
+    image_embeds = _session(tmp_path / "vision_model.onnx").run(["image_embeds"],
+                                                                {"pixel_values": inputs["pixel_values"].numpy()})[0]
+    image_embeds = F.normalize(torch.from_numpy(image_embeds), dim=-1)
+    logits = float(logit_scale) * image_embeds @ F.normalize(torch.from_numpy(text_embeds), dim=-1).T
+    with torch.no_grad():
+        expected = model(**inputs).logits_per_image
+    torch.testing.assert_close(logits + float(logit_bias), expected, atol=1e-4, rtol=0)
+    assert "logit_bias" in (tmp_path / "README.md").read_text()
