@@ -192,6 +192,16 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# What `import hf_clip` registers for an `HFClipConfig`, as module.class names for a checkpoint's `auto_map`, so that
+# remote code (`trust_remote_code=True`) resolves every Auto class as the installed package does.
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_hf_clip.HFClipConfig",
+    "AutoModel": "modeling_hf_clip.HFClipModel",
+    "AutoModelForZeroShotImageClassification": "modeling_hf_clip.HFClipModel",
+    "AutoModelForImageClassification": "modeling_hf_clip.HFClipForImageClassification",
+    "AutoProcessor": "processing_hf_clip.HFClipProcessor",
+}
+
 _CLIP_MODEL_TYPES = {
     "clip": "hf_clip", "clip_text_model": "hf_clip_text_model", "clip_vision_model": "hf_clip_vision_model"
 }
@@ -207,6 +217,9 @@ class HFClipConfig(PreTrainedConfig):
     The model clamps exp(logit_scale) to at most `logit_scale_max`. `label_smoothing` (CLIP only) is applied to both
     cross-entropies. `loss_chunk_size` is the loss's `chunk_size`: None picks dense or chunked from the batch size,
     0 is dense, k > 0 is k rows per panel.
+
+    The config carries the `auto_map` of every Auto class hf_clip registers (`REMOTE_CODE_AUTO_MAP`; entries it was
+    loaded with are kept), so a saved checkpoint loads with `trust_remote_code=True` where hf_clip is not installed.
     """
 
     model_type = "hf_clip"
@@ -230,6 +243,7 @@ class HFClipConfig(PreTrainedConfig):
             if self.logit_bias_init_value is None:
                 self.logit_bias_init_value = -10.0
         super().__post_init__(**kwargs)
+        self.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     def validate_architecture(self) -> None:
         _check_positive(self, "projection_dim", "initializer_factor")

@@ -30,6 +30,7 @@ def clip_config_from_hf_clip_config(config: HFClipConfig) -> CLIPConfig:
         config_dict.pop(key, None)
     for key in ("text_config", "vision_config"):
         config_dict[key].pop("model_type", None)
+    config_dict["vision_config"].pop("patch_dropout", None)  # training only; CLIPVisionConfig has no such field
     return CLIPConfig.from_dict(config_dict)
 
 

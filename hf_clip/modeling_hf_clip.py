@@ -10,14 +10,15 @@ Differences from Transformers' CLIP:
   right-padded or unmasked text runs causal attention without a mask (SDPA's `is_causal` path);
 - `logit_scale` is clamped to `config.logit_scale_max`, the similarities are computed in fp32, and the loss is
   distributed-correct under DDP (`loss.contrastive_loss`);
-- OpenAI CLIP's weight init; `HFClipForImageClassification` classifies the normalised projected class token.
+- OpenAI CLIP's weight init; `HFClipForImageClassification` classifies the normalised projected class token;
+- `HFClipModel.forward` given one modality returns that tower's features, as Transformers' feature-extraction
+  pipelines call it.
 """
 
 import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,12 +32,16 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, has_file
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
 from .loss import image_text_loss, loss_settings
+
+# Transformers saves a model's code with the modules it imports relatively, so this import puts the processor's
+# module beside every saved model, where the `AutoProcessor` entry of the config's `auto_map` points.
+from .processing_hf_clip import HFClipProcessor  # noqa: F401
 
 
 @dataclass
@@ -286,17 +291,34 @@ class HFClipTextEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         seq_length = input_ids.shape[-1]
-        max_positions = self.position_embedding.num_embeddings
-        if seq_length > max_positions:
-            raise ValueError(
-                f"Text of {seq_length} tokens is longer than the model's context (`max_position_embeddings` = "
-                f"{max_positions}); tokenize with `truncation=True`."
-            )
         if position_ids is None:
             position_embeds = self.position_embedding.weight[:seq_length].unsqueeze(0)
         else:
             position_embeds = self.position_embedding(position_ids)
         return self.token_embedding(input_ids) + position_embeds
+
+
+def _check_context_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, context: int) -> None:
+    """(batch, seq) ids must fit the `context` learned positions. The error says whether the texts are too long
+    or only padded past the context (then counting the attended tokens is one host sync, on the error path only)."""
+    seq_length = input_ids.shape[-1]
+    if seq_length <= context:
+        return
+    message = (f"input_ids have {seq_length} positions, more than the model's context of {context} tokens "
+               "(`max_position_embeddings`).")
+    longest = None if attention_mask is None else int(attention_mask.sum(-1).max())
+    if longest is not None and longest <= context:
+        raise ValueError(
+            f"{message} The longest text holds only {longest} tokens: the batch was padded past the context "
+            f"(e.g. padding='max_length' with a larger max_length). Tokenize with max_length={context} (or less), "
+            f"e.g. processor(text=..., padding='max_length', max_length={context}, truncation=True); in "
+            f"Transformers' run_clip.py, pass --max_seq_length {context}."
+        )
+    raise ValueError(
+        f"{message} Tokenize with truncation=True and max_length={context} (or less), e.g. "
+        f"processor(text=..., padding=True, truncation=True, max_length={context}), which cuts longer texts and keeps "
+        "their end-of-text token."
+    )
 
 
 def _left_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -331,6 +353,21 @@ def _check_end_of_text(is_eos: torch.Tensor, eos_token_id: int | list[int]) -> N
     )
 
 
+def _pickled_weights_file(pretrained_model_name_or_path, kwargs: dict) -> str | None:
+    """The name of the pickled weights file a local folder or Hub repo holds (`pytorch_model.bin` or its index),
+    or None. A Hub repo is asked with the caller's revision and token; a failed request counts as no file."""
+    subfolder = kwargs.get("subfolder") or ""
+    for name in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
+        try:
+            if has_file(pretrained_model_name_or_path, f"{subfolder}/{name}" if subfolder else name,
+                        revision=kwargs.get("revision"), token=kwargs.get("token"),
+                        local_files_only=bool(kwargs.get("local_files_only")), cache_dir=kwargs.get("cache_dir")):
+                return name
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 class HFClipPreTrainedModel(PreTrainedModel):
     """Weight init follows OpenAI CLIP: std width^-0.5 for attention inputs and projections,
     width^-0.5·(2·layers)^-0.5 for residual outputs, (2·width)^-0.5 for the MLP input, 0.02 for token
@@ -349,8 +386,6 @@ class HFClipPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"position_ids"]
     # The contrastive loss is a batch mean, so the Trainer must not pass `num_items_in_batch` and skip its scaling.
     accepts_loss_kwargs = False
-    # Auto classes a remote-code checkpoint maps to this class besides its `register_for_auto_class` one.
-    _extra_auto_map: dict[str, str] = {}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -368,24 +403,17 @@ class HFClipPreTrainedModel(PreTrainedModel):
         except OSError as error:
             if not safetensors_by_default or pretrained_model_name_or_path is None:
                 raise
-            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-            pickled = [name for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")
-                       if (folder / name).is_file()]
-            if not pickled:
+            pickled = _pickled_weights_file(pretrained_model_name_or_path, kwargs)
+            if pickled is None:
                 raise
             raise OSError(
-                f"{str(folder)!r} has no model.safetensors, only {pickled[0]} (pickled PyTorch weights). hf_clip does "
-                "not read pickles by default because unpickling a file can run arbitrary code. If you trust where it "
-                "came from, load it with `from_pretrained(..., use_safetensors=False)` and re-save it with "
-                "`save_pretrained`, which writes safetensors."
+                f"{pretrained_model_name_or_path!r} has no model.safetensors, only {pickled} (pickled PyTorch "
+                "weights). hf_clip does not read pickles by default because unpickling a file can run arbitrary code. "
+                "If you trust where it came from, convert it once with use_safetensors=False and load the converted "
+                "folder from then on:\n"
+                f"    {cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}, "
+                "use_safetensors=False).save_pretrained('converted')  # writes model.safetensors"
             ) from error
-
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`. A registered class writes an `auto_map` naming only itself, its config
-        and `_extra_auto_map` (`register_for_auto_class` records one auto class per model class)."""
-        if self._auto_class is not None:
-            self.config.auto_map = dict(self._extra_auto_map)
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # Transformers skips modules without direct parameters in code outside its own package, guarding remote code
@@ -460,7 +488,9 @@ class HFClipTextModel(HFClipPreTrainedModel):
         if eos_token_id == 2:  # legacy CLIP configs pooled at the highest token id
             return input_ids.argmax(dim=-1)
         eos_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
-        is_eos = torch.isin(input_ids, torch.tensor(eos_ids, device=input_ids.device))
+        is_eos = input_ids == eos_ids[0]
+        for token_id in eos_ids[1:]:  # `==` rather than `torch.isin`, which the dynamo ONNX exporter cannot lower
+            is_eos = is_eos | (input_ids == token_id)
         if padding_mask is not None:
             is_eos = is_eos & padding_mask.bool()
         if all(0 <= token_id < self.config.vocab_size for token_id in eos_ids):
@@ -479,6 +509,7 @@ class HFClipTextModel(HFClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """input_ids, attention_mask (1 = token, 0 = padding on either side): (batch, seq).
         Returns last_hidden_state (batch, seq, width) and pooler_output (batch, width)."""
+        _check_context_length(input_ids, attention_mask, self.config.max_position_embeddings)
         _check_token_ids(input_ids, self.config.vocab_size)
         padding_mask = _left_padding_mask(attention_mask)
         if padding_mask is not None and position_ids is None:
@@ -531,9 +562,6 @@ class HFClipModel(HFClipPreTrainedModel):
     optimiser step, so the parameter itself never drifts above the bound, where the clamp zeroes its gradient.
     A SigLIP model (`loss_type="siglip"`) also learns `logit_bias`, added to every logit; CLIP models have none.
     """
-
-    # The zero-shot pipeline resolves this key when hf_clip is not installed.
-    _extra_auto_map = {"AutoModelForZeroShotImageClassification": "modeling_hf_clip.HFClipModel"}
 
     def __init__(self, config: HFClipConfig):
         super().__init__(config)
@@ -656,7 +684,7 @@ class HFClipModel(HFClipPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         gather_distributed: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> HFClipOutput | tuple:
+    ) -> HFClipOutput | BaseModelOutputWithPooling | tuple:
         """input_ids: (n_texts, seq); pixel_values: (n_images, C, H, W).
 
         Returns logits_per_image (n_images, n_texts) and, with `return_loss=True`, the loss of `config.loss_type`
@@ -664,9 +692,19 @@ class HFClipModel(HFClipPreTrainedModel):
         scores this process's batch alone unless `gather_distributed=True`, which, under an initialised
         `torch.distributed` group, scores it against every rank's batch: a collective that all ranks must join, set
         by data-parallel training (`training.train`, `ContrastiveDataCollator` for Trainer).
+
+        Given one modality only (as Transformers' `feature-extraction` and `image-feature-extraction` pipelines call
+        it), returns that tower's `get_text_features` / `get_image_features` output: last_hidden_state
+        (n, seq, width) and the projected, unnormalised pooler_output (n, projection_dim).
         """
-        if input_ids is None or pixel_values is None:
-            raise ValueError("HFClipModel.forward needs both `input_ids` and `pixel_values`.")
+        if input_ids is None and pixel_values is None:
+            raise ValueError("HFClipModel.forward needs `input_ids`, `pixel_values` or both.")
+        if (input_ids is None or pixel_values is None) and return_loss:
+            raise ValueError("return_loss=True needs both `input_ids` and `pixel_values` (image-caption pairs).")
+        if input_ids is None:
+            return self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
+        if pixel_values is None:
+            return self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         if return_loss and input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"return_loss=True needs one caption per image, got {pixel_values.shape[0]} images and "

@@ -1,15 +1,17 @@
 """HFClipProcessor: a CLIP image processor and a CLIP BPE tokenizer behind one call."""
 
 import io
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
-from transformers.utils import is_torch_available, is_torchvision_available
+from transformers.utils import PROCESSOR_NAME, is_torch_available, is_torchvision_available
 
 if is_torch_available():
     import torch
@@ -202,15 +204,27 @@ class HFClipProcessor(ProcessorMixin):
                 )
         return encoding
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`ProcessorMixin.save_pretrained`. The `auto_map` a registered processor writes for remote code goes into
-        the saved file only, so `to_dict()` is the same before saving and after loading."""
-        had_auto_map = "auto_map" in self.__dict__
-        try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            if not had_auto_map:
-                self.__dict__.pop("auto_map", None)
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """`ProcessorMixin.save_pretrained`, with the remote-code `auto_map` only in the files that name this class
+        (`processor_config.json` and `tokenizer_config.json`). ProcessorMixin also writes it into the image
+        processor, in memory and in the file, where it would send an image processor saved on its own to a module it
+        does not carry; this processor's `to_dict()` stays what it was, as after loading."""
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", Path(save_directory).name)
+            saved = self.save_pretrained(save_directory)
+            self.push_to_hub(repo_id, **kwargs)
+            return saved
+        parts = (self, self.image_processor)
+        had_auto_map = [part is not None and "auto_map" in part.__dict__ for part in parts]
+        saved = super().save_pretrained(save_directory, **kwargs)
+        for part, had in zip(parts, had_auto_map):
+            if part is not None and not had:
+                part.__dict__.pop("auto_map", None)
+        processor_file = Path(save_directory, PROCESSOR_NAME)
+        processor_dict = json.loads(processor_file.read_text(encoding="utf-8"))
+        if not had_auto_map[1] and processor_dict.get("image_processor", {}).pop("auto_map", None) is not None:
+            processor_file.write_text(json.dumps(processor_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return saved
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Images become 8-bit RGB PIL images (nesting kept) before the image processor sees them."""

@@ -60,6 +60,8 @@ def test_checkpoint_carries_remote_code(saved_checkpoint):
         "AutoConfig": "configuration_hf_clip.HFClipConfig",
         "AutoModel": "modeling_hf_clip.HFClipModel",
         "AutoModelForZeroShotImageClassification": "modeling_hf_clip.HFClipModel",
+        "AutoModelForImageClassification": "modeling_hf_clip.HFClipForImageClassification",
+        "AutoProcessor": "processing_hf_clip.HFClipProcessor",
     }
     for name in ("configuration_hf_clip.py", "modeling_hf_clip.py", "loss.py", "processing_hf_clip.py"):
         assert (saved_checkpoint / name).exists(), name

@@ -485,3 +485,31 @@ def test_flash_attention_matches_sdpa_on_gpu(clip_reference, tiny_config):
                 input_ids=ids, attention_mask=mask, pixel_values=pixels.bfloat16()
             ).logits_per_image.float()
     torch.testing.assert_close(outputs["flash_attention_2"], outputs["sdpa"], atol=3e-2, rtol=3e-2)
+
+
+def test_text_padded_past_the_context_names_max_length_not_truncation(tokenizer, tiny_config):
+    """Transformers' run_clip.py pads every caption to --max_seq_length 128 with truncation=True: the texts fit, the
+    padding does not, so the fix is a smaller max_length, not truncation."""
+    model = HFClipModel(tiny_config).eval()
+    context = tiny_config.text_config.max_position_embeddings
+    inputs = tokenizer(["a red circle", "a big blue square on the left"], padding="max_length", max_length=128,
+                       truncation=True, return_tensors="pt")
+    with pytest.raises(ValueError) as raised:
+        model.get_text_features(**inputs)
+    message = str(raised.value)
+    assert f"input_ids have 128 positions, more than the model's context of {context} tokens" in message
+    assert "The longest text holds only 9 tokens" in message
+    assert f"max_length={context}" in message and f"--max_seq_length {context}" in message
+    assert "truncation=True" in message  # part of the processor call it shows, with max_length
+
+
+def test_text_longer_than_the_context_names_truncation(tokenizer, tiny_config):
+    model = HFClipModel(tiny_config).eval()
+    context = tiny_config.text_config.max_position_embeddings
+    inputs = tokenizer(["red " * 40], return_tensors="pt")
+    for call in (lambda: model.get_text_features(**inputs), lambda: model.get_text_features(inputs["input_ids"])):
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value).startswith(
+            f"input_ids have 42 positions, more than the model's context of {context} tokens "
+            f"(`max_position_embeddings`). Tokenize with truncation=True and max_length={context}")

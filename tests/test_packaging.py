@@ -35,6 +35,7 @@ def test_wheel_installs_hf_clip_and_hf_clip_train_but_no_training_package(tmp_pa
     entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("train", "evaluate", "finetune"):
         assert f"hf-clip-{script} = hf_clip_train.cli:{script}" in entry_points
+    assert "hf-clip-export = hf_clip.export:main" in entry_points
 
 
 @pytest.mark.parametrize("script", ["train", "evaluate", "finetune"])

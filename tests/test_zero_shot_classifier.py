@@ -72,7 +72,10 @@ def test_saved_classifier_runs_in_the_image_classification_pipeline(clip_and_pro
     processor.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "configuration_hf_clip.HFClipConfig",
+        "AutoModel": "modeling_hf_clip.HFClipModel",
+        "AutoModelForZeroShotImageClassification": "modeling_hf_clip.HFClipModel",
         "AutoModelForImageClassification": "modeling_hf_clip.HFClipForImageClassification",
+        "AutoProcessor": "processing_hf_clip.HFClipProcessor",
     }
     assert type(AutoModelForImageClassification.from_pretrained(tmp_path)) is HFClipForImageClassification
     image = _images(1)[0]
