@@ -135,9 +135,10 @@ class HFClipVisionConfig(PreTrainedConfig):
         _check_optional_positive(self, "projection_dim")
         _check_width_and_heads(self)
         _check_dropout(self)
-        if self.num_hidden_layers < 0:
+        if self.num_hidden_layers < 1:
             raise ValueError(
-                f"HFClipVisionConfig: `num_hidden_layers` must be 0 or more, got {self.num_hidden_layers}."
+                f"HFClipVisionConfig: `num_hidden_layers` must be at least 1, got {self.num_hidden_layers}: without "
+                "a block the class token never attends to the patches, so every image maps to the same embedding."
             )
         if self.image_size % self.patch_size != 0:
             raise ValueError(

@@ -28,7 +28,7 @@ from huggingface_hub import (
     ModelCard,
     ModelCardData,
 )
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
 
 try:
     import httpx2 as httpx
@@ -64,10 +64,30 @@ PUBLISHED_HYPERPARAMETERS = (
     "loss_type", "loss_chunk_size", "patch_dropout", "grad_cache_micro_batches", "lock_image",
     "lock_image_unlocked_layers", "lock_text", "lock_text_unlocked_layers",
 )
-# Keys that name a credential are never published, not even when named in `extra_hyperparameters`.
-_PRIVATE_KEY = re.compile(r"(^|_)(token|password|passwd|secret|key|credentials?|auth)($|_)", re.IGNORECASE)
+# A key names a credential when one of its words (after splitting camelCase and "-"/"_") is one of these, or ends in
+# one of the suffixes ("apikey", "hftoken"); such keys are never published, not even when named in
+# `extra_hyperparameters`.
+_PRIVATE_WORDS = frozenset({
+    "auth", "authorization", "bearer", "cookie", "cookies", "credential", "credentials", "database", "db", "dsn",
+    "key", "keys", "passphrase", "passwd", "password", "pat", "pwd", "secret", "secrets", "session",
+    "signature", "token", "tokens",
+})
+_PRIVATE_SUFFIXES = ("key", "token", "secret", "password", "passwd", "cookie", "credentials")
+# Values that look like a credential, whatever their key: (pattern, what it looks like).
+_CREDENTIAL_VALUES = (
+    (re.compile(r"\bhf_[A-Za-z0-9]{20,}"), "a Hugging Face token"),
+    (re.compile(r"\b(ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{16,}|\bgithub_pat_\w{16,}"), "a GitHub token"),
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"), "an API secret key"),
+    (re.compile(r"\bxox[abpors]-[A-Za-z0-9-]{8,}"), "a Slack token"),
+    (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), "an AWS access key"),
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
+    (re.compile(r"\bBearer\s+\S{8,}"), "a bearer token"),
+    (re.compile(r"[A-Za-z][\w+.-]*://[^/\s:@]+:[^/\s@]+@"), "a URL with a user name and password"),
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PATH_LIKE = re.compile(r"^(/|~|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
+# An absolute path inside free text: "/a/b", "~/a", "C:\\a"; not the "//host/path" of a URL or a ratio like "1/2".
+_PATH_IN_TEXT = re.compile(r"(?<![\w:/.~-])(?:~?/|[A-Za-z]:\\)[^\s'\"`,;()<>]*")
 
 T = TypeVar("T")
 
@@ -81,13 +101,16 @@ class ModelCardInfo:
         also writes them to `eval_results.json`. NaN or infinite values raise `ValueError`.
     hyperparameters: {name: value}: the recipe, shown as a table in the order given (and written to
         `hyperparameters.json` by `push_to_hub`). Only the keys in `hf_clip.PUBLISHED_HYPERPARAMETERS` and those
-        named in `extra_hyperparameters` are published, and never a key naming a credential (token, password,
-        secret, key, credentials, auth); the others are dropped with a warning that names them. None values are
-        left out; local paths are shown as "local path NAME".
+        named in `extra_hyperparameters` are published, and never a key naming a credential (`is_private_key`:
+        token, password, secret, key, credentials, auth, cookie, ..., in any case or spelling such as `hfToken` or
+        `api-key`) or a value that looks like one (`credential_kind`: `hf_...`, `ghp_...`, `sk-...` tokens, URLs
+        with a password, ...); the others are dropped with a warning that names the key. None values are left out;
+        local paths, also inside free text, are shown as "local path NAME", and NaN or infinite numbers as strings.
     dataset: the training data's Hub id, or a local path, shown as "local dataset NAME" (its basename only);
         `dataset_split` is the split trained on and `dataset_description` a sentence on the data.
     base_model: the Hub id fine-tuned from; a local directory is not linked.
-    limitations: extra text for "Intended use and limitations".
+    limitations: extra text for "Intended use and limitations". Local paths in it and in `dataset_description` are
+        shown as "local path NAME".
     """
 
     metrics: Mapping[str, Mapping[str, float]] | None = None
@@ -135,17 +158,47 @@ def public_name(name: str, kind: str) -> str:
     return f"local {kind} {_basename(name)}"
 
 
+def _key_words(key: str) -> list[str]:
+    """"hfToken" -> ["hf", "token"]; "API-Key" -> ["api", "key"]; "session_cookie" -> ["session", "cookie"]."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", key))
+    return [word for word in re.split(r"[^a-z0-9]+", spaced.lower()) if word]
+
+
+def is_private_key(key: str) -> bool:
+    """Whether a hyper-parameter name names a credential (`api_key`, `hfToken`, `accessToken`, `api-key`,
+    `github_pat`, `bearer`, `session_cookie`, `database_url`, ...), whatever its case and separators."""
+    words = _key_words(key)
+    return any(word in _PRIVATE_WORDS or word.endswith(_PRIVATE_SUFFIXES) for word in [*words, "".join(words)])
+
+
+def credential_kind(value: str) -> str | None:
+    """What `value` looks like when it holds a credential ("a Hugging Face token", "a URL with a user name and
+    password", ...), else None."""
+    return next((kind for pattern, kind in _CREDENTIAL_VALUES if pattern.search(value)), None)
+
+
+def _scrub_paths(text: str) -> str:
+    """`text` with each absolute local path in it written as "local path NAME"."""
+    return _PATH_IN_TEXT.sub(lambda match: public_name(match.group(0), "path") if len(match.group(0)) > 1
+                             else match.group(0), text)
+
+
 def _public_value(value: Any) -> Any:
     if isinstance(value, str) and (_PATH_LIKE.match(value) or ("/" in value and Path(value).exists())):
         return public_name(value, "path")
+    if isinstance(value, str):
+        return _scrub_paths(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN or infinity
     return value
 
 
 def _clean_hyperparameters(hyperparameters: Mapping[str, Any] | None,
                            extra_hyperparameters: Iterable[str] = ()) -> dict[str, Any]:
-    """A JSON-safe copy of the allowed keys (`PUBLISHED_HYPERPARAMETERS` and `extra_hyperparameters`): keys naming a
-    credential (token, password, secret, key, credentials, auth) and values that are not scalars, lists of scalars or
-    enums are dropped; local paths become "local path NAME"."""
+    """A JSON-safe copy of the allowed keys (`PUBLISHED_HYPERPARAMETERS` and `extra_hyperparameters`). Dropped, with
+    a warning that names the key (never the value): keys naming a credential (`is_private_key`), values that look
+    like one (`credential_kind`), and values that are not scalars, lists of scalars or enums. Local paths, also inside
+    free text, become "local path NAME"; NaN and infinite numbers become the strings "nan", "inf" and "-inf"."""
     if hyperparameters is None:
         return {}
     if not isinstance(hyperparameters, Mapping):
@@ -159,15 +212,32 @@ def _clean_hyperparameters(hyperparameters: Mapping[str, Any] | None,
                        "them in extra_hyperparameters to publish them.", sorted(unknown))
     clean = {}
     for key, value in hyperparameters.items():
-        if key not in allowed or _PRIVATE_KEY.search(key):
+        if key not in allowed or is_private_key(key):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        kinds = [kind for v in values if isinstance(v, str) and (kind := credential_kind(v))]
+        if kinds:
+            logger.warning("Not publishing hyper-parameter %r: its value looks like %s.", key, kinds[0])
             continue
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
             clean[key] = [_public_value(v) for v in value]
         elif isinstance(value, (str, int, float, bool)) or value is None:
+            if isinstance(value, float) and not math.isfinite(value):
+                logger.warning("Hyper-parameter %r is %s; published as the string %r.", key, value, str(value))
             clean[key] = _public_value(value)
         elif hasattr(value, "value"):  # enums such as transformers' IntervalStrategy
             clean[key] = value.value
     return clean
+
+
+def _as_number(value: Any) -> Any:
+    """A NumPy scalar or a one-element NumPy array or torch tensor as a Python number; anything else unchanged."""
+    if isinstance(value, (bool, int, float, str)) or not hasattr(value, "item"):
+        return value
+    try:
+        return value.item()
+    except (ValueError, RuntimeError, TypeError):  # more than one element
+        return value
 
 
 def _check_metrics(metrics: Mapping[str, Mapping[str, float]] | None) -> dict[str, dict[str, float]]:
@@ -176,12 +246,14 @@ def _check_metrics(metrics: Mapping[str, Mapping[str, float]] | None) -> dict[st
     if not isinstance(metrics, Mapping) or not all(isinstance(v, Mapping) for v in metrics.values()):
         raise TypeError("metrics must map split names to {metric name: value}, as in eval_results.json, e.g. "
                         "{'test': {'zero_shot_top1': 0.93}}.")
+    checked = {}
     for split, values in metrics.items():
-        for key, value in values.items():
+        checked[split] = {key: _as_number(value) for key, value in values.items()}
+        for key, value in checked[split].items():
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 raise ValueError(f"metrics[{split!r}][{key!r}] is {value}: NaN or infinite metrics are not "
                                  "published. Check the evaluation (empty split? diverged training?).")
-    return {split: dict(values) for split, values in metrics.items()}
+    return checked
 
 
 def _format_value(value: Any) -> str:
@@ -260,11 +332,11 @@ def render_model_card(
         logit_scale_max=config.logit_scale_max,
         dataset_name=dataset_name,
         dataset_split=card.dataset_split,
-        dataset_description=card.dataset_description,
+        dataset_description=card.dataset_description and _scrub_paths(card.dataset_description),
         hyperparameters=shown,
         results_columns=results_columns,
         results_rows=results_rows,
-        limitations=card.limitations,
+        limitations=card.limitations and _scrub_paths(card.limitations),
     )
 
 
@@ -323,6 +395,31 @@ def _commit_folder(api: HfApi, repo_id: str, folder: Path, revision: str | None,
                              revision=revision, parent_commit=head)
 
 
+def check_push_access(repo_id: str, *, private: bool = False, token: str | None = None, max_retries: int = 2,
+                      retry_base_delay: float = 1.0) -> str:
+    """Check, before a long run, that a push to `repo_id` can succeed: the token is valid (`whoami`) and may create
+    or write to the repo (`create_repo(exist_ok=True)`, which creates it now; `private` applies then).
+
+    Returns the full repo id ("namespace/name"). Raises `PermissionError` for a missing or invalid token or a
+    namespace it cannot write to, and `FileNotFoundError` for a repo it cannot see; messages never contain the token.
+    Transient failures (5xx, dropped connections) are retried `max_retries` times, then raised as they are.
+    """
+    api = HfApi(token=token)
+    try:
+        user = _with_retries(api.whoami, "Checking the Hub token", max_retries, retry_base_delay)["name"]
+        logger.info("Hub token of %r accepted by %s", user, api.endpoint)
+        return _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True).repo_id,
+                             f"Creating {repo_id}", max_retries, retry_base_delay)
+    except LocalTokenNotFoundError:
+        raise PermissionError(f"No Hugging Face token found to push to {repo_id!r} on {api.endpoint}: log in with "
+                              "`hf auth login`, or set HF_TOKEN to a token with write access.") from None
+    except HfHubHTTPError as error:
+        clear = _hub_error(error, repo_id, api.endpoint)
+        if clear is None:
+            raise
+        raise clear from None
+
+
 def push_to_hub(
     model,
     processor,
@@ -374,9 +471,10 @@ def push_to_hub(
             processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, for older tools
             render_model_card(model, repo_id, card).save(Path(folder) / "README.md")
             if metrics:
-                (Path(folder) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+                (Path(folder) / "eval_results.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
             if hyperparameters:
-                (Path(folder) / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
+                (Path(folder) / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2,
+                                                                                allow_nan=False))
             pickles = [p.name for p in Path(folder).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
             if pickles:
                 raise RuntimeError(f"Refusing to push pickle files {pickles}: hf_clip pushes safetensors only.")
@@ -392,7 +490,10 @@ def push_to_hub(
 __all__ = [
     "PUBLISHED_HYPERPARAMETERS",
     "ModelCardInfo",
+    "check_push_access",
+    "credential_kind",
     "is_hub_repo_id",
+    "is_private_key",
     "public_name",
     "push_to_hub",
     "render_model_card",

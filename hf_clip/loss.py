@@ -13,7 +13,11 @@ text direction). The chunked path computes it in panels of `chunk_size` rows × 
 `autograd.Function`, with an online log-sum-exp over the columns, and recomputes the panels in backward, so the
 extra memory is O(N · chunk_size) instead of O(N²). Values and gradients equal the dense ones up to float rounding.
 Embeddings of any float dtype are upcast: logits and sums are always fp32 (a bf16 logit near 100 is only resolved
-to ±0.25). `chunk_size=None` picks dense up to `DENSE_MAX_LOGITS` logits, else panels of about `PANEL_LOGITS`.
+to ±0.25). The embeddings must be L2-normalised, as `HFClipModel` returns them; their norm is not checked (that would
+read a value back from the device in every step), and embeddings of norm r act as a temperature r² times larger. A
+negative `logit_scale` fails on the device (`torch._assert_async`); the loss settings are checked once, by
+`check_loss_settings`, which `HFClipConfig` calls too. `chunk_size=None` picks dense up to `DENSE_MAX_LOGITS`
+logits, else panels of about `PANEL_LOGITS`.
 
 Data parallel, opt-in (`gather_distributed=True` and `torch.distributed` initialised with W > 1 ranks): every rank
 scores its n local rows against the N = W·n gathered columns (open_clip's "local loss"); InfoNCE gathers both
@@ -239,6 +243,11 @@ def _check_inputs(loss_name: str, image_embeds: Any, text_embeds: Any, **scalars
                 f"{loss_name}: `{name}` must be a one-element tensor (e.g. `model.clamped_logit_scale()` or "
                 f"`torch.tensor(100.0)`), got {described}."
             )
+    # On the device, so the training step reads nothing back: a CPU tensor fails here, a CUDA one at its next sync.
+    # NaN passes, for the training loop's non-finite check to report with the step it happened at.
+    torch._assert_async(~(scalars["logit_scale"].detach() < 0).reshape(()),
+                        f"{loss_name}: `logit_scale` is negative; it is the temperature multiplier exp(log scale) "
+                        "(e.g. `model.clamped_logit_scale()`), which is never below 0.")
 
 
 def contrastive_loss(

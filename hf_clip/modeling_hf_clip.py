@@ -37,6 +37,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
+from .integrity import verify_loaded_files
 from .loss import image_text_loss, loss_settings
 
 # Transformers saves a model's code with the modules it imports relatively, so this import puts the processor's
@@ -457,6 +458,15 @@ class HFClipPreTrainedModel(PreTrainedModel):
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
             init.normal_(module.classifier.weight, std=module.config.projection_dim**-0.5 * factor)
             init.zeros_(module.classifier.bias)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        """Transformers' weight loading (`PreTrainedModel._load_pretrained_model`, which `from_pretrained` calls with
+        the resolved weight files), after checking those files against their folder's manifest when it has one
+        (`integrity.verify_loaded_files`): flipped bytes in a saved weights file raise instead of loading."""
+        verify_loaded_files(checkpoint_files)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args,
+                                                      **kwargs)
 
 
 class HFClipTextModel(HFClipPreTrainedModel):

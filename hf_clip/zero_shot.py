@@ -23,11 +23,22 @@ def _check_class_names_and_templates(class_names: Sequence[str], templates: Sequ
     duplicates = sorted({name for name in class_names if list(class_names).count(name) > 1})
     if duplicates:
         raise ValueError(f"`class_names` repeats {duplicates}; every class needs its own name.")
+    check_templates(templates)
+
+
+def check_templates(templates: Sequence[str]) -> None:
+    """Raise `ValueError` unless `templates` is a non-empty list of prompt templates, each with exactly one '{}' (where
+    the class name goes), e.g. "a photo of a {}."."""
     if isinstance(templates, str) or not templates:
         raise ValueError("`templates` must be a non-empty list of prompt templates.")
     for template in templates:
-        if template.count("{}") != 1:
+        if not isinstance(template, str) or template.count("{}") != 1:
             raise ValueError(f"Template {template!r} must hold exactly one '{{}}' for the class name.")
+        try:
+            template.format("class name")
+        except (IndexError, KeyError, ValueError) as error:
+            raise ValueError(f"Template {template!r} must hold exactly one '{{}}' for the class name and no other "
+                             f"braces (write '{{{{' and '}}}}' for literal ones): {error!r}.") from None
 
 
 @torch.no_grad()
@@ -109,4 +120,4 @@ def weight_space_ensemble(
     return ensemble
 
 
-__all__ = ["from_zero_shot", "weight_space_ensemble", "zero_shot_classifier"]
+__all__ = ["check_templates", "from_zero_shot", "weight_space_ensemble", "zero_shot_classifier"]

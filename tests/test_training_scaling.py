@@ -63,7 +63,7 @@ def test_compiled_patch_dropout_run_saves_resumes_and_pushes_without_orig_mod_ke
     for state_dict in [*saved, *(load(blob) for blob in pushed)]:
         assert set(state_dict) == expected_keys
 
-    _train(out, "--max_steps", "3", *flags, "--resume_from_checkpoint", "latest")
+    _train(out, "--max_steps", "3", *flags, "--resume_from_checkpoint", "latest", "--allow_resume_changes")
     assert set(load_file(out / "model.safetensors")) == expected_keys
     assert sorted(_losses(out)) == [1, 2, 3]
 

@@ -187,12 +187,39 @@ class RunArguments:
     activation_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
-    logging_steps: int = field(default=10, metadata={"help": "Log training metrics every N steps."})
+    logging_steps: int = field(
+        default=10,
+        metadata={"help": "Log training metrics every N steps; the --max_bad_fraction bound and --nonfinite_loss are "
+                          "checked then too."},
+    )
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
     save_steps: int = field(default=0, metadata={"help": "Save the full training state every N steps (0: never)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep only the last K checkpoints."})
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' or a checkpoint directory to resume from."}
+        default=None,
+        metadata={"help": "'latest' or a checkpoint directory to resume from. Flags the checkpoint fixes (the learning "
+                          "rate and schedule, batch sizes and process count, seed, AdamW settings, training data and "
+                          "loss type) must equal its values unless --allow_resume_changes; unset "
+                          "--per_device_train_batch_size and --loss_type take its values."},
+    )
+    allow_resume_changes: bool = field(
+        default=False,
+        metadata={"help": "Resume even though flags the checkpoint fixes differ from its values (except --loss_type): "
+                          "each change is logged, takes effect from the resumed step and is recorded in the model "
+                          "card. A changed batch size, seed or dataset re-reads the data from the step count."},
+    )
+    max_bad_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Stop when more than this fraction (0 to 1) of the training rows read so far were unusable "
+                          "(checked at logging steps). Unset: unusable rows are skipped and counted, and a run stops "
+                          "only when a whole pass over the split finds no usable row."},
+    )
+    nonfinite_loss: str = field(
+        default="stop",
+        metadata={"help": "A non-finite loss or gradient norm: 'stop' (an error at the next logging or saving step; "
+                          "the weights are never saved or pushed, the last finite checkpoint stays) or 'skip' (that "
+                          "optimiser update is skipped on the device, as mixed-precision loss scalers do, and counted "
+                          "in the logs as nonfinite_steps)."},
     )
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker: tensorboard or none."})
     push_to_hub: bool = field(
@@ -240,6 +267,23 @@ def default_batch_size(num_rows: int | None, num_processes: int) -> int:
     while num_rows is not None and batch_size > 8 and num_rows < 16 * batch_size * num_processes:
         batch_size //= 2
     return batch_size
+
+
+NONFINITE_LOSS_ACTIONS = ("stop", "skip")
+
+
+def check_run_arguments(run: RunArguments) -> None:
+    """Refuse, naming the flag, `RunArguments` values that would crash or act every step."""
+    check_at_least_one(run, "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                       "logging_steps")
+    for name in ("save_steps", "eval_steps"):
+        if getattr(run, name) < 0:
+            raise ValueError(f"--{name} must be 0 (never) or a positive number of steps, got {getattr(run, name)}.")
+    if run.max_bad_fraction is not None and not 0 <= run.max_bad_fraction < 1:
+        raise ValueError(f"--max_bad_fraction must be in [0, 1) (a fraction of the rows read), got "
+                         f"{run.max_bad_fraction}.")
+    if run.nonfinite_loss not in NONFINITE_LOSS_ACTIONS:
+        raise ValueError(f"--nonfinite_loss must be one of {NONFINITE_LOSS_ACTIONS}, got {run.nonfinite_loss!r}.")
 
 
 def check_at_least_one(arguments, *names: str) -> None:

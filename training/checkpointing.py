@@ -3,11 +3,11 @@
 A checkpoint is written to `.tmp-checkpoint-N`, completed with `run_state.json` (the loop's step, data position and
 counters), then renamed to `checkpoint-N`. A run killed mid-save leaves only a temporary folder, which is never resumed
 from, so the previous checkpoint stays usable. `run_state.json` (the completion marker) records the size and SHA-256
-of every other file of the checkpoint, so a file truncated or altered later (a full disk, a bad copy) is found before
-Accelerate reads it: `--resume_from_checkpoint latest` then falls back to the newest checkpoint that verifies.
+of every other file of the checkpoint (the manifest format of `hf_clip.integrity`, which `from_pretrained` checks too),
+so a file truncated or altered later (a full disk, a bad copy) is found before Accelerate reads it:
+`--resume_from_checkpoint latest` then falls back to the newest checkpoint that verifies.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -17,15 +17,16 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from hf_clip.integrity import CHECKPOINT_MARKER, FILES_KEY, CorruptFileError, file_manifest, verify_files
+
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "run_state.json"
+STATE_FILE = CHECKPOINT_MARKER
 LEGACY_STATE_FILE = "trainer_state.json"  # the marker's name in checkpoints of the previous release: read, not written
-FILES_KEY = "files"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class DamagedCheckpointError(OSError):
+class DamagedCheckpointError(CorruptFileError):
     """A checkpoint whose files do not match its completion marker. The message names the checkpoint and the file."""
 
 
@@ -45,17 +46,6 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def file_manifest(folder: Path) -> dict[str, dict[str, int | str]]:
-    """{relative path: {"size", "sha256"}} of every file in `folder` but the completion marker."""
-    return {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != STATE_FILE}
-
-
 def verify_checkpoint(checkpoint: str | Path) -> dict:
     """The training state of `checkpoint` after checking each file against the completion marker's sizes and hashes.
 
@@ -72,16 +62,10 @@ def verify_checkpoint(checkpoint: str | Path) -> dict:
         raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {marker.name} is damaged ({error}).") from None
     if not isinstance(state, dict) or not {"step", "micro_step"} <= set(state):
         raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {marker.name} holds no training state.")
-    for name, expected in state.get(FILES_KEY, {}).items():
-        path = checkpoint / name
-        if not path.is_file():
-            raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {name} is missing.")
-        size = path.stat().st_size
-        if size != expected["size"]:
-            raise DamagedCheckpointError(
-                f"Checkpoint {checkpoint}: {name} has {size} bytes, {expected['size']} were saved (truncated?).")
-        if _sha256(path) != expected["sha256"]:
-            raise DamagedCheckpointError(f"Checkpoint {checkpoint}: {name} does not match its saved SHA-256.")
+    try:
+        verify_files(checkpoint, state.get(FILES_KEY, {}), label=f"Checkpoint {checkpoint}")
+    except CorruptFileError as error:
+        raise DamagedCheckpointError(str(error)) from None
     return state
 
 
@@ -144,7 +128,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process:
         state_path = temporary / STATE_FILE
         with open(state_path, "w") as handle:
-            json.dump({**state, FILES_KEY: file_manifest(temporary)}, handle, indent=2)
+            json.dump({**state, FILES_KEY: file_manifest(temporary, exclude=[STATE_FILE])}, handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
         if final.exists():

@@ -3,6 +3,7 @@ results table and the pipeline demo."""
 
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoProcessor, pipeline
 
 from hf_clip import PHOTO_TEMPLATES, HFClipConfig, HFClipModel, HFClipProcessor, match_special_tokens
@@ -38,6 +39,26 @@ def override_config(config: HFClipConfig, overrides: dict) -> HFClipConfig:
     return HFClipConfig.from_dict(values)
 
 
+def _config_error(error: Exception) -> Exception:
+    """The config validator's own error inside huggingface_hub's strict-dataclass wrapper."""
+    return error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ is not None else error
+
+
+def check_config_overrides(patch_dropout: float | None, loss_args: LossArguments) -> None:
+    """Refuse at start-up, naming the flag, a `--patch_dropout`, `--loss_type` or `--loss_chunk_size` that the
+    config's own validation refuses (on a default `HFClipConfig`; `load_pretrained` applies them to the
+    checkpoint's config)."""
+    flags = {"patch_dropout": (patch_dropout, config_overrides(patch_dropout)),
+             "loss_type": (loss_args.loss_type, config_overrides(loss_args=LossArguments(loss_args.loss_type))),
+             "loss_chunk_size": (loss_args.loss_chunk_size,
+                                 config_overrides(loss_args=LossArguments(loss_chunk_size=loss_args.loss_chunk_size)))}
+    for flag, (value, overrides) in flags.items():
+        try:
+            override_config(HFClipConfig(), overrides)
+        except (StrictDataclassError, ValueError, TypeError) as error:
+            raise ValueError(f"--{flag} {value!r}: {_config_error(error)}") from None
+
+
 def load_pretrained(model_name_or_path: str, patch_dropout: float | None = None,
                     loss_args: LossArguments | None = None) -> tuple[HFClipModel, HFClipProcessor]:
     """An hf_clip or Transformers CLIP checkpoint and its processor, with the text config's special token ids
@@ -45,7 +66,11 @@ def load_pretrained(model_name_or_path: str, patch_dropout: float | None = None,
     checkpoint's config (see `override_config`): a CLIP checkpoint switched to SigLIP gets a new `logit_bias` at the
     SigLIP initialisation."""
     config = HFClipConfig.from_pretrained(model_name_or_path)
-    config = override_config(config, config_overrides(patch_dropout, loss_args))
+    overrides = config_overrides(patch_dropout, loss_args)
+    try:
+        config = override_config(config, overrides)
+    except (StrictDataclassError, ValueError, TypeError) as error:
+        raise ValueError(f"The config of {model_name_or_path!r} with {overrides}: {_config_error(error)}") from None
     model = HFClipModel.from_pretrained(model_name_or_path, config=config)
     loaded = AutoProcessor.from_pretrained(model_name_or_path)
     match_special_tokens(model, loaded.tokenizer)
@@ -82,7 +107,8 @@ def evaluate_splits(model, processor, splits: dict, data_args: DatasetArguments,
 
 
 def format_results_table(results: dict[str, dict[str, float]]) -> str:
-    """Splits as rows; zero-shot accuracy and retrieval recall in percent. No splits: a line saying so."""
+    """Splits as rows; zero-shot accuracy and retrieval recall in percent, or the error of a split whose evaluation
+    failed ({"error": message}). No splits: a line saying so."""
     if not results:
         return "Nothing to evaluate: none of the evaluation splits exists in the dataset."
     columns = [("zero_shot_top1", "ZS top1"), ("zero_shot_top5", "ZS top5"), ("image_to_text_R@1", "I→T R@1"),
@@ -91,6 +117,9 @@ def format_results_table(results: dict[str, dict[str, float]]) -> str:
     header = f"{'split':<14}" + "".join(f"{title:>10}" for _, title in columns)
     lines = [header, "-" * len(header)]
     for split, metrics in results.items():
+        if "error" in metrics:
+            lines.append(f"{split:<14}evaluation failed: {metrics['error']}")
+            continue
         cells = []
         for key, _ in columns:
             value = metrics.get(key)

@@ -8,8 +8,10 @@ resumed run continues at the same row. Streamed data is split across processes w
 `datasets.distributed.split_dataset_by_node`. Augmentation randomness is derived from (seed, epoch, row), never
 from worker RNG state, which makes runs reproducible and resumable whatever the worker count.
 
-A row whose image cannot be decoded or whose caption is empty or not a string is skipped and counted; map-style
-reading then takes the next row, so batch sizes stay equal across ranks as the distributed loss requires.
+A row whose image cannot be decoded or whose caption is empty or not a string is skipped and counted once, in the
+batch it belongs to. Map-style reading fills its slot with a usable row drawn, from (seed, epoch, batch), among the
+rows outside the global batch, so batch sizes stay equal across ranks as the distributed loss requires, no row
+appears twice in a global batch, and a resumed run reads the same rows.
 
 Evaluation (`evaluate_split`): zero-shot classification, where each class embedding is the mean of the
 L2-normalised embeddings of its prompts (`hf_clip.zero_shot_classifier`) and an image's prediction is its most
@@ -43,7 +45,7 @@ from .synthetic import build_shapes_dataset
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASET = "embedded shapes dataset"
-MAX_CONSECUTIVE_BAD_ROWS = 64
+_REPLACEMENT_STREAM = 1  # keeps the replacement draws apart from a row's own augmentation stream
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 USABILITY_PROBE_ROWS = 64
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
@@ -229,12 +231,48 @@ def decode_row(row: dict[str, Any], columns: ImageTextColumns, transform: ImageT
     return transform(decode_image(row[columns.image], columns.base_dir), rng), caption
 
 
+class MicroBatchRows(list):
+    """This process's row ids of one micro-batch (a list: what `ImageTextDataset.__getitems__` receives from the
+    DataLoader), with what replacing an unusable row needs: the micro-batch's number in its epoch, the rows of the
+    whole global batch, and this process's place."""
+
+    def __init__(self, rows: Sequence[int], batch: int, global_rows: Sequence[int], process: ProcessShare):
+        super().__init__(rows)
+        self.batch, self.global_rows, self.process = batch, list(global_rows), process
+
+
+def replacement_candidates(num_rows: int, excluded: set[int], rng: np.random.Generator, process: ProcessShare,
+                           random_draws: int) -> Iterator[int]:
+    """Rows that may fill the slots of unusable rows of one batch, each at most once: up to `random_draws` rows drawn
+    at random, then every remaining row once, from a random start. Only rows outside `excluded` (the global batch)
+    and, among several processes, rows r with r % count == index (so two processes never pick the same row)."""
+    own = range(process.index, num_rows, process.count)
+    if len(own) == 0:
+        return
+    seen = set(excluded)
+    for _ in range(random_draws):
+        row = own[int(rng.integers(len(own)))]
+        if row not in seen:
+            seen.add(row)
+            yield row
+    start = int(rng.integers(len(own)))
+    for offset in range(len(own)):
+        row = own[(start + offset) % len(own)]
+        if row not in seen:
+            seen.add(row)
+            yield row
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style rows -> samples {"pixel_values", caption column, "row_id", "skipped"}, decoded in the worker.
 
-    With `replace_bad_rows`, a bad row is replaced by the next usable one and counted in "skipped"; without it
-    (evaluation), a bad row yields None, which `ContrastiveDataCollator` drops and counts. Augmentation randomness
-    comes from (seed, epoch, row), so samples do not depend on the worker that decodes them.
+    The DataLoader reads a micro-batch at once (`__getitems__`). With `replace_bad_rows`, an unusable row is counted
+    in its slot's "skipped" and its slot filled with a usable row from `replacement_candidates`, drawn from (seed,
+    epoch, batch): rows outside the global batch, never one twice, so the batch stays full and resumes read the same
+    rows; a failed candidate is not counted (it is counted in its own batch). Only when a whole pass finds no usable
+    row does it raise. Without `replace_bad_rows` (evaluation), an unusable row yields None, which
+    `ContrastiveDataCollator` drops and counts. Augmentation randomness comes from (seed, epoch, row), so samples do
+    not depend on the worker that decodes them.
     """
 
     def __init__(self, dataset, transform: ImageTransform, columns: ImageTextColumns = ImageTextColumns(), *,
@@ -250,22 +288,46 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def load(self, row_id: int) -> dict[str, Any]:
+    def load(self, row_id: int) -> dict[str, Any] | None:
+        """The sample of `row_id`, or None (logged at debug level) when the row is unusable."""
         rng = np.random.default_rng([self.seed, self.epoch, row_id]) if self.transform.train else None
-        pixel_values, caption = decode_row(self.dataset[row_id], self.columns, self.transform, rng)
+        try:
+            pixel_values, caption = decode_row(self.dataset[row_id], self.columns, self.transform, rng)
+        except BAD_SAMPLE_ERRORS as error:
+            logger.debug("Skipping row %d: %s", row_id, error)
+            return None
         return {"pixel_values": pixel_values, self.columns.caption: caption, "row_id": row_id}
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        attempts = MAX_CONSECUTIVE_BAD_ROWS if self.replace_bad_rows else 1
-        for attempt in range(attempts):
-            row_id = (index + attempt) % len(self.dataset)
-            try:
-                return {**self.load(row_id), "skipped": attempt}
-            except BAD_SAMPLE_ERRORS as error:
-                logger.debug("Skipping row %d: %s", row_id, error)
-        if not self.replace_bad_rows:
-            return None
-        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD_ROWS} consecutive unusable rows from row {index}; check the data.")
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, rows: Sequence[int]) -> list[dict[str, Any] | None]:
+        """The samples of one micro-batch, in the order of `rows` (a `MicroBatchRows` from `GlobalBatchSampler`, or
+        any list of row ids, taken as a whole global batch of one process)."""
+        samples, candidates = [], None
+        for row_id in rows:
+            sample = self.load(row_id)
+            if sample is None and self.replace_bad_rows:
+                if candidates is None:
+                    batch = getattr(rows, "batch", rows[0])
+                    candidates = replacement_candidates(
+                        len(self.dataset), set(getattr(rows, "global_rows", rows)),
+                        np.random.default_rng([self.seed, self.epoch, batch, _REPLACEMENT_STREAM]),
+                        getattr(rows, "process", ProcessShare()), random_draws=4 * len(rows))
+                sample = {**self.replacement_for(row_id, candidates), "skipped": 1}
+            samples.append(sample if sample is None or "skipped" in sample else {**sample, "skipped": 0})
+        return samples
+
+    def replacement_for(self, row_id: int, candidates: Iterator[int]) -> dict[str, Any]:
+        for candidate in candidates:
+            sample = self.load(candidate)
+            if sample is not None:
+                return sample
+        raise RuntimeError(
+            f"No usable row is left to replace unusable row {row_id}: a whole pass over the {len(self.dataset)} rows "
+            f"of the training split found none outside this batch (image column {self.columns.image!r}, caption "
+            f"column {self.columns.caption!r}). Check the data."
+        )
 
 
 class StreamingImageTextDataset(torch.utils.data.IterableDataset):
@@ -298,7 +360,7 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's row ids for each micro-batch of an epoch, starting at `start_batch`.
+    """Yields this rank's row ids (`MicroBatchRows`) for each micro-batch of an epoch, starting at `start_batch`.
 
     Global micro-batch k of epoch e is rows perm[k·G:(k+1)·G] of a permutation seeded by (seed, e), with
     G = batch_size × num_processes; rank r reads its slice [r·batch_size, (r+1)·batch_size).
@@ -319,13 +381,14 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.num_rows // (self.batch_size * self.num_processes)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[MicroBatchRows]:
         permutation = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
         global_batch = self.batch_size * self.num_processes
         offset = self.process_index * self.batch_size
+        process = ProcessShare(self.process_index, self.num_processes)
         for batch in range(self.start_batch, len(self)):
-            start = batch * global_batch + offset
-            yield permutation[start : start + self.batch_size].tolist()
+            rows = permutation[batch * global_batch : (batch + 1) * global_batch].tolist()
+            yield MicroBatchRows(rows[offset : offset + self.batch_size], batch, rows, process)
 
 
 class TrainBatches:
@@ -461,6 +524,23 @@ def load_eval_splits(data_args: DatasetArguments, eval_args: EvalArguments, colu
             dataset = first_rows(dataset, eval_args.max_eval_samples)
         splits[name] = dataset
     return splits
+
+
+def check_label_columns(splits: dict, data_args: DatasetArguments) -> None:
+    """Refuse at start-up, naming the split and column, a `--label_column` that zero-shot evaluation cannot read
+    class names from (not a `ClassLabel`); splits without the column are evaluated on retrieval only."""
+    label = data_args.label_column
+    for name, dataset in splits.items():
+        if not label or label not in column_names(dataset):
+            continue
+        feature = (dataset.features or {}).get(label)
+        if not hasattr(feature, "names"):
+            raise ValueError(
+                f"Column {label!r} of {dataset_label(data_args.dataset_name)!r} (split {name!r}) is {feature}, not a "
+                f"ClassLabel, so it names no classes for zero-shot evaluation. Cast it with "
+                f"dataset.cast_column({label!r}, datasets.ClassLabel(names=[...])), or pass --label_column '' to "
+                "evaluate retrieval only."
+            )
 
 
 @dataclass

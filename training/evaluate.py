@@ -17,6 +17,8 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import AutoModel, AutoProcessor
 
+from hf_clip.zero_shot import check_templates
+
 from .args import (
     DatasetArguments,
     EvalArguments,
@@ -27,7 +29,7 @@ from .args import (
     parse_with_config_file,
 )
 from .common import evaluate_splits, format_results_table
-from .data import dataset_label, first_rows, load_split
+from .data import check_label_columns, dataset_label, first_rows, load_split
 
 RENAMED_FLAGS = {"model": "model_name_or_path", "dataset": "dataset_name", "splits": "eval_splits",
                  "batch_size": "per_device_eval_batch_size", "num_workers": "dataloader_num_workers"}
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None
         raise ValueError("--model_name_or_path is required: the saved hf_clip or Transformers CLIP model to evaluate.")
     check_model_name_or_path(parsed[0].model_name_or_path)
     check_at_least_one(parsed[3], "per_device_eval_batch_size")
+    if parsed[2].templates is not None:
+        check_templates(parsed[2].templates)
     return parsed
 
 
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             raise ValueError(f"Dataset {dataset_label(data_args.dataset_name)!r} has no split {name!r}.")
         splits[name] = dataset if eval_args.max_eval_samples is None else first_rows(dataset,
                                                                                      eval_args.max_eval_samples)
+    check_label_columns(splits, data_args)
     results = evaluate_splits(model, processor, splits, data_args, eval_args, loader_args,
                               split_across_processes=True)
     if state.is_main_process:

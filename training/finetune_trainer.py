@@ -33,6 +33,7 @@ from hf_clip import (
     from_zero_shot,
     weight_space_ensemble,
 )
+from hf_clip.zero_shot import check_templates
 
 from .args import (
     DatasetArguments,
@@ -44,7 +45,7 @@ from .args import (
     check_model_name_or_path,
     parse_with_config_file,
 )
-from .common import load_pretrained, lock_towers, pipeline_demo, zero_shot_templates
+from .common import check_config_overrides, load_pretrained, lock_towers, pipeline_demo, zero_shot_templates
 from .data import (
     columns_of,
     dataset_label,
@@ -93,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
     if args.model.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: the hf_clip or Transformers CLIP checkpoint to fine-tune.")
     check_model_name_or_path(args.model.model_name_or_path)
+    check_config_overrides(args.patch_dropout.patch_dropout, args.loss)
+    if args.eval.templates is not None:
+        check_templates(args.eval.templates)
     if args.finetune.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {args.finetune.task!r}.")
     if args.training.remove_unused_columns:
