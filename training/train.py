@@ -72,6 +72,7 @@ from .data import (
     image_transform_for,
     load_eval_splits,
     load_train_split,
+    normalize_pixels,
     typical_image_size,
     worker_count,
 )
@@ -391,8 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         logger.info("Resumed from %s at step %d", checkpoint, step)
 
     # 4. Training batches from where the run stands, logs and trackers.
-    train_dataset = build_train_dataset(train_split, data, image_transform_for(processor, train=True), run.seed,
-                                        process)
+    transform = image_transform_for(processor, train=True)
+    train_dataset = build_train_dataset(train_split, data, transform, run.seed, process)
     collator = ContrastiveDataCollator(processor, data.image_column, data.caption_column)
     batches = TrainBatches(train_dataset, collator, run.per_device_train_batch_size, seed=run.seed,
                            num_workers=worker_count(args.loader.dataloader_num_workers), process=process
@@ -418,7 +419,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             epoch, batch = next(batches)
             micro_step += 1
             skipped_total += int(batch["skipped"])
-            inputs = {k: batch[k].to(accelerator.device) for k in ("pixel_values", "input_ids", "attention_mask")}
+            inputs = {k: batch[k].to(accelerator.device, non_blocking=True)
+                      for k in ("pixel_values", "input_ids", "attention_mask")}
+            inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], transform.mean, transform.std)
             with accelerator.accumulate(model):
                 if run.grad_cache_micro_batches > 1:
                     loss = grad_cache_backward(model, inputs, run.grad_cache_micro_batches,
