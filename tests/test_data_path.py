@@ -1,23 +1,28 @@
 """The training data path (issue 19): reduced-scale JPEG decoding against the full-size path it replaces, uint8
-samples normalised on the device."""
+samples normalised on the device, a stream split across ranks and workers, and exact streamed resumes."""
 
 import importlib.util
 import io
 import json
 import math
+import re
+import tarfile
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAINING_ARGS
+from conftest import FAST_TRAINING_ARGS, free_port
 from PIL import Image, ImageFilter
 
-from hf_clip import HFClipProcessor
+from hf_clip import ContrastiveDataCollator, HFClipProcessor
 from hf_clip.collators import BAD_SAMPLE_ERRORS, decode_image, pick_caption
 from training.args import DatasetArguments
 from training.data import (
     ImageTransform,
+    TrainBatches,
+    build_train_dataset,
     image_transform_for,
     load_split,
     normalize_pixels,
@@ -164,3 +169,100 @@ def test_the_training_step_sees_the_host_paths_values_under_bf16_and_grad_cache(
     assert all(tensor.dtype == torch.float32 for tensor in received[:4])
     assert torch.equal(torch.cat(received[:2]), expected)  # the no-grad pass over both micro-batches
     assert torch.equal(torch.cat(received[2:4]), expected)  # the pass with gradients
+
+
+def _captioned_rows(count: int, bad=()) -> datasets.Dataset:
+    images = [{"bytes": b"not an image" if i in bad else _jpeg(Image.new("RGB", (40, 30), (i % 256, 60, 90))),
+               "path": None} for i in range(count)]
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"image": images, "caption": [f"a photo of row {i}" for i in range(count)]},
+                                      features=features)
+
+
+def _row_number(text: str) -> int:
+    """The row number in a decoded "a photo of row 317" (the test tokenizer decodes digits one by one)."""
+    return int(re.search(r"row(\d+)", re.sub(r"\s", "", text)).group(1))
+
+
+def _rows_of(batch: dict, tokenizer) -> list[int]:
+    return [_row_number(text) for text in tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)]
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return HFClipProcessor.from_tokenizer(tokenizer, image_size=24)
+
+
+@pytest.mark.slow
+def test_streamed_batches_resume_exactly_from_their_state(processor):
+    """4 shards of 12 rows, 2 workers, 3 bad rows, batches of 5 over 2 epochs: each worker's stream ends in a
+    leftover that is merged with the other's. Resumed from the state after a batch (mid-epoch, after the merged
+    batch that ends an epoch, in the next epoch), the batches that follow are the uninterrupted run's, bit for bit,
+    with the same skip counts."""
+    split = _captioned_rows(48, bad={3, 17, 30}).to_iterable_dataset(num_shards=4)
+    data_args = DatasetArguments(streaming=True, shuffle_buffer_size=8)
+
+    def batches(state=None):
+        dataset = build_train_dataset(split, data_args, image_transform_for(processor, train=True), seed=5)
+        loader = TrainBatches(dataset, ContrastiveDataCollator(processor, seed=0), 5, seed=5, num_workers=2)
+        return loader, loader.iterate(state=state)
+
+    loader, iterator = batches()
+    straight, states = [], []
+    for _ in range(20):
+        straight.append(next(iterator))
+        states.append(loader.state_dict())
+    iterator.close()
+    epochs = [epoch for epoch, _ in straight]
+    per_epoch = epochs.index(1)
+    assert per_epoch == (48 - 3) // 5 and epochs[2 * per_epoch] == 2
+    first_epoch_rows = [row for _, batch in straight[:per_epoch] for row in _rows_of(batch, processor.tokenizer)]
+    assert len(set(first_epoch_rows)) == len(first_epoch_rows) == 5 * per_epoch
+    assert sum(int(batch["skipped"]) for _, batch in straight[:per_epoch]) <= 3
+    merged = [k for k, state in enumerate(states) if state["merged_batches"] > 0]
+    assert merged, "no batch of merged leftovers"
+    for k in sorted({2, merged[0], per_epoch - 1, per_epoch + 3}):
+        _, resumed = batches(json.loads(json.dumps(states[k])))
+        for expected_epoch, expected in straight[k + 1 : k + 4]:
+            epoch, batch = next(resumed)
+            assert epoch == expected_epoch, k
+            for key in ("pixel_values", "input_ids", "attention_mask", "skipped"):
+                assert torch.equal(batch[key], expected[key]), (k, key)
+        resumed.close()
+
+
+def _webdataset_shards(folder: Path, shards: int, rows: int) -> None:
+    folder.mkdir()
+    for shard in range(shards):
+        with tarfile.open(folder / f"shard-{shard:03d}.tar", "w") as tar:
+            for position in range(rows):
+                row = shard * rows + position
+                files = {"jpg": _jpeg(Image.new("RGB", (32, 24), (row % 256, 40, 80))),
+                         "txt": f"a photo of row {row}".encode()}
+                for extension, data in files.items():
+                    info = tarfile.TarInfo(f"{row:06d}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.slow
+def test_two_ranks_with_two_workers_each_read_every_row_once_per_epoch(tmp_path, saved_checkpoint):
+    """Two gloo ranks, each `TrainBatches` with 2 DataLoader workers over WebDataset shards, 2 epochs of batches of
+    12. 4 shards of 30 rows: each rank reads 2 shards, one per worker (30 rows: 2 batches and 6 leftover rows, which
+    the rank merges into a fifth batch). 5 shards of 24 rows: 5 is not a multiple of 2 ranks, so every rank reads
+    every shard and keeps every other row. Either way, per epoch, the ranks' batches hold every row exactly once."""
+    import torch.multiprocessing as mp
+
+    cases = {"even": (4, 30), "uneven": (5, 24)}
+    for name, (shards, rows) in cases.items():
+        _webdataset_shards(tmp_path / name, shards, rows)
+    mp.spawn(__import__("distributed_workers").streamed_rows_of_each_rank,
+             args=(2, free_port(), str(tmp_path), str(saved_checkpoint), list(cases), 12, 10), nprocs=2, join=True)
+    for name, (shards, rows) in cases.items():
+        seen = {}
+        for rank in range(2):
+            for epoch, texts in json.loads((tmp_path / f"{name}-rank{rank}.json").read_text()):
+                seen.setdefault(epoch, []).extend(_row_number(text) for text in texts)
+        assert sorted(seen) == [0, 1], name
+        for epoch, found in seen.items():
+            assert sorted(found) == list(range(shards * rows)), (name, epoch)

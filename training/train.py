@@ -18,7 +18,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -266,6 +266,26 @@ class SampleIdLog:
             self.lines = []
 
 
+def stream_states(accelerator: Accelerator, batches: TrainBatches) -> dict:
+    """{"stream_states": every process's `TrainBatches.state_dict()`} for a streamed run's checkpoint; {} otherwise.
+    Every process must call it."""
+    if not batches.streaming:
+        return {}
+    return {"stream_states": gather_object([batches.state_dict()])}
+
+
+def own_stream_state(states: list | None, process: ProcessShare) -> dict | None:
+    """This process's place in a streamed checkpoint's `stream_states`; None (the stream is then read and discarded up
+    to the checkpoint's micro-batch) for checkpoints without it or written by another number of processes."""
+    if states is None:
+        return None
+    if len(states) != process.count:
+        logger.warning("The checkpoint was written by %d processes, this run has %d: the stream is read again from "
+                       "its start up to the checkpoint's micro-batch.", len(states), process.count)
+        return None
+    return states[process.index]
+
+
 def card_hyperparameters(args: TrainScriptArguments, accelerator: Accelerator) -> dict:
     """The recipe for the model card: `CARD_KEYS` that are set, plus the process count and global batch size; the
     dataset and the starting model by Hub id, or as "local dataset NAME" / "local model NAME"."""
@@ -384,20 +404,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if accelerator.distributed_type == DistributedType.FSDP:
         register_feature_methods(model)
-    step, micro_step, skipped_total = 0, 0, 0
+    step, micro_step, skipped_total, stream_state = 0, 0, 0, None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state = read_state(checkpoint)
         step, micro_step, skipped_total = state["step"], state["micro_step"], state["skipped_samples"]
+        stream_state = own_stream_state(state.get("stream_states"), process)
         logger.info("Resumed from %s at step %d", checkpoint, step)
 
     # 4. Training batches from where the run stands, logs and trackers.
     transform = image_transform_for(processor, train=True)
     train_dataset = build_train_dataset(train_split, data, transform, run.seed, process)
     collator = ContrastiveDataCollator(processor, data.image_column, data.caption_column)
-    batches = TrainBatches(train_dataset, collator, run.per_device_train_batch_size, seed=run.seed,
-                           num_workers=worker_count(args.loader.dataloader_num_workers), process=process
-                           ).iterate(micro_step)
+    train_batches = TrainBatches(train_dataset, collator, run.per_device_train_batch_size, seed=run.seed,
+                                 num_workers=worker_count(args.loader.dataloader_num_workers), process=process)
+    batches = train_batches.iterate(micro_step, stream_state)
     repo_id = run.hub_model_id or output_dir.resolve().name
     accelerator.init_trackers("hf_clip", config={k: v for k, v in args.flat().items()
                                                   if isinstance(v, (int, float, str, bool))})
@@ -465,7 +486,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             evaluate(accelerator, model, processor, eval_splits, args, metrics_log, step)
         if run.save_steps and step % run.save_steps == 0:
             save_checkpoint(accelerator, output_dir, step, {"step": step, "micro_step": micro_step,
-                                                           "skipped_samples": skipped_total, "epoch": epoch},
+                                                           "skipped_samples": skipped_total, "epoch": epoch,
+                                                           **stream_states(accelerator, train_batches)},
                             keep=run.save_total_limit)
             if run.push_to_hub and run.hub_push_checkpoints:
                 push_checkpoint(accelerator, model, processor, repo_id, step, args)
