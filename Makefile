@@ -31,6 +31,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_text_padding.py
 	$(PY) benchmarks/bench_loss.py --cases infonce-4096 infonce-16384 sigmoid-16384  # add infonce-65536: 24 min here, under load
