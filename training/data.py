@@ -283,7 +283,7 @@ def _lazy_jpeg(image: Any, base_dir: str | os.PathLike | None) -> Image.Image | 
 
 
 def _uint8_pixels(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 (3, H, W), a channels-last view: stacking a batch of them copies rows, not pixels."""
+    """RGB PIL image -> uint8 (3, H, W): a view of its (H, W, 3) pixels; stacking a batch makes the one copy."""
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
