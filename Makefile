@@ -31,6 +31,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_text_padding.py
 	$(PY) benchmarks/bench_export.py  # its int8 agreement uses outputs/demo: run `make demo` first

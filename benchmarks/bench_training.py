@@ -23,23 +23,28 @@ import torch
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor
 from hf_clip.convert import transformers_from_hf_clip
 from training.args import DatasetArguments, RunArguments
-from training.data import TrainBatches, build_train_dataset, image_transform_for, load_split
+from training.data import TrainBatches, build_train_dataset, image_transform_for, load_split, normalize_pixels
 from training.synthetic import caption_corpus
 from training.train import build_optimizer, resolve_mixed_precision
 
 
 def make_batches(preset: str, batch_size: int, count: int, num_workers: int):
-    """The recipe's tokenizer and processor, and `count` decoded batches of the embedded dataset."""
+    """The config, the decoded batches of the embedded dataset as the training loop hands them to the model
+    (an endless iterator), and `count` of them cached."""
     from hf_clip import train_clip_tokenizer
 
     tokenizer = train_clip_tokenizer(caption_corpus(), vocab_size=2048, model_max_length=32)
     config = HFClipConfig.from_preset(preset, tokenizer=tokenizer)
     processor = HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
     data_args = DatasetArguments(embedded_num_train=max(4096, batch_size * 8))
-    dataset = build_train_dataset(load_split(data_args, "train"), data_args,
-                                  image_transform_for(processor, train=True), seed=0)
+    transform = image_transform_for(processor, train=True)
+    dataset = build_train_dataset(load_split(data_args, "train"), data_args, transform, seed=0)
     batches = TrainBatches(dataset, ContrastiveDataCollator(processor), batch_size, seed=0, num_workers=num_workers)
-    return config, batches, [batch for _, batch in itertools.islice(batches.iterate(), count)]
+
+    def model_batches():
+        for _, batch in batches.iterate():
+            yield {**batch, "pixel_values": normalize_pixels(batch["pixel_values"], transform.mean, transform.std)}
+    return config, model_batches, list(itertools.islice(model_batches(), count))
 
 
 def make_trainer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str):
@@ -90,11 +95,11 @@ def race(config: HFClipConfig, batches: list, steps: int, precision: str) -> dic
                    "final_loss": statistics.mean(losses[name][-10:])} for name in trainers}
 
 
-def decode_rate(batches: TrainBatches, count: int) -> float:
-    iterator = batches.iterate()
+def decode_rate(batches, count: int) -> float:
+    iterator = batches()
     next(iterator)  # worker start-up
     start = time.perf_counter()
-    seen = sum(len(batch["row_ids"]) for _, batch in itertools.islice(iterator, count))
+    seen = sum(len(batch["row_ids"]) for batch in itertools.islice(iterator, count))
     return seen / (time.perf_counter() - start)
 
 
@@ -141,7 +146,7 @@ def main() -> None:
     count = min(args.steps, 20)
     step_rate = end_to_end_rate(config, itertools.cycle(cached), count, precision)
     decoding = decode_rate(batches, count)
-    real = end_to_end_rate(config, (batch for _, batch in batches.iterate()), count, precision)
+    real = end_to_end_rate(config, batches(), count, precision)
     print(f"decoding + augmentation alone ({args.num_workers} workers): {decoding:7.1f} samples/s "
           f"= {decoding / step_rate:.2f}x the recipe's train-step rate ({step_rate:.1f} samples/s on cached tensors)")
     print(f"training with real decoding: {real:7.1f} samples/s = {real / step_rate:.2f}x of training on "

@@ -141,3 +141,41 @@ def ddp_grad_cache_step(rank: int, world_size: int, port: int, work_dir: str, co
             save_file(tensors, os.path.join(work_dir, "ddp_result.safetensors"))
     finally:
         dist.destroy_process_group()
+
+
+def streamed_rows_of_each_rank(rank: int, world_size: int, port: int, work_dir: str, checkpoint: str,
+                               cases: list[str], batch_size: int, batches: int) -> None:
+    """For each WebDataset folder `work_dir/<case>`: `batches` training batches of this rank (its place from the gloo
+    group, as `training.train` takes it from Accelerate), read by 2 DataLoader workers; writes [epoch, captions] per
+    batch to `work_dir/<case>-rank<rank>.json`."""
+    import json
+
+    from hf_clip import ContrastiveDataCollator, HFClipProcessor
+    from training.args import DatasetArguments
+    from training.data import ProcessShare, TrainBatches, build_train_dataset, image_transform_for, load_train_split
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.multiprocessing.set_start_method("fork", force=True)  # DataLoader workers fork, as under torchrun
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        process = ProcessShare(dist.get_rank(), dist.get_world_size())
+        processor = HFClipProcessor.from_pretrained(checkpoint)
+        for case in cases:
+            data_args = DatasetArguments(dataset_name=os.path.join(work_dir, case), streaming=True,
+                                         image_column="jpg", caption_column="txt", shuffle_buffer_size=16)
+            split = load_train_split(data_args, {"image_column": "jpg", "caption_column": "txt"})
+            dataset = build_train_dataset(split, data_args, image_transform_for(processor, train=True), seed=3,
+                                          process=process)
+            collator = ContrastiveDataCollator(processor, "jpg", "txt")
+            iterator = TrainBatches(dataset, collator, batch_size, seed=3, num_workers=2, process=process).iterate()
+            found = []
+            for _ in range(batches):
+                epoch, batch = next(iterator)
+                found.append([epoch, processor.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)])
+            iterator.close()
+            with open(os.path.join(work_dir, f"{case}-rank{rank}.json"), "w") as handle:
+                json.dump(found, handle)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -85,6 +85,28 @@ def test_resume_continues_with_identical_losses(tmp_path):
         assert got[step] == expected[step], step  # exactly equal: same data position, RNG and optimizer state
 
 
+def test_streamed_resume_continues_with_identical_losses(tmp_path):
+    """--streaming with 2 DataLoader workers over 80 rows in 8 shards, batches of 16: per epoch each worker reads 40
+    rows, 2 batches and 8 left over, merged into a fifth batch. Resumed from step 3 (mid-epoch), steps 4 (a worker's
+    batch), 5 (the merged leftovers) and 6 (the next epoch) repeat the uninterrupted run exactly."""
+    streamed = ["--streaming", "--dataloader_num_workers", "2", "--embedded_num_train", "80", "--shuffle_buffer_size",
+                "16", "--eval_splits", "test"]
+    straight = tmp_path / "straight"
+    _train(straight, *streamed, "--max_steps", "6", "--save_steps", "3", "--save_total_limit", "5")
+    state = json.loads((straight / "checkpoint-3" / "run_state.json").read_text())
+    assert state["stream_states"] == [{"epoch": 0, "streams": 2, "positions": state["stream_states"][0]["positions"],
+                                       "next_stream": 1, "merged_batches": 0}]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copytree(straight / ".tokenizer", resumed / ".tokenizer")
+    _train(resumed, *streamed, "--max_steps", "6", "--resume_from_checkpoint", "latest")
+    expected, got = _losses(straight), _losses(resumed)
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == expected[step], step
+
+
 def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_usable(tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -5,8 +5,14 @@ evaluation.
 Map-style data is read in global batches: each step's global batch is one slice of a seeded permutation and rank r
 takes its share of it, so N processes see exactly the batches of one process with N times the batch size, and a
 resumed run continues at the same row. Streamed data is split across processes with
-`datasets.distributed.split_dataset_by_node`. Augmentation randomness is derived from (seed, epoch, row), never
-from worker RNG state, which makes runs reproducible and resumable whatever the worker count.
+`datasets.distributed.split_dataset_by_node` (whole shards per process when their number divides evenly, else every
+process reads every shard and keeps every world_size-th row), then `datasets` gives each DataLoader worker whole
+shards of that share: every row is read once per epoch. Augmentation randomness is derived from (seed, epoch, row),
+or (seed, epoch, worker, position) for streams, never from worker RNG state, which makes runs reproducible and
+resumable (streams: with the same number of workers).
+
+Training samples are uint8 pixels, normalised on the device (`normalize_pixels`); JPEGs are decoded at the smallest
+DCT scale that keeps the crop sharp (`ImageTransform`).
 
 A row whose image cannot be decoded or whose caption is empty or not a string is skipped and counted once, in the
 batch it belongs to. Map-style reading fills its slot with a usable row drawn, from (seed, epoch, batch), among the
@@ -18,8 +24,12 @@ L2-normalised embeddings of its prompts (`hf_clip.zero_shot_classifier`) and an 
 similar class, and image-text retrieval, which pairs each image with its first caption.
 """
 
+import collections
+import copy
 import functools
 import glob
+import io
+import itertools
 import logging
 import math
 import os
@@ -180,8 +190,16 @@ def prepare_columns(dataset, image_column: str, caption_column: str):
 
 @dataclass
 class ImageTransform:
-    """PIL image -> normalised (3, size, size) tensor. Training uses a random resized crop; evaluation resizes the
-    short side and centre-crops, like the CLIP image processor."""
+    """An image -> a (3, size, size) tensor.
+
+    Training (`train=True`): a random resized crop to uint8 pixels, resampled once (bicubic) from the crop box, which
+    is drawn with `rng` from the original size. An encoded JPEG (bytes, a path, a datasets {"bytes", "path"} cell) is
+    decoded at 1/2, 1/4 or 1/8 scale (libjpeg's reduced DCT through `Image.draft`) whenever the crop still spans at
+    least `size` pixels at that scale, so no full-size image is built. `normalize_pixels` turns a batch of them into
+    the model's input, on the device.
+    Evaluation (`train=False`): CLIP's preprocessing, as the CLIP image processor: resize the short side,
+    centre-crop, normalise; float32.
+    """
 
     size: int
     mean: tuple[float, float, float]
@@ -204,12 +222,87 @@ class ImageTransform:
         left, top = (width - side) // 2, (height - side) // 2
         return left, top, left + side, top + side
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image: Any, rng: np.random.Generator | None = None,
+                 base_dir: str | os.PathLike | None = None) -> torch.Tensor:
+        """`image`: anything `hf_clip.decode_image` reads; relative paths are read from `base_dir`. Returns uint8
+        (training) or normalised float32 (evaluation) pixels (3, size, size)."""
+        if self.train:
+            jpeg = _lazy_jpeg(image, base_dir)
+            if jpeg is not None:
+                with jpeg:
+                    return self._reduced_crop(jpeg, rng)
+        image = decode_image(image, base_dir)
         box = self.crop_box(*image.size, rng)
         resized = image.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
+        if self.train:
+            return _uint8_pixels(resized)
         array = np.asarray(resized, dtype=np.float32) / 255.0
         array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+    def _reduced_crop(self, jpeg: Image.Image, rng: np.random.Generator | None) -> torch.Tensor:
+        """The crop of a not yet decoded JPEG, decoded at the smallest DCT scale that keeps `size` pixels across it."""
+        width, height = jpeg.size
+        box = self.crop_box(width, height, rng)
+        wanted = (math.ceil(width * self.size / (box[2] - box[0])), math.ceil(height * self.size / (box[3] - box[1])))
+        drafted = jpeg.draft("RGB", wanted)
+        if drafted is not None:
+            _, (_, _, reduced_width, reduced_height) = drafted
+            box = (box[0] * reduced_width / width, box[1] * reduced_height / height,
+                   box[2] * reduced_width / width, box[3] * reduced_height / height)
+        resized = jpeg.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
+        return _uint8_pixels(resized if resized.mode == "RGB" else resized.convert("RGB"))
+
+
+# A JPEG is cropped from its reduced-scale decode only when it is at most this elongated; `hf_clip.decode_image` cuts
+# far more elongated images (beyond 16:1) to their centre first, and such images take that path so that their crop
+# box is drawn from the same size as before.
+REDUCED_DECODE_MAX_ASPECT_RATIO = 4
+
+
+def _lazy_jpeg(image: Any, base_dir: str | os.PathLike | None) -> Image.Image | None:
+    """`image` opened but not decoded, when it is an encoded RGB or greyscale JPEG (bytes, a path, or a datasets
+    {"bytes", "path"} cell) of moderate aspect ratio; None otherwise, and when it cannot be opened (`decode_image`
+    then names the problem)."""
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        source = io.BytesIO(image)
+    elif isinstance(image, (str, os.PathLike)):
+        source = os.path.join(base_dir, image) if base_dir is not None else image
+    else:
+        return None
+    try:
+        opened = Image.open(source)
+    except BAD_SAMPLE_ERRORS:
+        return None
+    width, height = opened.size
+    if (opened.format == "JPEG" and opened.mode in ("RGB", "L") and min(width, height) > 0
+            and max(width, height) <= REDUCED_DECODE_MAX_ASPECT_RATIO * min(width, height)):
+        return opened
+    opened.close()
+    return None
+
+
+def _uint8_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W): a view of its (H, W, 3) pixels; stacking a batch makes the one copy."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+@functools.cache
+def _channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
+def normalize_pixels(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels (batch, 3, H, W) from the training transform -> the model's float32 input
+    (pixel_values / 255 - mean) / std, computed where the pixels are (on the device in training, so a batch crosses
+    to it as bytes). The values are those the host computed from the same pixels before, bit for bit."""
+    if pixel_values.dtype != torch.uint8:
+        raise TypeError(f"normalize_pixels takes the training transform's uint8 pixels, got {pixel_values.dtype}.")
+    pixels = pixel_values.float() / 255.0
+    device = pixels.device
+    return ((pixels - _channel_constants(tuple(mean), device)) / _channel_constants(tuple(std), device)).contiguous()
 
 
 def image_transform_for(processor, train: bool, crop_scale_min: float = 0.8) -> ImageTransform:
@@ -226,9 +319,10 @@ def image_transform_for(processor, train: bool, crop_scale_min: float = 0.8) -> 
 
 def decode_row(row: dict[str, Any], columns: ImageTextColumns, transform: ImageTransform,
                rng: np.random.Generator | None) -> tuple[torch.Tensor, str]:
-    """One dataset row -> (pixel_values (3, size, size), caption). Raises one of BAD_SAMPLE_ERRORS if unusable."""
+    """One dataset row -> (pixel_values (3, size, size), caption); the image cell reaches `transform` undecoded.
+    Raises one of BAD_SAMPLE_ERRORS if unusable."""
     caption = pick_caption(row[columns.caption], rng)
-    return transform(decode_image(row[columns.image], columns.base_dir), rng), caption
+    return transform(row[columns.image], rng, columns.base_dir), caption
 
 
 class MicroBatchRows(list):
@@ -331,32 +425,59 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 
 class StreamingImageTextDataset(torch.utils.data.IterableDataset):
-    """Streamed rows (already split across processes) -> the same samples as `ImageTextDataset`."""
+    """Streamed rows (already split across processes) -> the same samples as `ImageTextDataset`, each with its
+    "stream" and "position": the DataLoader worker that read it (`datasets` gives worker w of W the shards w, w + W,
+    ... of this process's shards) and how many rows of that worker's stream were read up to and including it.
+
+    `set_epoch(epoch, positions)` makes worker w pass over the first positions[w] rows of its stream without decoding
+    them: a resumed run reads on from where each worker stood."""
 
     def __init__(self, dataset: datasets.IterableDataset, transform: ImageTransform, columns: ImageTextColumns, *,
                  seed: int):
         self.dataset = prepare_columns(dataset, columns.image, columns.caption)
         self.transform, self.columns, self.seed = transform, columns, seed
-        self.epoch = 0
+        self.epoch, self.start_positions = 0, None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, positions: Sequence[int] | None = None) -> None:
+        self.epoch, self.start_positions = epoch, positions
         self.dataset.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
-        worker_id = worker.id if worker is not None else 0
+        stream = worker.id if worker is not None else 0
+        start = self.start_positions[stream] if self.start_positions else 0
         skipped = 0
-        for position, row in enumerate(self.dataset):
-            rng = np.random.default_rng([self.seed, self.epoch, worker_id, position])
+        for position, row in enumerate(itertools.islice(self.dataset, start, None), start=start):
+            rng = np.random.default_rng([self.seed, self.epoch, stream, position])
             try:
                 pixel_values, caption = decode_row(row, self.columns, self.transform, rng)
             except BAD_SAMPLE_ERRORS as error:
                 logger.debug("Skipping streamed row %d: %s", position, error)
                 skipped += 1
                 continue
-            yield {"pixel_values": pixel_values, self.columns.caption: caption, "row_id": -1, "skipped": skipped}
+            yield {"pixel_values": pixel_values, self.columns.caption: caption, "row_id": -1, "skipped": skipped,
+                   "stream": stream, "position": position + 1}
             skipped = 0
+
+
+class _StreamBatches(torch.utils.data.IterableDataset):
+    """One DataLoader worker's stream as micro-batches, collated in the worker: {"batch", "stream", "position"} for
+    each full one, then {"tail", "stream"} with the samples left over at the end of the stream (perhaps none),
+    uncollated, so that `TrainBatches` merges the workers' leftovers instead of dropping them."""
+
+    def __init__(self, samples: StreamingImageTextDataset, collator: ContrastiveDataCollator, batch_size: int):
+        self.samples, self.collator, self.batch_size = samples, collator, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        stream = worker.id if worker is not None else 0
+        group = []
+        for sample in self.samples:
+            group.append(sample)
+            if len(group) == self.batch_size:
+                yield {"batch": self.collator(group), "stream": stream, "position": sample["position"]}
+                group = []
+        yield {"tail": group, "stream": stream}
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -394,46 +515,107 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 class TrainBatches:
     """Endless iterator of training micro-batches over epochs, resumable at any micro-batch.
 
-    `dataset` is an `ImageTextDataset` (read in global batches by `GlobalBatchSampler`) or a
-    `StreamingImageTextDataset` (already split across processes, read in order)."""
+    `dataset` is an `ImageTextDataset` (read in global batches by `GlobalBatchSampler`; its place is the micro-batch
+    count) or a `StreamingImageTextDataset` (already split across processes). A stream is read by W = max(1,
+    num_workers) workers, each from its own shards; their micro-batches are handed out in turn (worker 0, 1, ...,
+    skipping workers whose stream has ended), then the samples left over at the ends of the W streams are merged
+    into further micro-batches; only the last < batch_size samples of an epoch wait for no batch. `state_dict()`
+    says where the stream stands after the last micro-batch handed out, and `iterate(state=...)` continues exactly
+    there: each worker passes over the rows it had read without decoding them.
+    """
 
     def __init__(self, dataset: ImageTextDataset | StreamingImageTextDataset, collator: ContrastiveDataCollator,
                  batch_size: int, *, seed: int, num_workers: int = 0, process: ProcessShare = ProcessShare()):
-        self.dataset = dataset
+        self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
         self.streaming = isinstance(dataset, torch.utils.data.IterableDataset)
-        self.loader_kwargs = {"collate_fn": collator, "num_workers": num_workers, "pin_memory": False,
+        self.streams = max(1, num_workers)
+        self.loader_kwargs = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
                               "persistent_workers": False}
         if self.streaming:
             self.sampler = None
-            self.loader_kwargs.update(batch_size=batch_size, drop_last=True)
+            self.loader_kwargs.update(batch_size=None)
         else:
             self.sampler = GlobalBatchSampler(len(dataset), batch_size, process, seed)
-            self.loader_kwargs.update(batch_sampler=self.sampler)
+            self.loader_kwargs.update(batch_sampler=self.sampler, collate_fn=collator)
         if num_workers > 0:
             self.loader_kwargs["prefetch_factor"] = 4
+        self._stream_state = None
 
-    def iterate(self, start_micro_batch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def iterate(self, start_micro_batch: int = 0, state: dict | None = None
+                ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yields (epoch, batch) from micro-batch `start_micro_batch` (counted from the start of training) on,
-        forever. Map-style data jumps straight to it; streamed data is read and discarded up to it."""
+        forever. Map-style data jumps straight to it. Streamed data continues from `state` (a `state_dict()`); without
+        one, it is read and discarded up to `start_micro_batch`."""
         if self.streaming:
-            epoch, to_discard = 0, start_micro_batch
-        else:
-            epoch, start_batch = divmod(start_micro_batch, len(self.sampler))
+            yield from self._iterate_stream(start_micro_batch, state)
+            return
+        epoch, start_batch = divmod(start_micro_batch, len(self.sampler))
         while True:
             self.dataset.set_epoch(epoch)
-            if self.sampler is not None:
-                self.sampler.set_epoch(epoch, start_batch=start_batch)
-                start_batch = 0
-            batches_in_epoch = 0
+            self.sampler.set_epoch(epoch, start_batch=start_batch)
+            start_batch = 0
             for batch in torch.utils.data.DataLoader(self.dataset, **self.loader_kwargs):
-                batches_in_epoch += 1
-                if self.streaming and to_discard > 0:
+                yield epoch, batch
+            epoch += 1
+
+    def state_dict(self) -> dict | None:
+        """For streamed data, where it stands after the last micro-batch handed out: {"epoch", "streams",
+        "positions" (rows read by each worker up to its last batch handed out), "next_stream", "merged_batches"
+        (batches of leftovers handed out)}; None for map-style data."""
+        return None if self._stream_state is None else copy.deepcopy(self._stream_state)
+
+    def _iterate_stream(self, start_micro_batch: int, state: dict | None) -> Iterator[tuple[int, dict]]:
+        if state is not None and state["streams"] != self.streams:
+            logger.warning("The checkpoint's stream was read by %d DataLoader workers, this run has %d: epoch %d "
+                           "starts again from its beginning.", state["streams"], self.streams, state["epoch"])
+            state = {"epoch": state["epoch"], "streams": self.streams, "positions": [0] * self.streams,
+                     "next_stream": 0, "merged_batches": 0}
+        epoch = state["epoch"] if state is not None else 0
+        to_discard = start_micro_batch if state is None else 0
+        while True:
+            handed_out = 0
+            for batch in self._stream_epoch(epoch, state):
+                handed_out += 1
+                if to_discard > 0:
                     to_discard -= 1
                     continue
                 yield epoch, batch
-            if self.streaming and batches_in_epoch == 0:
+            if handed_out == 0 and state is None:
                 raise RuntimeError("The streamed training split gave this process no complete batch.")
+            state = None
             epoch += 1
+
+    def _stream_epoch(self, epoch: int, state: dict | None) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch of streamed micro-batches in their fixed order, from `state` (None: from the start)."""
+        positions = list(state["positions"]) if state is not None else [0] * self.streams
+        stream = state["next_stream"] if state is not None else 0
+        merged_done = state["merged_batches"] if state is not None else 0
+        self.dataset.set_epoch(epoch, positions)
+        loader = iter(torch.utils.data.DataLoader(_StreamBatches(self.dataset, self.collator, self.batch_size),
+                                                  **self.loader_kwargs))
+        waiting, tails, ended = [collections.deque() for _ in range(self.streams)], {}, set()
+        while len(ended) < self.streams:
+            while not waiting[stream] and stream not in tails:
+                item = next(loader)
+                if "tail" in item:
+                    tails[item["stream"]] = item["tail"]
+                else:
+                    waiting[item["stream"]].append(item)
+            if not waiting[stream]:
+                ended.add(stream)
+                stream = (stream + 1) % self.streams
+                continue
+            item = waiting[stream].popleft()
+            positions[stream] = item["position"]
+            stream = (stream + 1) % self.streams
+            self._stream_state = {"epoch": epoch, "streams": self.streams, "positions": list(positions),
+                                  "next_stream": stream, "merged_batches": 0}
+            yield item["batch"]
+        leftovers = [sample for index in range(self.streams) for sample in tails[index]]
+        for merged in range(merged_done, len(leftovers) // self.batch_size):
+            self._stream_state = {"epoch": epoch, "streams": self.streams, "positions": list(positions),
+                                  "next_stream": stream, "merged_batches": merged + 1}
+            yield self.collator(leftovers[merged * self.batch_size : (merged + 1) * self.batch_size])
 
 
 def build_train_dataset(dataset, data_args: DatasetArguments, transform: ImageTransform, seed: int,

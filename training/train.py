@@ -21,7 +21,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -86,6 +86,7 @@ from .data import (
     image_transform_for,
     load_eval_splits,
     load_train_split,
+    normalize_pixels,
     typical_image_size,
     worker_count,
 )
@@ -449,6 +450,26 @@ class SampleIdLog:
             self.lines = []
 
 
+def stream_states(accelerator: Accelerator, batches: TrainBatches) -> dict:
+    """{"stream_states": every process's `TrainBatches.state_dict()`} for a streamed run's checkpoint; {} otherwise.
+    Every process must call it."""
+    if not batches.streaming:
+        return {}
+    return {"stream_states": gather_object([batches.state_dict()])}
+
+
+def own_stream_state(states: list | None, process: ProcessShare) -> dict | None:
+    """This process's place in a streamed checkpoint's `stream_states`; None (the stream is then read and discarded up
+    to the checkpoint's micro-batch) for checkpoints without it or written by another number of processes."""
+    if states is None:
+        return None
+    if len(states) != process.count:
+        logger.warning("The checkpoint was written by %d processes, this run has %d: the stream is read again from "
+                       "its start up to the checkpoint's micro-batch.", len(states), process.count)
+        return None
+    return states[process.index]
+
+
 def card_hyperparameters(args: TrainScriptArguments, accelerator: Accelerator, resume_changes: list[str] = (),
                          nonfinite_steps: int = 0) -> dict:
     """The recipe for the model card: `CARD_KEYS` that are set, plus the process count and global batch size; the
@@ -606,22 +627,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if accelerator.distributed_type == DistributedType.FSDP:
         register_feature_methods(model)
-    step, micro_step, skipped_total, nonfinite_total = 0, 0, 0, 0
+    step, micro_step, skipped_total, nonfinite_total, stream_state = 0, 0, 0, 0, None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         if run.allow_resume_changes:
             apply_recipe(optimizer, scheduler, run)
         step, micro_step, skipped_total = saved["step"], saved["micro_step"], saved["skipped_samples"]
         nonfinite_total = saved.get("nonfinite_steps", 0)
+        stream_state = own_stream_state(saved.get("stream_states"), process)
         logger.info("Resumed from %s at step %d", checkpoint, step)
 
     # 4. Training batches from where the run stands, logs and trackers.
-    train_dataset = build_train_dataset(train_split, data, image_transform_for(processor, train=True), run.seed,
-                                        process)
+    transform = image_transform_for(processor, train=True)
+    train_dataset = build_train_dataset(train_split, data, transform, run.seed, process)
     collator = ContrastiveDataCollator(processor, data.image_column, data.caption_column)
-    batches = TrainBatches(train_dataset, collator, run.per_device_train_batch_size, seed=run.seed,
-                           num_workers=worker_count(args.loader.dataloader_num_workers), process=process
-                           ).iterate(micro_step)
+    train_batches = TrainBatches(train_dataset, collator, run.per_device_train_batch_size, seed=run.seed,
+                                 num_workers=worker_count(args.loader.dataloader_num_workers), process=process)
+    batches = train_batches.iterate(micro_step, stream_state)
     accelerator.init_trackers("hf_clip", config={k: v for k, v in args.flat().items()
                                                   if isinstance(v, (int, float, str, bool))})
     metrics_log = MetricsLog(accelerator, output_dir / "metrics.jsonl")
@@ -652,7 +674,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             micro_step += 1
             torch.manual_seed(micro_step_seed(run.seed, process.index, micro_step))
             skipped_total += int(batch["skipped"])
-            inputs = {k: batch[k].to(accelerator.device) for k in ("pixel_values", "input_ids", "attention_mask")}
+            inputs = {k: batch[k].to(accelerator.device, non_blocking=True)
+                      for k in ("pixel_values", "input_ids", "attention_mask")}
+            inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], transform.mean, transform.std)
             with accelerator.accumulate(model):
                 if run.grad_cache_micro_batches > 1:
                     loss = grad_cache_backward(model, inputs, run.grad_cache_micro_batches,
@@ -716,6 +740,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             save_checkpoint(accelerator, output_dir, step, {
                 "step": step, "micro_step": micro_step, "skipped_samples": skipped_total, "epoch": epoch,
                 "nonfinite_steps": nonfinite_total, "recipe": recipe, "resume_changes": resume_changes,
+                **stream_states(accelerator, train_batches),
             }, keep=run.save_total_limit)
             if run.push_to_hub and run.hub_push_checkpoints:
                 push_checkpoint(accelerator, model, processor, repo_id, step, card({}, max_steps=step), args)
