@@ -1,6 +1,9 @@
 import os
 import pickle
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +154,24 @@ def run_two_ranks(worker: str, tmp_path, model, batch: dict, *worker_args, extra
     mp.spawn(getattr(__import__("distributed_workers"), worker),
              args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json"), *worker_args), nprocs=2, join=True)
     return load_file(tmp_path / result_file)
+
+
+# The shortest `training.train` recipe on the embedded shapes dataset after which a text query for "a red circle"
+# ranks red circles first among the `test` split's 1,200 scenes (tiny preset, 16-pixel patches: 17 image tokens).
+SHAPES_MODEL_ARGS = [
+    "--patch_size", "16", "--embedded_num_train", "1024", "--max_steps", "150", "--per_device_train_batch_size", "32",
+    "--warmup_steps", "10", "--eval_splits", "none", "--logging_steps", "50", "--dataloader_num_workers", "0",
+    "--report_to", "none", "--mixed_precision", "no", "--context_length", "24", "--tokenizer_vocab_size", "700",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_shapes_model(tmp_path_factory):
+    """A demo-size model trained by `training.train` (SHAPES_MODEL_ARGS) until it tells colours and shapes apart: the
+    saved folder (model, processor)."""
+    output_dir = tmp_path_factory.mktemp("trained_shapes_model")
+    result = subprocess.run([sys.executable, "-m", "training.train", "--output_dir", str(output_dir),
+                             *SHAPES_MODEL_ARGS], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return output_dir
