@@ -764,7 +764,7 @@ class ShardedEmbedder:
                 kept = None
                 if self.settings.keep_columns:
                     kept_ids = torch.cat(shard.row_ids).tolist() if shard.row_ids else []
-                    kept = source.select(kept_ids).select_columns(list(self.settings.keep_columns))
+                    kept = dataset.select(kept_ids).select_columns(list(self.settings.keep_columns))
                 self.write(shard, kept)
                 shard = None
         return num_rows

@@ -124,7 +124,7 @@ def describe_model(model, model_name_or_path: str) -> dict[str, Any]:
 @dataclass
 class ApproximateSettings:
     """An IVF-PQ index for n vectors of dimension d: `nlist` inverted lists (about 2·√n, at most n/39 so k-means has
-    39 training points per list), codes of d/2 sub-vectors of 4 bits (d/2 bytes, 1/16 of fp32) scanned with FAISS's
+    39 training points per list), codes of d/2 sub-vectors of 4 bits (d/4 bytes, 1/16 of fp32) scanned with FAISS's
     fast-scan kernels, `nprobe` lists probed per query (tuned at build time to reach the target recall) and the best
     `rerank` candidates re-scored exactly against the stored embeddings."""
 
@@ -175,13 +175,14 @@ def exact_top_k(queries: torch.Tensor, chunks: Sequence[np.ndarray], k: int, row
     """Exact inner-product top-k of `queries` (q, d) over the rows of `chunks` (arrays (n_i, d), in order):
     scores (q, k') and row positions (q, k'), best first, with k' = min(k, n). A matrix product in torch, a block of
     rows at a time, so memory stays bounded for any collection size."""
+    queries_array = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
     best_scores = torch.empty(len(queries), 0)
     best_positions = torch.empty(len(queries), 0, dtype=torch.long)
     offset = 0
     for chunk in chunks:
         for start in range(0, len(chunk), rows_per_step):
-            block = torch.from_numpy(np.asarray(chunk[start:start + rows_per_step], dtype=np.float32))
-            scores = queries @ block.T
+            block = np.asarray(chunk[start:start + rows_per_step], dtype=np.float32)  # a view of the mmap
+            scores = torch.from_numpy(queries_array @ block.T)
             top = scores.topk(min(k, scores.shape[1]), dim=1)
             best_scores = torch.cat([best_scores, top.values], dim=1)
             best_positions = torch.cat([best_positions, top.indices + offset + start], dim=1)
