@@ -1,5 +1,5 @@
 """A small Hub-protocol HTTP server on 127.0.0.1: the part of the Hugging Face Hub API that `huggingface_hub` uses to
-create a repo, push a commit and download files.
+create a repo, push a commit and download files, for model repos and dataset repos (stored as "datasets/ns/name").
 
 Repos live in memory as git-like commit chains (every commit holds the full file tree), so tests can count
 commits, read branches and check privacy. Files are always "regular" (base64 inline in the commit); there is no
@@ -125,6 +125,13 @@ class LocalHub:
 
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 REV = r"(?P<rev>[^/]+)"
+KIND = r"(?P<kind>models|datasets)"  # /api/models/... and /api/datasets/...
+PREFIX = r"(?P<prefix>datasets/)?"  # /ns/name/resolve/... and /datasets/ns/name/resolve/...
+
+
+def repo_key(repo_id: str, repo_type: str | None) -> str:
+    """Where a repo is stored: models under their id ("alice/x"), datasets as "datasets/alice/x"."""
+    return f"datasets/{repo_id}" if repo_type == "dataset" else repo_id
 
 
 class HubRequestHandler(BaseHTTPRequestHandler):
@@ -151,22 +158,26 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             ("GET", r"/api/whoami-v2", "whoami", self.whoami),
             ("POST", r"/api/repos/create", "create", self.create_repo),
             ("POST", r"/api/validate-yaml", "validate-yaml", self.validate_yaml),
-            ("POST", rf"/api/models/{REPO}/branch/{REV}", "branch", self.create_branch),
-            ("POST", rf"/api/models/{REPO}/preupload/{REV}", "preupload", self.preupload),
-            ("POST", rf"/api/models/{REPO}/commit/{REV}", "commit", self.commit),
-            ("POST", rf"/api/models/{REPO}/paths-info/{REV}", "paths-info", self.paths_info),
-            ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.*))?", "tree", self.tree),
-            ("GET", rf"/api/models/{REPO}/commits/{REV}", "commits", self.list_commits),
-            ("GET", rf"/api/models/{REPO}/refs", "refs", self.refs),
-            ("GET", rf"/api/models/{REPO}(?:/revision/{REV})?", "info", self.model_info),
-            ("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", "resolve", self.resolve),
-            ("HEAD", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", "resolve", self.resolve),
+            ("POST", rf"/api/{KIND}/{REPO}/branch/{REV}", "branch", self.create_branch),
+            ("POST", rf"/api/{KIND}/{REPO}/preupload/{REV}", "preupload", self.preupload),
+            ("POST", rf"/api/{KIND}/{REPO}/commit/{REV}", "commit", self.commit),
+            ("POST", rf"/api/{KIND}/{REPO}/paths-info/{REV}", "paths-info", self.paths_info),
+            ("GET", rf"/api/{KIND}/{REPO}/tree/{REV}(?:/(?P<path>.*))?", "tree", self.tree),
+            ("GET", rf"/api/{KIND}/{REPO}/commits/{REV}", "commits", self.list_commits),
+            ("GET", rf"/api/{KIND}/{REPO}/refs", "refs", self.refs),
+            ("GET", rf"/api/{KIND}/{REPO}(?:/revision/{REV})?", "info", self.model_info),
+            ("GET", rf"/{PREFIX}{REPO}/resolve/{REV}/(?P<path>.+)", "resolve", self.resolve),
+            ("HEAD", rf"/{PREFIX}{REPO}/resolve/{REV}/(?P<path>.+)", "resolve", self.resolve),
         ]
         for route_method, pattern, name, handler in routes:
             match = re.fullmatch(pattern, path)
             if route_method != method or match is None:
                 continue
             self.hub.requests.append((method, path))
+            groups = match.groupdict()
+            kind, prefix = groups.pop("kind", None), groups.pop("prefix", None)
+            if "repo" in groups and (kind == "datasets" or prefix):
+                groups["repo"] = repo_key(groups["repo"], "dataset")
             fault = self.hub.take_fault(name)
             if fault == "drop":
                 self.close_connection = True
@@ -174,7 +185,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             try:
                 with self.hub.lock:
                     user = self.hub.user_for(self.headers.get("Authorization"))
-                    status, payload, headers = handler(user=user, body=body, query=query, **match.groupdict())
+                    status, payload, headers = handler(user=user, body=body, query=query, **groups)
             except HubError as error:
                 status, payload = error.status, {"error": error.message}
                 headers = {"X-Error-Code": error.error_code} if error.error_code else {}
@@ -211,15 +222,17 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if user is None:
             raise HubError(401, "You must be authenticated to create a repo")
         namespace = request.get("organization") or user
+        repo_type = request.get("type") or "model"
         repo_id = f"{namespace}/{request['name']}"
-        url = f"{self.hub.url}/{repo_id}"
-        if repo_id in self.hub.repos:
-            return 409, {"error": "You already created this model repo", "url": url}, {}
+        key = repo_key(repo_id, repo_type)
+        url = f"{self.hub.url}/{key}"
+        if key in self.hub.repos:
+            return 409, {"error": f"You already created this {repo_type} repo", "url": url}, {}
         if namespace != user:
             raise HubError(403, f"You don't have the rights to create a model under the namespace {namespace!r}")
         repo = Repo(repo_id, user, bool(request.get("private")) or request.get("visibility") == "private")
         repo.commit("main", "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs\n"})
-        self.hub.repos[repo_id] = repo
+        self.hub.repos[key] = repo
         return 200, {"url": url, "name": repo_id, "id": repo_id}, {}
 
     def validate_yaml(self, body: bytes, **_):
@@ -318,7 +331,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def model_info(self, user: str | None, repo: str, rev: str | None = None, **_):
         hub_repo = self.hub.repo(repo, user)
         commit = self.hub.commit_of(hub_repo, rev or "main")
-        return 200, {"id": repo, "modelId": repo, "author": hub_repo.owner, "sha": commit.oid,
+        return 200, {"id": hub_repo.repo_id, "modelId": hub_repo.repo_id, "author": hub_repo.owner, "sha": commit.oid,
                      "private": hub_repo.private, "disabled": False, "gated": False, "tags": [],
                      "siblings": [{"rfilename": p} for p in sorted(commit.files)]}, {}
 

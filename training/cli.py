@@ -1,5 +1,5 @@
-"""Console scripts `hf-clip-train`, `hf-clip-evaluate` and `hf-clip-finetune`: they check for the `[train]` extra
-before importing the scripts, which need it."""
+"""Console scripts `hf-clip-train`, `hf-clip-evaluate`, `hf-clip-finetune`, `hf-clip-index` and `hf-clip-search`:
+they check for the `[train]` extra before importing the scripts, which need it."""
 
 import importlib
 import importlib.util
@@ -13,22 +13,30 @@ def missing_train_extra() -> list[str]:
     return [package for module, package in TRAIN_EXTRA.items() if importlib.util.find_spec(module) is None]
 
 
-def _run(script: str) -> None:
+def _run(script: str, name: str, function: str = "main") -> None:
     missing = missing_train_extra()
     if missing:
         verb = "is" if len(missing) == 1 else "are"
-        sys.exit(f"hf-clip-{script.split('_')[0]} needs the training extra, and {', '.join(missing)} {verb} not "
+        sys.exit(f"hf-clip-{name} needs the training extra, and {', '.join(missing)} {verb} not "
                  'installed. Install it with: pip install "hf-clip[train]"')
-    importlib.import_module(f"{__package__}.{script}").main()
+    getattr(importlib.import_module(f"{__package__}.{script}"), function)()
 
 
 def train() -> None:
-    _run("train")
+    _run("train", "train")
 
 
 def evaluate() -> None:
-    _run("evaluate")
+    _run("evaluate", "evaluate")
 
 
 def finetune() -> None:
-    _run("finetune_trainer")
+    _run("finetune_trainer", "finetune")
+
+
+def index() -> None:
+    _run("search", "index", "index_main")
+
+
+def search() -> None:
+    _run("search", "search", "search_main")
