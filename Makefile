@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_text_padding.py
+	$(PY) benchmarks/bench_host_sync.py
 	$(PY) benchmarks/bench_loss.py --cases infonce-4096 infonce-16384 sigmoid-16384  # add infonce-65536: 24 min here, under load
 
 freeze: $(STAMP)

@@ -11,6 +11,7 @@ Run with `--help` for every argument.
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -153,6 +154,21 @@ def set_default_batch_size(run: RunArguments, train_split, data: DatasetArgument
     check_grad_cache(run)
 
 
+def check_cpu_launch(num_processes: int) -> None:
+    """Refuse a run that `accelerate launch --cpu` meant to spread over several processes or machines (it set
+    MASTER_ADDR) but started as one process: without `--mpirun_hostfile`, its CPU launcher starts one process per
+    machine that knows nothing of the others, so each would train alone into the same output folder."""
+    launched_on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+    if launched_on_cpu and "MASTER_ADDR" in os.environ and num_processes == 1:
+        raise RuntimeError(
+            "accelerate launch --cpu asked for several processes or machines, but this process is alone: Accelerate's "
+            "CPU launcher starts them only through MPI (--mpirun_hostfile). Use `accelerate launch --multi_gpu "
+            "--num_machines N --machine_rank R ...` or `torchrun`, which start one gloo process per slot on CPUs "
+            "too (training.train trains on the CPU when no accelerator is present); or unset MASTER_ADDR for a "
+            "single-process run."
+        )
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: CPUs whose matrix units run bf16 natively (read from /proc/cpuinfo on Linux)."""
     try:
@@ -232,6 +248,35 @@ def build_optimizer(model: HFClipModel, run: RunArguments) -> torch.optim.Optimi
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The collated batch's model inputs on `device`: the tensors copied without blocking the host, and the collator's
+    `padding_side`, which spares the text tower a read of the mask."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("pixel_values", "input_ids", "attention_mask")}
+    return {**inputs, "padding_side": batch["padding_side"]}
+
+
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, inputs: dict, run: RunArguments
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch: forward, loss and backward (through GradCache with `--grad_cache_micro_batches`); on the
+    micro-batches that synchronise gradients, clipping, the optimiser and the schedule. Reads nothing back from the
+    device (tests/test_host_sync.py): returns the detached loss and the gradient norm (None unless clipped) as
+    device tensors."""
+    with accelerator.accumulate(model):
+        if run.grad_cache_micro_batches > 1:
+            loss = grad_cache_backward(model, inputs, run.grad_cache_micro_batches, backward=accelerator.backward)
+        else:
+            loss = model(**inputs, return_loss=True, gather_distributed=True).loss
+            accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients and run.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
 
 
 class MetricsLog:
@@ -349,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         step_scheduler_with_optimizer=False,
     )
+    check_cpu_launch(accelerator.num_processes)
     enable_fsdp_on_cpu(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -418,22 +464,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             epoch, batch = next(batches)
             micro_step += 1
             skipped_total += int(batch["skipped"])
-            inputs = {k: batch[k].to(accelerator.device) for k in ("pixel_values", "input_ids", "attention_mask")}
-            with accelerator.accumulate(model):
-                if run.grad_cache_micro_batches > 1:
-                    loss = grad_cache_backward(model, inputs, run.grad_cache_micro_batches,
-                                               backward=accelerator.backward)
-                else:
-                    loss = model(**inputs, return_loss=True, gather_distributed=True).loss
-                    accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and run.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().float() / run.gradient_accumulation_steps
+            inputs = model_inputs(batch, accelerator.device)
+            loss, grad_norm = train_step(accelerator, model, optimizer, scheduler, inputs, run)
+            window_loss += loss.float() / run.gradient_accumulation_steps
             sample_ids.add(step + 1, batch["row_ids"])
         accelerator.unwrap_model(model).clamp_logit_scale_()
         step += 1
