@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_text_padding.py
 	$(PY) benchmarks/bench_export.py  # its int8 agreement uses outputs/demo: run `make demo` first
 	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_host_sync.py
 	$(PY) benchmarks/bench_loss.py --cases infonce-4096 infonce-16384 sigmoid-16384  # add infonce-65536: 24 min here, under load
 
 freeze: $(STAMP)

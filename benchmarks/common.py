@@ -39,17 +39,21 @@ def make_inputs(config: HFClipConfig, batch_size: int) -> dict[str, torch.Tensor
             "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator)}
 
 
-def median_throughput(steps: dict[str, Callable[[], None]], batch_size: int, repeats: int) -> dict[str, float]:
+def median_throughput(steps: dict[str, Callable[[], None]], batch_size: int, repeats: int,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Samples/s of each step: one warm-up call each (allocator, optimizer state, kernels), then `repeats` timed
-    calls, alternating step by step so that machine drift hits all alike; the median is reported."""
+    calls, alternating step by step (in reverse order every other round, so that no step always runs first) so that
+    machine drift hits all alike; the median is reported. `clock` is wall time by default; `time.process_time`
+    counts this process's CPU seconds, which other jobs on a shared machine barely change."""
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
+    for round_index in range(repeats):
+        order = list(steps.items())
+        for name, step in order if round_index % 2 == 0 else reversed(order):
+            start = clock()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: batch_size / statistics.median(values) for name, values in times.items()}
 
 

@@ -78,9 +78,11 @@ class ContrastiveDataCollator(_ImageRowsCollator):
     a caption or a list of captions: from a list, one non-empty caption is drawn at random (seeded by `seed`) when
     `sample_captions`, else the first is taken (deterministic, for evaluation).
 
-    Returns pixel_values (batch, 3, size, size), input_ids and attention_mask (batch, seq), return_loss=True and
-    `gather_distributed`: True (default) makes each rank's loss score against the global batch under data-parallel
-    training (a collective, as Trainer's DDP runs every rank in step); in a single process it changes nothing.
+    Returns pixel_values (batch, 3, size, size), input_ids and attention_mask (batch, seq), `padding_side` ("right"
+    when no row starts with padding, else "left": read here from the mask on the host, so the model's text tower need
+    not read it back from the device), return_loss=True and `gather_distributed`: True (default) makes each rank's
+    loss score against the global batch under data-parallel training (a collective, as Trainer's DDP runs every rank
+    in step); in a single process it changes nothing.
     Decoded samples also give "row_ids" (batch,) and "skipped" (count of unusable rows behind the batch, including
     the None samples dropped here); a batch of None samples only gives just those two.
     """
@@ -117,9 +119,16 @@ class ContrastiveDataCollator(_ImageRowsCollator):
             "pixel_values": self.pixel_values(kept),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
+            "padding_side": padding_side_of(text["attention_mask"]),
             "return_loss": True,
             "gather_distributed": self.gather_distributed,
         }
+
+
+def padding_side_of(attention_mask: torch.Tensor) -> str:
+    """The `padding_side` argument of `HFClipModel.forward` for a (batch, seq) mask on the host: "right" if no row
+    starts with padding, else "left". Decided where the batch is built, so the model never reads the mask back."""
+    return "right" if bool(attention_mask[:, 0].all()) else "left"
 
 
 class ImageClassificationDataCollator(_ImageRowsCollator):
@@ -149,5 +158,6 @@ __all__ = [
     "ContrastiveDataCollator",
     "ImageClassificationDataCollator",
     "decode_image",
+    "padding_side_of",
     "pick_caption",
 ]

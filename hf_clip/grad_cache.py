@@ -29,6 +29,7 @@ from torch import nn
 from .modeling_hf_clip import HFClipModel
 
 EMBEDDING_INPUTS = ("pixel_values", "input_ids", "attention_mask", "position_ids")
+EMBEDDING_OPTIONS = ("padding_side",)  # passed to every micro-batch's forward as they are
 
 
 @dataclass
@@ -111,7 +112,7 @@ def grad_cache_backward(
         model: an `HFClipModel` in the mode to train in, optionally wrapped by DDP / Accelerate / `torch.compile`;
             it is called as `model(**micro_batch)` and must return `image_embeds` and `text_embeds`.
         inputs: `pixel_values` (N, C, H, W), `input_ids` (N, L) and optionally `attention_mask` / `position_ids`
-            (N, L); caption i belongs to image i. Other keys (labels, `return_loss`) are ignored.
+            (N, L) and `padding_side`; caption i belongs to image i. Other keys (labels, `return_loss`) are ignored.
         num_micro_batches: K, the number of forward/backward passes the batch is split into.
         backward: called on each surrogate scalar instead of `Tensor.backward` (e.g. `accelerator.backward`, which
             applies loss scaling and the division by gradient accumulation steps).
@@ -124,6 +125,8 @@ def grad_cache_backward(
     loss_model = unwrap_clip_model(model)
     micro_batches = split_micro_batches({k: v for k, v in inputs.items() if k in EMBEDDING_INPUTS and v is not None},
                                         num_micro_batches)
+    options = {k: v for k, v in inputs.items() if k in EMBEDDING_OPTIONS}
+    micro_batches = [{**micro_batch, **options} for micro_batch in micro_batches]
     device = inputs["pixel_values"].device
     states, image_chunks, text_chunks = [], [], []
     with torch.no_grad():

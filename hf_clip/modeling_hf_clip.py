@@ -7,7 +7,8 @@ checkpoints load directly and converted weights round-trip without renaming. Opt
 Differences from Transformers' CLIP:
 - the text tower pools at the first `eos_token_id` among the attended tokens, with no host sync;
 - left-padded text gets positions counted from each row's first token, so it embeds as the same text right-padded;
-  right-padded or unmasked text runs causal attention without a mask (SDPA's `is_causal` path);
+  right-padded or unmasked text runs causal attention without a mask (SDPA's `is_causal` path); the caller can say
+  which side pads (`padding_side`), so the training step reads nothing back from the device;
 - `logit_scale` is clamped to `config.logit_scale_max`, the similarities are computed in fp32, and the loss is
   distributed-correct under DDP (`loss.contrastive_loss`);
 - OpenAI CLIP's weight init; `HFClipForImageClassification` classifies the normalised projected class token;
@@ -322,17 +323,32 @@ def _check_context_length(input_ids: torch.Tensor, attention_mask: torch.Tensor 
     )
 
 
-def _left_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """`attention_mask` (batch, seq) if some row may start with padding, else None.
+PADDING_SIDES = ("left", "right")
 
-    Causal attention never looks ahead, so right padding needs no mask. Reading the first column is one host sync,
-    as in the mask check of Transformers' `create_causal_mask`; under `torch.compile` the mask is always applied.
+
+def _padding_mask(attention_mask: torch.Tensor | None, padding_side: str | None) -> torch.Tensor | None:
+    """The (batch, seq) `attention_mask` if the text tower must apply it, else None.
+
+    Causal attention never looks ahead, so right padding needs no mask. `padding_side` is where the batch's builder
+    put the padding: "right" (no row starts with padding, which is asserted on device) drops the mask, "left" (or any
+    other pattern) applies it. Left unset, the first column is read on the host to decide: one device-to-host sync,
+    which training avoids by passing the side (`ContrastiveDataCollator` does); under `torch.compile` an unset side
+    applies the mask.
     """
+    if padding_side not in (None, *PADDING_SIDES):
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES} or None, got {padding_side!r}.")
     if attention_mask is None:
         return None
-    if not torch.compiler.is_compiling() and bool(attention_mask[:, 0].all()):
+    if padding_side == "right":
+        torch._assert_async(
+            attention_mask[:, 0].bool().all(),
+            "hf_clip: padding_side='right', but a row of attention_mask starts with padding; pass "
+            "padding_side='left' (or None) for left-padded text.",
+        )
         return None
-    return attention_mask
+    if padding_side == "left" or torch.compiler.is_compiling():
+        return attention_mask
+    return None if bool(attention_mask[:, 0].all()) else attention_mask
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -499,7 +515,7 @@ class HFClipTextModel(HFClipPreTrainedModel):
             return input_ids.argmax(dim=-1)
         eos_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
         is_eos = input_ids == eos_ids[0]
-        for token_id in eos_ids[1:]:  # `==` rather than `torch.isin`, which the dynamo ONNX exporter cannot lower
+        for token_id in eos_ids[1:]:  # `==`, not `torch.isin`: no id tensor copied to the device, and ONNX-exportable
             is_eos = is_eos | (input_ids == token_id)
         if padding_mask is not None:
             is_eos = is_eos & padding_mask.bool()
@@ -515,17 +531,20 @@ class HFClipTextModel(HFClipPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        padding_side: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
-        """input_ids, attention_mask (1 = token, 0 = padding on either side): (batch, seq).
-        Returns last_hidden_state (batch, seq, width) and pooler_output (batch, width)."""
+        """input_ids, attention_mask (1 = token, 0 = padding on either side): (batch, seq). `padding_side` ("right",
+        "left" or None) says where the mask's padding is, so that the tower decides on its mask without reading it
+        on the host. Returns last_hidden_state (batch, seq, width) and pooler_output (batch, width)."""
         _check_context_length(input_ids, attention_mask, self.config.max_position_embeddings)
         _check_token_ids(input_ids, self.config.vocab_size)
-        padding_mask = _left_padding_mask(attention_mask)
+        padding_mask = _padding_mask(attention_mask, padding_side)
         if padding_mask is not None and position_ids is None:
             position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden_states = self.embeddings(input_ids, position_ids)
-        causal_mask = create_causal_mask(self.config, hidden_states, attention_mask=padding_mask, cache=None)
+        causal_mask = create_causal_mask(self.config, hidden_states, attention_mask=padding_mask, cache=None,
+                                         allow_is_causal_skip=padding_mask is None)
         last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, causal_mask, **kwargs))
         batch_index = torch.arange(input_ids.shape[0], device=input_ids.device)
         pooled_output = last_hidden_state[batch_index, self.pooling_positions(input_ids, padding_mask)]
@@ -593,10 +612,13 @@ class HFClipModel(HFClipPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        padding_side: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling | tuple:
-        """Text tower output whose `pooler_output` is the projected (unnormalised) embedding (batch, proj_dim)."""
-        text_outputs = self.text_model(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
+        """Text tower output whose `pooler_output` is the projected (unnormalised) embedding (batch, proj_dim).
+        `padding_side`: as in `HFClipTextModel.forward`."""
+        text_outputs = self.text_model(input_ids, attention_mask, position_ids, padding_side, return_dict=True,
+                                       **kwargs)
         text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
         return text_outputs
 
@@ -693,6 +715,7 @@ class HFClipModel(HFClipPreTrainedModel):
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
         gather_distributed: bool = False,
+        padding_side: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> HFClipOutput | BaseModelOutputWithPooling | tuple:
         """input_ids: (n_texts, seq); pixel_values: (n_images, C, H, W).
@@ -701,7 +724,9 @@ class HFClipModel(HFClipPreTrainedModel):
         (`hf_clip.loss.image_text_loss`), which needs n_images == n_texts (caption i belongs to image i). The loss
         scores this process's batch alone unless `gather_distributed=True`, which, under an initialised
         `torch.distributed` group, scores it against every rank's batch: a collective that all ranks must join, set
-        by data-parallel training (`training.train`, `ContrastiveDataCollator` for Trainer).
+        by data-parallel training (`training.train`, `ContrastiveDataCollator` for Trainer). `padding_side` ("right",
+        "left" or None, as the collator sets it) says where `attention_mask` pads, so the text tower needs no host read
+        to decide on its mask (`HFClipTextModel.forward`).
 
         Given one modality only (as Transformers' `feature-extraction` and `image-feature-extraction` pipelines call
         it), returns that tower's `get_text_features` / `get_image_features` output: last_hidden_state
@@ -714,14 +739,16 @@ class HFClipModel(HFClipPreTrainedModel):
         if input_ids is None:
             return self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
         if pixel_values is None:
-            return self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
+            return self.get_text_features(input_ids, attention_mask, position_ids, padding_side, return_dict=True,
+                                          **kwargs)
         if return_loss and input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"return_loss=True needs one caption per image, got {pixel_values.shape[0]} images and "
                 f"{input_ids.shape[0]} texts. Leave return_loss unset to only score images against texts."
             )
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
-        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
+        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, padding_side, return_dict=True,
+                                              **kwargs)
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):  # similarities in fp32
             image_embeds = F.normalize(vision_outputs.pooler_output.float(), dim=-1)
             text_embeds = F.normalize(text_outputs.pooler_output.float(), dim=-1)
@@ -765,10 +792,13 @@ class HFClipTextModelWithProjection(HFClipPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        padding_side: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> HFClipTextModelOutput | tuple:
-        """input_ids, attention_mask: (batch, seq). Returns text_embeds (batch, projection_dim), unnormalised."""
-        text_outputs = self.text_model(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
+        """input_ids, attention_mask: (batch, seq); `padding_side` as in `HFClipTextModel.forward`. Returns
+        text_embeds (batch, projection_dim), unnormalised."""
+        text_outputs = self.text_model(input_ids, attention_mask, position_ids, padding_side, return_dict=True,
+                                       **kwargs)
         return HFClipTextModelOutput(
             text_embeds=self.text_projection(text_outputs.pooler_output),
             last_hidden_state=text_outputs.last_hidden_state,

@@ -77,6 +77,7 @@ from .common import (
     pipeline_demo,
 )
 from .data import (
+    ImageTransform,
     ProcessShare,
     TrainBatches,
     build_train_dataset,
@@ -170,6 +171,21 @@ def set_default_batch_size(run: RunArguments, train_split, data: DatasetArgument
     run.per_device_train_batch_size = default_batch_size(num_rows, num_processes)
     logger.info("Batch size %d per process (%s training rows)", run.per_device_train_batch_size, num_rows or "?")
     check_grad_cache(run)
+
+
+def check_cpu_launch(num_processes: int) -> None:
+    """Refuse a run that `accelerate launch --cpu` meant to spread over several processes or machines (it set
+    MASTER_ADDR) but started as one process: without `--mpirun_hostfile`, its CPU launcher starts one process per
+    machine that knows nothing of the others, so each would train alone into the same output folder."""
+    launched_on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+    if launched_on_cpu and "MASTER_ADDR" in os.environ and num_processes == 1:
+        raise RuntimeError(
+            "accelerate launch --cpu asked for several processes or machines, but this process is alone: Accelerate's "
+            "CPU launcher starts them only through MPI (--mpirun_hostfile). Use `accelerate launch --multi_gpu "
+            "--num_machines N --machine_rank R ...` or `torchrun`, which start one gloo process per slot on CPUs "
+            "too (training.train trains on the CPU when no accelerator is present); or unset MASTER_ADDR for a "
+            "single-process run."
+        )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -417,6 +433,41 @@ def check_hub_access(accelerator: Accelerator, repo_id: str, private: bool) -> N
         raise PermissionError(refusal)
 
 
+def model_inputs(batch: dict, device: torch.device, transform: ImageTransform) -> dict:
+    """The collated batch's model inputs on `device`: the tensors copied without blocking the host, the uint8 pixels
+    normalised there with `transform`'s mean and std, and the collator's `padding_side`, which spares the text tower
+    a read of the mask."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("pixel_values", "input_ids", "attention_mask")}
+    inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], transform.mean, transform.std)
+    return {**inputs, "padding_side": batch["padding_side"]}
+
+
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, inputs: dict, run: RunArguments
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch: forward, loss and backward (through GradCache with `--grad_cache_micro_batches`); on the
+    micro-batches that synchronise gradients, the gradient norm (clipped to `--max_grad_norm` when it is positive),
+    under `--nonfinite_loss skip` the skip decision, the optimiser and the schedule. Reads nothing back from the
+    device (tests/test_host_sync.py): returns the detached loss and the gradient norm (None on micro-batches that
+    do not synchronise) as device tensors."""
+    with accelerator.accumulate(model):
+        if run.grad_cache_micro_batches > 1:
+            loss = grad_cache_backward(model, inputs, run.grad_cache_micro_batches, backward=accelerator.backward)
+        else:
+            loss = model(**inputs, return_loss=True, gather_distributed=True).loss
+            accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients:
+            max_grad_norm = run.max_grad_norm if run.max_grad_norm > 0 else math.inf  # inf: measured, not clipped
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if run.nonfinite_loss == "skip":
+                skip_nonfinite_update(optimizer, grad_norm)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
+
+
 class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl` (NaN and infinities as null) and forwards scalars to
     Accelerate's trackers."""
@@ -580,6 +631,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         step_scheduler_with_optimizer=False,
     )
+    check_cpu_launch(accelerator.num_processes)
     enable_fsdp_on_cpu(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -665,7 +717,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     window_loss, window_finite = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     nonfinite_steps = torch.tensor(float(nonfinite_total), device=accelerator.device)
     window_steps, window_start, checked_step = 0, time.perf_counter(), step
-    max_grad_norm = run.max_grad_norm if run.max_grad_norm > 0 else math.inf  # inf: measured, not clipped
     model.train()
     while step < run.max_steps:
         step_loss = torch.zeros((), device=accelerator.device)
@@ -674,25 +725,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             micro_step += 1
             torch.manual_seed(micro_step_seed(run.seed, process.index, micro_step))
             skipped_total += int(batch["skipped"])
-            inputs = {k: batch[k].to(accelerator.device, non_blocking=True)
-                      for k in ("pixel_values", "input_ids", "attention_mask")}
-            inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], transform.mean, transform.std)
-            with accelerator.accumulate(model):
-                if run.grad_cache_micro_batches > 1:
-                    loss = grad_cache_backward(model, inputs, run.grad_cache_micro_batches,
-                                               backward=accelerator.backward)
-                else:
-                    loss = model(**inputs, return_loss=True, gather_distributed=True).loss
-                    accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                    if run.nonfinite_loss == "skip":
-                        skip_nonfinite_update(optimizer, grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach().float() / run.gradient_accumulation_steps
+            loss, grad_norm = train_step(accelerator, model, optimizer, scheduler,
+                                         model_inputs(batch, accelerator.device, transform), run)
+            step_loss += loss.float() / run.gradient_accumulation_steps
             sample_ids.add(step + 1, batch["row_ids"])
         finite_loss = torch.isfinite(step_loss)
         nonfinite = ~torch.isfinite(grad_norm) if run.nonfinite_loss == "skip" else ~finite_loss | ~torch.isfinite(
