@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 from common import VOCAB, make_inputs, median_throughput
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor, contrastive_loss
 from hf_clip.collators import padding_side_of
 from hf_clip.convert import transformers_from_hf_clip
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 REPO = Path(__file__).resolve().parents[1]
 
