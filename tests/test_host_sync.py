@@ -72,6 +72,8 @@ STEP_CASES = {
     "chunked loss": ({}, {"loss_chunk_size": 3}, "right"),
     "sigmoid loss, chunked": ({}, {"loss_type": "siglip", "loss_chunk_size": 3}, "right"),
     "accumulation": ({"gradient_accumulation_steps": 2}, {}, "right"),
+    "non-finite updates skipped": ({"nonfinite_loss": "skip"}, {}, "right"),
+    "no clipping": ({"max_grad_norm": 0.0}, {}, "right"),
 }
 
 
