@@ -13,7 +13,11 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs 2 workers) the cores are shared out between the workers, and the subprocesses
+# the tests start inherit the same share.
+THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 CAPTIONS = [
     f"{prefix} {size} {color} {shape} {where}"

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, gather_object, set_seed
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -380,6 +381,9 @@ def nonfinite_weights(model) -> torch.Tensor:
     """1.0 when a parameter holds a NaN or an infinity (under FSDP, in this process's shards), else 0.0: a device
     scalar, from the largest absolute weight."""
     weights = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in model.parameters()]
+    weights = [weight for weight in weights if weight.numel()]  # FSDP leaves some processes empty shards
+    if not weights:
+        return torch.zeros((), device=next(model.parameters()).device)
     return (~torch.isfinite(torch.nn.utils.get_total_norm(weights, norm_type=math.inf))).float()
 
 
@@ -459,6 +463,8 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, inputs: di
         if accelerator.sync_gradients:
             max_grad_norm = run.max_grad_norm if run.max_grad_norm > 0 else math.inf  # inf: measured, not clipped
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if isinstance(grad_norm, DTensor):  # FSDP2: the norm is already reduced over the shards
+                grad_norm = grad_norm.full_tensor()
             if run.nonfinite_loss == "skip":
                 skip_nonfinite_update(optimizer, grad_norm)
         optimizer.step()
