@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hub_env, write_pickle_bomb
+from conftest import hub_env, tiny_siglip_model_and_processor, write_pickle_bomb
 from hub_workers import LABELS, probe_image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, Trainer, TrainingArguments, pipeline
@@ -205,13 +205,7 @@ def test_hub_repo_with_only_pytorch_model_bin_gets_hf_clips_explanation(hub_repo
 
 
 def test_export_clip_refuses_a_siglip_model_and_says_why(tokenizer, tmp_path):
-    from hf_clip import HFClipConfig
-
-    layer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = HFClipConfig.from_preset("tiny", tokenizer=tokenizer, loss_type="siglip", projection_dim=16,
-                                      text_config=layer, vision_config={**layer, "image_size": 16, "patch_size": 8})
-    model = HFClipModel(config).eval()
-    processor = HFClipProcessor.from_tokenizer(tokenizer, image_size=16)
+    model, processor = tiny_siglip_model_and_processor(tokenizer)
     with pytest.raises(ValueError, match=r"loss_type 'siglip'.*logit_bias \(-10\).*drop_logit_bias=True"):
         export_clip(model, processor, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CAPTIONS, make_config
+from conftest import CAPTIONS, make_config, tiny_siglip_model_and_processor
 from PIL import Image
 
 pytest.importorskip("onnx")
@@ -181,14 +181,9 @@ def test_int8_graphs_keep_zero_shot_predictions_of_a_trained_model(trained):
 
 
 def test_siglip_graphs_also_output_the_logit_bias(tokenizer, tmp_path):
-    from hf_clip import HFClipConfig
     from hf_clip.export import export_onnx
 
-    layer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = HFClipConfig.from_preset("tiny", tokenizer=tokenizer, loss_type="siglip", projection_dim=16,
-                                      text_config=layer, vision_config={**layer, "image_size": 16, "patch_size": 8})
-    model = HFClipModel(config).eval()
-    processor = HFClipProcessor.from_tokenizer(tokenizer, image_size=16)
+    model, processor = tiny_siglip_model_and_processor(tokenizer)
     export_onnx(model, processor, tmp_path)
     inputs = processor(text=CAPTIONS[:3], images=[Image.new("RGB", (9, 9), "red")] * 2, padding=True,
                        return_tensors="pt")
