@@ -1,5 +1,6 @@
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 # Tests never touch the network: huggingface_hub reads these when first imported (test modules import it after
 # this file), and the subprocesses the tests start inherit them.
@@ -185,10 +187,20 @@ SHAPES_MODEL_LAYER = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_
 def trained_shapes_model(tmp_path_factory):
     """A model trained by `training.train` (SHAPES_MODEL_ARGS, from a random SHAPES_MODEL_LAYER model with a tokenizer
     of the embedded dataset's captions) until it tells colours and shapes apart: the saved folder (model, processor)."""
+    # One training per session, also under pytest-xdist, whose workers share their base temporary folders' parent.
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "trained_shapes_model"
+    with FileLock(f"{root}.lock"):
+        if not (root / "trained" / "model.safetensors").exists():
+            _train_shapes_model(root)
+    return root / "trained"
+
+
+def _train_shapes_model(root: Path) -> None:
     from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, train_clip_tokenizer
     from training.synthetic import caption_corpus
 
-    root = tmp_path_factory.mktemp("trained_shapes_model")
+    shutil.rmtree(root, ignore_errors=True)
     tokenizer = train_clip_tokenizer(caption_corpus(), vocab_size=2048, model_max_length=16)
     special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
@@ -204,4 +216,3 @@ def trained_shapes_model(tmp_path_factory):
                              "--output_dir", str(output_dir), *SHAPES_MODEL_ARGS],
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-5000:]
-    return output_dir
