@@ -193,20 +193,24 @@ def exact_top_k(queries: torch.Tensor, chunks: Sequence[np.ndarray], k: int, row
 
 
 class RecallProbe:
-    """Recall@10 of an index against exact search, with a sample of the collection's own vectors (n, d) as queries;
-    each query's own row is left out of both result lists. The exact neighbours are computed once."""
+    """Recall@10 of an index against exact search. Its queries are a sample of the collection's own vectors (n, d),
+    each one's own row left out of both result lists, and, when the rows' caption embeddings `text_vectors` (n, d)
+    are given, the same rows' captions, as text queries search images. The exact neighbours are computed once."""
 
-    def __init__(self, vectors: np.ndarray, num_queries: int = RECALL_QUERIES):
+    def __init__(self, vectors: np.ndarray, num_queries: int = RECALL_QUERIES, text_vectors: np.ndarray | None = None):
         self.vectors = vectors
         self.picks = np.random.default_rng(0).choice(len(vectors), min(num_queries, len(vectors)), replace=False)
         self.k = min(11, len(vectors))
-        _, exact = exact_top_k(torch.from_numpy(vectors[self.picks]), [vectors], self.k)
-        self.truth = [[p for p in row if p != pick][:10] for pick, row in zip(self.picks, exact.tolist())]
+        queries = [vectors[self.picks]] + ([] if text_vectors is None else [text_vectors[self.picks]])
+        self.queries = np.concatenate(queries)
+        self.excluded = np.concatenate([self.picks] + [np.full(len(self.picks), -1)] * (len(queries) - 1))
+        _, exact = exact_top_k(torch.from_numpy(self.queries), [vectors], self.k)
+        self.truth = [[p for p in row if p != excluded][:10] for excluded, row in zip(self.excluded, exact.tolist())]
 
     def __call__(self, index, rerank: int | None = None) -> float:
-        _, found = search_faiss(index, self.vectors[self.picks], self.k, rerank, self.vectors.__getitem__)
-        hits = sum(len(set(truth) & {p for p in row.tolist() if p != pick})
-                   for pick, truth, row in zip(self.picks, self.truth, found))
+        _, found = search_faiss(index, self.queries, self.k, rerank, self.vectors.__getitem__)
+        hits = sum(len(set(truth) & {p for p in row.tolist() if p != excluded})
+                   for excluded, truth, row in zip(self.excluded, self.truth, found))
         return hits / max(1, sum(len(truth) for truth in self.truth))
 
 
@@ -263,7 +267,8 @@ class BuiltIndex:
 def build_index(embeddings: datasets.Dataset, index_type: str = "flat", target_recall: float = 0.95) -> BuiltIndex:
     """The search index over `image_embedding`: flat (exact; None without faiss, searched by a torch matrix
     product) or `ivf_pq`, whose `nprobe` is the smallest that reaches `target_recall` (recall@10 against exact
-    search, measured on the collection itself; all lists if none does)."""
+    search, measured on the collection itself with image queries and, when captions were embedded, their text
+    queries; all lists if none does)."""
     if index_type not in INDEX_TYPES:
         raise ValueError(f"--index_type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}.")
     vectors = np.concatenate(embedding_chunks(embeddings, "image_embedding")) if len(embeddings) else None
@@ -279,7 +284,9 @@ def build_index(embeddings: datasets.Dataset, index_type: str = "flat", target_r
     index = build_faiss_index(vectors, index_type, approximate)
     build_seconds = time.perf_counter() - started
     faiss = import_faiss(f"--index_type {index_type}")
-    probe = RecallProbe(vectors)
+    text_vectors = (np.concatenate(embedding_chunks(embeddings, "text_embedding"))
+                    if "text_embedding" in embeddings.column_names else None)
+    probe = RecallProbe(vectors, text_vectors=text_vectors)
     for nprobe in approximate.nprobe_candidates():
         approximate.nprobe = faiss.extract_index_ivf(index).nprobe = nprobe
         recall = probe(index, rerank=approximate.rerank)
@@ -287,7 +294,7 @@ def build_index(embeddings: datasets.Dataset, index_type: str = "flat", target_r
             break
     info.update(backend="faiss", factory=approximate.factory(vectors.shape[1]), **asdict(approximate),
                 build_seconds=round(build_seconds, 2), target_recall=target_recall, recall_at_10=round(recall, 4),
-                recall_queries=len(probe.picks),
+                recall_queries=len(probe.queries),
                 index_bytes_per_vector=round(faiss.serialize_index(index).nbytes / len(vectors), 1))
     return BuiltIndex(index, info)
 
