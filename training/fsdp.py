@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from hf_clip import HFClipModel
 
@@ -57,6 +58,19 @@ def register_feature_methods(model: HFClipModel) -> None:
     parameters as `forward` does; call after `accelerator.prepare`."""
     for method in ("get_text_features", "get_image_features"):
         register_fsdp_forward_method(model, method)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2: a gradient norm, a sharded scalar) as the plain tensor it stands for, gathered where it is
+    not replicated (every process must call it then); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_pieces(parameters) -> list[torch.Tensor]:
+    """The detached tensors of `parameters` that this process holds: under FSDP2 its local shards, without the empty
+    ones some processes hold."""
+    pieces = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in parameters]
+    return [piece for piece in pieces if piece.numel()]
 
 
 def unsharded_model(accelerator: Accelerator, model, state_dict: dict[str, torch.Tensor]) -> HFClipModel:

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, gather_object, set_seed
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -94,6 +93,8 @@ from .data import (
 )
 from .fsdp import (
     enable_fsdp_on_cpu,
+    full_value,
+    local_pieces,
     register_feature_methods,
     scalar_logit_scale,
     shardable_logit_scale_,
@@ -380,8 +381,7 @@ def skip_nonfinite_update(optimizer, grad_norm: torch.Tensor) -> None:
 def nonfinite_weights(model) -> torch.Tensor:
     """1.0 when a parameter holds a NaN or an infinity (under FSDP, in this process's shards), else 0.0: a device
     scalar, from the largest absolute weight."""
-    weights = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in model.parameters()]
-    weights = [weight for weight in weights if weight.numel()]  # FSDP leaves some processes empty shards
+    weights = local_pieces(model.parameters())
     if not weights:
         return torch.zeros((), device=next(model.parameters()).device)
     return (~torch.isfinite(torch.nn.utils.get_total_norm(weights, norm_type=math.inf))).float()
@@ -462,9 +462,7 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, inputs: di
         grad_norm = None
         if accelerator.sync_gradients:
             max_grad_norm = run.max_grad_norm if run.max_grad_norm > 0 else math.inf  # inf: measured, not clipped
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-            if isinstance(grad_norm, DTensor):  # FSDP2: the norm is already reduced over the shards
-                grad_norm = grad_norm.full_tensor()
+            grad_norm = full_value(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
             if run.nonfinite_loss == "skip":
                 skip_nonfinite_update(optimizer, grad_norm)
         optimizer.step()
