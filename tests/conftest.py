@@ -1,9 +1,12 @@
+import contextlib
+import io
 import os
 import pickle
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 torch.set_num_threads(THREADS)
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+# `datasets`' cache (the embedded dataset's rendered splits) is this test run's own: made by the process pytest started,
+# inherited by its xdist workers and the subprocesses tests start, and removed at the end of the run.
+os.environ.setdefault("HF_CLIP_TESTS_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_clip-tests-datasets-"))
+DATASETS_CACHE = Path(os.environ["HF_CLIP_TESTS_DATASETS_CACHE"])
+os.environ["HF_DATASETS_CACHE"] = str(DATASETS_CACHE)
+
+
+def pytest_unconfigure(config):
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(DATASETS_CACHE, ignore_errors=True)
 
 CAPTIONS = [
     f"{prefix} {size} {color} {shape} {where}"
@@ -37,6 +50,40 @@ FAST_TRAINING_ARGS = [
     "--warmup_steps", "2", "--learning_rate", "1e-3", "--report_to", "none", "--mixed_precision", "no",
     "--context_length", "24", "--tokenizer_vocab_size", "700",
 ]
+
+
+def script_in_process(main, argv: list) -> tuple[object, str]:
+    """A script's `main(ARGV)` in this process (which has paid the imports and holds the embedded dataset), on one
+    thread as the tests' script subprocesses are (so losses can be compared exactly): its return value and what it
+    printed. Accelerate's process-wide state is reset afterwards, as if the run had been a process of its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            result = main([str(arg) for arg in argv])
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        print(printed.getvalue())  # shown by pytest when a test fails
+    return result, printed.getvalue()
+
+
+def train_in_process(argv: list) -> tuple[dict, str]:
+    """`python -m training.train ARGV` in this process (`script_in_process`)."""
+    from training import train
+
+    return script_in_process(train.main, argv)
+
+
+def finetune_in_process(argv: list) -> tuple[dict, str]:
+    """`python -m training.finetune_trainer ARGV` in this process (`script_in_process`)."""
+    from training import finetune_trainer
+
+    return script_in_process(finetune_trainer.main, argv)
 
 
 @pytest.fixture(scope="session")

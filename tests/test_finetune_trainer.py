@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import finetune_in_process
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -36,13 +37,18 @@ SMALL = ["--embedded_num_train", "1024", "--eval_splits", "test", "--per_device_
          "--per_device_eval_batch_size", "64", "--logging_steps", "10", "--seed", "0", "--dataloader_num_workers", "0"]
 
 
-def _finetune(output_dir, *flags, launcher=(sys.executable, "-m", "training.finetune_trainer"), timeout=300):
+def _finetune(output_dir, *flags) -> str:
+    """The fine-tuning script in this process: what it printed."""
+    return finetune_in_process(["--output_dir", output_dir, *flags])[1]
+
+
+def _launch(output_dir, *flags, launcher):
+    """The fine-tuning script as its own processes, as users start it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, "--output_dir", str(output_dir), *flags], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+                            capture_output=True, text=True, timeout=300)
     print(result.stdout)  # the script's report: shown with `pytest -s`, and by pytest when a test fails
     assert result.returncode == 0, result.stderr[-6000:]
-    return result
 
 
 def _tiny_model_and_processor():
@@ -68,20 +74,20 @@ def start_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def contrastive_run(start_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("contrastive")
-    result = _finetune(out, "--model_name_or_path", str(start_checkpoint), *SMALL, "--max_eval_samples", "128",
+    printed = _finetune(out, "--model_name_or_path", str(start_checkpoint), *SMALL, "--max_eval_samples", "128",
                        "--max_steps", "60", "--learning_rate", "2e-3", "--save_strategy", "steps", "--save_steps", "30",
                        "--eval_strategy", "steps", "--eval_steps", "30")
-    return out, result
+    return out, printed
 
 
 @pytest.mark.slow
 def test_contrastive_fine_tuning_lowers_eval_loss_and_saves_loadable_checkpoints(contrastive_run):
-    out, result = contrastive_run
+    out, printed = contrastive_run
     results = json.loads((out / "eval_results.json").read_text())
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
     for direction in ("image_to_text", "text_to_image"):
         assert results["after"][f"eval_{direction}_accuracy"] > results["before"][f"eval_{direction}_accuracy"]
-    assert "pipeline on one image of a" in result.stdout
+    assert "pipeline on one image of a" in printed
     image = Image.new("RGB", (64, 64), (220, 40, 40))
     labels = ["red circle", "blue square"]
     for path in (out / "checkpoint-60", out):  # the checkpoint Trainer saved, and the final model
@@ -99,12 +105,12 @@ def test_contrastive_fine_tuning_lowers_eval_loss_and_saves_loadable_checkpoints
 def test_classifier_from_zero_shot_fine_tuned_with_trainer_beats_zero_shot(contrastive_run, tmp_path):
     trained, _ = contrastive_run
     out = tmp_path / "classifier"
-    result = _finetune(out, "--task", "image-classification", "--model_name_or_path", str(trained),
+    printed = _finetune(out, "--task", "image-classification", "--model_name_or_path", str(trained),
                        "--label_column", "shape", *SMALL, "--max_eval_samples", "300", "--max_steps", "100",
                        "--learning_rate", "3e-3", "--save_strategy", "no", "--wise_ft_alpha", "0.5")
     results = json.loads((out / "eval_results.json").read_text())
     assert results["fine_tuned"]["eval_accuracy"] > results["zero_shot"]["eval_accuracy"]
-    assert "pipeline on one image of a" in result.stdout
+    assert "pipeline on one image of a" in printed
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "circle", "1": "square", "2": "triangle", "3": "cross"}
 
@@ -138,8 +144,8 @@ def test_trainer_under_torchrun_uses_the_global_batch(start_checkpoint, tmp_path
              "--learning_rate", "1e-3", "--dataloader_drop_last", "--use_cpu", "--seed", "3"]
     _finetune(tmp_path / "single", *flags, "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16")
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    _finetune(tmp_path / "double", *flags, "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-              launcher=(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.finetune_trainer"))
+    _launch(tmp_path / "double", *flags, "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+            launcher=(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.finetune_trainer"))
 
     def history(run):
         return json.loads((tmp_path / run / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]

@@ -18,8 +18,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import ALICE_TOKEN, FAST_TRAINING_ARGS, free_port, hub_env
+from conftest import ALICE_TOKEN, FAST_TRAINING_ARGS, free_port, hub_env, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -61,13 +60,8 @@ def _saved_dataset(folder: Path, splits: dict[str, dict], features: datasets.Fea
 
 
 def _train(output_dir, *flags):
-    """`training.train.main` in this process, on FAST_TRAINING_ARGS, the given flags and `SMALL`; Accelerate's
-    process-wide state is reset afterwards, as if the run had been a process of its own."""
-    try:
-        return train_script.main(["--output_dir", str(output_dir), *FAST_TRAINING_ARGS, *SMALL, *flags])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    """`training.train` in this process (`conftest.train_in_process`) on FAST_TRAINING_ARGS, the flags and `SMALL`."""
+    return train_in_process(["--output_dir", output_dir, *FAST_TRAINING_ARGS, *SMALL, *flags])[0]
 
 
 def _losses(output_dir) -> dict[int, float]:

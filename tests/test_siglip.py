@@ -3,15 +3,12 @@ the Hub round trip with and without hf_clip installed, and training through both
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST_TRAINING_ARGS, hub_env, make_config, text_batch
+from conftest import FAST_TRAINING_ARGS, finetune_in_process, hub_env, make_config, text_batch, train_in_process
 from hub_workers import LABELS, probe_image, probe_inputs
 from safetensors.torch import load_file
 from test_hub import assert_bit_identical, local_outputs, pull, run_worker
@@ -140,19 +137,11 @@ def test_push_and_pull_a_siglip_model_with_and_without_hf_clip(hub_server, sigli
                                atol=0, rtol=0)
 
 
-def _run(module: str, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stderr[-6000:]
-    return result
-
-
 @pytest.mark.slow
 def test_train_cli_with_loss_type_siglip(tmp_path):
     out = tmp_path / "run"
-    _run("training.train", *FAST_TRAINING_ARGS, "--max_steps", "3", "--loss_type", "siglip", "--loss_chunk_size", "5",
-         "--eval_splits", "test", "--output_dir", str(out))
+    train_in_process([*FAST_TRAINING_ARGS, "--max_steps", "3", "--loss_type", "siglip", "--loss_chunk_size", "5",
+                      "--eval_splits", "test", "--output_dir", out])
     config = json.loads((out / "config.json").read_text())
     assert config["loss_type"] == "siglip" and config["loss_chunk_size"] == 5
     assert config["logit_scale_init_value"] == pytest.approx(math.log(10))
@@ -168,11 +157,11 @@ def test_finetune_trainer_switches_a_clip_checkpoint_to_siglip(saved_checkpoint,
     """Trainer fine-tunes a CLIP checkpoint with the sigmoid loss: the model gains a logit_bias at −10 that trains,
     keeps its towers' weights as the start, and the saved model reloads as a SigLIP-type model."""
     out = tmp_path / "ft"
-    _run("training.finetune_trainer", "--model_name_or_path", str(saved_checkpoint), "--loss_type", "siglip",
-         "--output_dir", str(out), "--embedded_num_train", "64", "--eval_splits", "test", "--max_eval_samples", "16",
-         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--max_steps", "3",
-         "--logging_steps", "1", "--learning_rate", "1e-3", "--use_cpu", "--dataloader_num_workers", "0",
-         "--save_strategy", "no", "--report_to", "none")
+    finetune_in_process(["--model_name_or_path", saved_checkpoint, "--loss_type", "siglip", "--output_dir", out,
+                         "--embedded_num_train", "64", "--eval_splits", "test", "--max_eval_samples", "16",
+                         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--max_steps",
+                         "3", "--logging_steps", "1", "--learning_rate", "1e-3", "--use_cpu",
+                         "--dataloader_num_workers", "0", "--save_strategy", "no", "--report_to", "none"])
     model = HFClipModel.from_pretrained(out)
     assert model.config.loss_type == "siglip"
     assert model.logit_bias is not None and -10.5 < model.logit_bias.item() < -9.5 and model.logit_bias.item() != -10

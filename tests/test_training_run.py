@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,20 +16,28 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST_TRAINING_ARGS as FAST
+from conftest import train_in_process
 from PIL import Image
 from safetensors.torch import load_file
+
+from training.checkpointing import DamagedCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-def _train(output_dir, *extra, launcher=(sys.executable, "-m", "training.train"), check=True, timeout=300):
+def _launch(output_dir, *extra, launcher=(sys.executable, "-m", "training.train")):
+    """The training script as its own process (or processes), as users start it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, "--output_dir", str(output_dir), *FAST, *extra], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert result.returncode == 0, result.stderr[-6000:]
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
     return result
+
+
+def _train(output_dir, *extra) -> str:
+    """The training script in this process, for runs whose outcome is read from their files and what they print."""
+    return train_in_process(["--output_dir", output_dir, *FAST, *extra])[1]
 
 
 def _losses(output_dir) -> dict[int, float]:
@@ -37,7 +46,7 @@ def _losses(output_dir) -> dict[int, float]:
 
 
 def test_main_job_trains_evaluates_saves_and_runs_the_pipeline(tmp_path):
-    result = _train(tmp_path / "run", "--max_steps", "4", "--save_steps", "2")
+    result = _launch(tmp_path / "run", "--max_steps", "4", "--save_steps", "2")
     out = tmp_path / "run"
     assert "ZS top1" in result.stdout and "test_unseen" in result.stdout
     assert "pipeline on one image of a" in result.stdout
@@ -145,7 +154,7 @@ def _truncate(path) -> None:
         handle.truncate(path.stat().st_size // 2)
 
 
-def test_resume_after_sigkill_skips_damaged_checkpoints_and_logs_each_step_once(tmp_path):
+def test_resume_after_sigkill_skips_damaged_checkpoints_and_logs_each_step_once(tmp_path, caplog):
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
@@ -168,15 +177,16 @@ def test_resume_after_sigkill_skips_damaged_checkpoints_and_logs_each_step_once(
     _truncate(out / "checkpoint-6" / "optimizer.bin")
     _truncate(out / "checkpoint-4" / "model.safetensors")
 
-    named = _train(out, "--max_steps", "10", "--resume_from_checkpoint", str(out / "checkpoint-6"), check=False)
-    assert named.returncode != 0
-    assert "DamagedCheckpointError" in named.stderr and "checkpoint-6: optimizer.bin has" in named.stderr
+    with pytest.raises(DamagedCheckpointError, match="checkpoint-6: optimizer.bin has"):
+        _train(out, "--max_steps", "10", "--resume_from_checkpoint", str(out / "checkpoint-6"))
 
-    resumed = _train(out, "--max_steps", "10", "--resume_from_checkpoint", "latest", "--log_sample_ids",
-                     "--eval_splits", "test")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _train(out, "--max_steps", "10", "--resume_from_checkpoint", "latest", "--log_sample_ids", "--eval_splits",
+               "test")
     for checkpoint, file in ((8, "run_state.json"), (6, "optimizer.bin"), (4, "model.safetensors")):
-        assert f"checkpoint-{checkpoint}: {file}" in resumed.stderr, (checkpoint, file)
-    assert f"Resumed from {out / 'checkpoint-2'} at step 2" in resumed.stderr
+        assert f"checkpoint-{checkpoint}: {file}" in caplog.text, (checkpoint, file)
+    assert f"Resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
 
     lines = _log_lines(out / "metrics.jsonl")
     assert [line["step"] for line in lines if "loss" in line] == list(range(1, 11))
@@ -222,13 +232,13 @@ def test_streaming_webdataset_with_corrupt_images_trains_from_scratch_and_counts
     _webdataset_shards(shards, shards=4, rows=150, corrupt_jpg=lambda p: p % 25 == 7,
                        corrupt_png=lambda p: p % 10 == 0)
     out = tmp_path / "run"
-    result = _train(out, "--dataset_name", str(shards), "--streaming", "--image_column", "jpg", "--caption_column",
+    stdout = _train(out, "--dataset_name", str(shards), "--streaming", "--image_column", "jpg", "--caption_column",
                     "txt", "--shuffle_buffer_size", "1", "--max_steps", "36")
     lines = _log_lines(out / "metrics.jsonl")
     assert [line["step"] for line in lines] == list(range(1, 37))
     assert lines[-1]["skipped_samples"] == 24
-    assert "(16 images per step, 24 unusable rows skipped)" in result.stdout
-    assert "Nothing to evaluate" in result.stdout and "ZS top1" not in result.stdout
+    assert "(16 images per step, 24 unusable rows skipped)" in stdout
+    assert "Nothing to evaluate" in stdout and "ZS top1" not in stdout
     assert (out / "model.safetensors").exists()
 
 
@@ -239,8 +249,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     _train(single, *steps, "--per_device_train_batch_size", "16")
     double = tmp_path / "double"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    _train(double, *steps, "--per_device_train_batch_size", "8",
-           launcher=(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.train"))
+    _launch(double, *steps, "--per_device_train_batch_size", "8",
+            launcher=(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.train"))
 
     def ids(path):
         return [json.loads(line)["row_ids"] for line in path.read_text().splitlines()]

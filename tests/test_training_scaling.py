@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST_TRAINING_ARGS as FAST
-from conftest import hub_env
+from conftest import finetune_in_process, hub_env, train_in_process
 from safetensors.torch import load, load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,12 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _train(output_dir, *extra, env=None):
+def _launch(output_dir, *extra, env=None):
+    """The training script as its own process, as users start it (here: to reach the test's Hub server)."""
     env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "training.train", "--output_dir", str(output_dir), *FAST, *extra],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     return result
+
+
+def _train(output_dir, *extra) -> None:
+    """The training script in this process, for runs whose outcome is read from their files."""
+    train_in_process(["--output_dir", output_dir, *FAST, *extra])
 
 
 def _losses(output_dir) -> dict[int, float]:
@@ -49,8 +55,8 @@ def test_compiled_patch_dropout_run_saves_resumes_and_pushes_without_orig_mod_ke
              "--patch_dropout", "0.5", "--grad_cache_micro_batches", "2", "--save_steps", "1",
              "--save_total_limit", "5"]
     env = hub_env(hub_server, tmp_path / "hf_home")
-    _train(out, "--max_steps", "2", *flags, "--push_to_hub", "--hub_model_id", "compiled-run",
-           "--hub_push_checkpoints", env=env)
+    _launch(out, "--max_steps", "2", *flags, "--push_to_hub", "--hub_model_id", "compiled-run",
+            "--hub_push_checkpoints", env=env)
     expected_keys = set(load_file(out / "checkpoint-1" / "model.safetensors"))
     assert "vision_model.embeddings.patch_embedding.weight" in expected_keys
     assert not [key for key in expected_keys if "_orig_mod" in key]
@@ -71,13 +77,9 @@ def test_compiled_patch_dropout_run_saves_resumes_and_pushes_without_orig_mod_ke
 def test_finetune_trainer_patch_dropout(tmp_path, saved_checkpoint):
     """--patch_dropout reaches the model Trainer fine-tunes, and the saved config keeps it."""
     out = tmp_path / "finetuned"
-    command = [sys.executable, "-m", "training.finetune_trainer", "--model_name_or_path", str(saved_checkpoint),
-               "--output_dir", str(out), "--patch_dropout", "0.5", "--embedded_num_train", "64",
-               "--eval_splits", "test", "--max_eval_samples", "32", "--per_device_train_batch_size", "16",
-               "--per_device_eval_batch_size", "32", "--max_steps", "2", "--dataloader_num_workers", "0",
-               "--report_to", "none"]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-6000:]
+    finetune_in_process(["--model_name_or_path", saved_checkpoint, "--output_dir", out, "--patch_dropout", "0.5",
+                         "--embedded_num_train", "64", "--eval_splits", "test", "--max_eval_samples", "32",
+                         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--max_steps",
+                         "2", "--dataloader_num_workers", "0", "--report_to", "none"])
     assert json.loads((out / "config.json").read_text())["vision_config"]["patch_dropout"] == 0.5
     assert json.loads((saved_checkpoint / "config.json").read_text())["vision_config"]["patch_dropout"] == 0.0

@@ -13,7 +13,9 @@ The zero-shot task classifies each image into one of the `len(COLORS) × len(SHA
 (`CLASS_NAMES`), each prompted with every one of `TEMPLATES`.
 """
 
+import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value
@@ -35,6 +37,7 @@ POSITIONS = {"on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the to
 UNSEEN_COMPOSITIONS = (("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"))
 CLASS_NAMES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
 IMAGE_SIZE = 64
+SOURCE_SHA = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 DATASET_ID = "hf_clip-embedded-shapes"
 TEMPLATES = (
     "a {}.",
@@ -93,38 +96,48 @@ def captions_for(color: str, shape: str, size: str, position: str) -> list[str]:
     ]
 
 
-def _split(compositions: list[tuple[str, str]], num_samples: int, seed: int) -> dict[str, list]:
+def _split_rows(compositions: tuple[tuple[str, str], ...], num_samples: int, seed: int, source_sha: str):
+    """The rows of one split, shuffled by `seed`; `source_sha` (this module's) only keys `datasets`' cache."""
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {"image": [], "caption": [], "label": [], "color": [], "shape": []}
+    rows = []
     for index in range(num_samples):
         color, shape = compositions[index % len(compositions)]
         size = ("small", "big")[rng.integers(2)]
         position = tuple(POSITIONS)[rng.integers(len(POSITIONS))]
         buffer = io.BytesIO()
         render_scene(color, shape, size, position, rng).save(buffer, format="PNG")
-        rows["image"].append({"bytes": buffer.getvalue(), "path": None})
-        rows["caption"].append(captions_for(color, shape, size, position))
-        rows["label"].append(CLASS_NAMES.index(f"{color} {shape}"))
-        rows["color"].append(list(COLORS).index(color))
-        rows["shape"].append(SHAPES.index(shape))
-    order = rng.permutation(num_samples)
-    return {key: [values[i] for i in order] for key, values in rows.items()}
+        rows.append({"image": {"bytes": buffer.getvalue(), "path": None},
+                     "caption": captions_for(color, shape, size, position),
+                     "label": CLASS_NAMES.index(f"{color} {shape}"), "color": list(COLORS).index(color),
+                     "shape": SHAPES.index(shape)})
+    for index in rng.permutation(num_samples):
+        yield rows[index]
+
+
+def _split(compositions: list[tuple[str, str]], num_samples: int, seed: int, features: Features) -> Dataset:
+    if num_samples == 0:
+        return Dataset.from_dict({name: [] for name in features}, features=features)
+    # A tuple, not a list: `datasets` would shard a list argument across generator calls.
+    return Dataset.from_generator(_split_rows, features=features, gen_kwargs={
+        "compositions": tuple(compositions), "num_samples": num_samples, "seed": seed, "source_sha": SOURCE_SHA})
 
 
 def build_shapes_dataset(num_train: int = 24_000, num_test: int = 1_200, num_unseen: int = 1_200,
                          seed: int = 0) -> DatasetDict:
     """The embedded dataset as a `DatasetDict` with `image` (PNG bytes), `caption` (list of str), `label` (the
-    "colour shape" class) and the single attributes `color` and `shape`, all three `ClassLabel`s."""
+    "colour shape" class) and the single attributes `color` and `shape`, all three `ClassLabel`s.
+
+    Each split is rendered once and then read from `datasets`' cache (`HF_DATASETS_CACHE`), keyed by its size, its
+    seed and this module's source."""
     seen = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in UNSEEN_COMPOSITIONS]
     features = Features({"image": Image(), "caption": Sequence(Value("string")),
                          "label": ClassLabel(names=list(CLASS_NAMES)), "color": ClassLabel(names=list(COLORS)),
                          "shape": ClassLabel(names=list(SHAPES))})
-    splits = {
-        "train": _split(seen, num_train, seed),
-        "test": _split(seen, num_test, seed + 1),
-        "test_unseen": _split(list(UNSEEN_COMPOSITIONS), num_unseen, seed + 2),
-    }
-    return DatasetDict({name: Dataset.from_dict(rows, features=features) for name, rows in splits.items()})
+    return DatasetDict({
+        "train": _split(seen, num_train, seed, features),
+        "test": _split(seen, num_test, seed + 1, features),
+        "test_unseen": _split(list(UNSEEN_COMPOSITIONS), num_unseen, seed + 2, features),
+    })
 
 
 def describe(num_train: int) -> str:
