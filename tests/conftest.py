@@ -206,7 +206,6 @@ def run_two_ranks(worker: str, tmp_path, model, batch: dict, *worker_args, extra
     """Save `model` (weights and config), `batch` and `extra_files` ({stem: tensors}) under `tmp_path`, run
     `distributed_workers.<worker>(rank, 2, port, tmp_path, config_path, *worker_args)` on 2 gloo ranks, and return
     the tensors the ranks wrote to `result_file`."""
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file, save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
@@ -214,9 +213,17 @@ def run_two_ranks(worker: str, tmp_path, model, batch: dict, *worker_args, extra
     for stem, tensors in (extra_files or {}).items():
         save_file(tensors, tmp_path / f"{stem}.safetensors")
     model.config.to_json_file(tmp_path / "config.json")
-    mp.spawn(getattr(__import__("distributed_workers"), worker),
-             args=(2, free_port(), str(tmp_path), str(tmp_path / "config.json"), *worker_args), nprocs=2, join=True)
+    start_two_ranks(getattr(__import__("distributed_workers"), worker),
+                    2, free_port(), str(tmp_path), str(tmp_path / "config.json"), *worker_args)
     return load_file(tmp_path / result_file)
+
+
+def start_two_ranks(worker, *args) -> None:
+    """`worker(rank, *args)` in 2 processes forked from this one, which has paid the imports (spawned ones would
+    import torch and hf_clip again, seconds each); fails if either process fails."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="fork")
 
 
 # `make demo`'s recipe in fp32 (16-pixel patches, 500 steps of 128 scenes, learning rate 1e-3) on a model of half

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAINING_ARGS, free_port
+from conftest import FAST_TRAINING_ARGS, free_port, start_two_ranks
 from PIL import Image, ImageFilter
 
 from hf_clip import ContrastiveDataCollator, HFClipProcessor
@@ -251,13 +251,11 @@ def test_two_ranks_with_two_workers_each_read_every_row_once_per_epoch(tmp_path,
     12. 4 shards of 30 rows: each rank reads 2 shards, one per worker (30 rows: 2 batches and 6 leftover rows, which
     the rank merges into a fifth batch). 5 shards of 24 rows: 5 is not a multiple of 2 ranks, so every rank reads
     every shard and keeps every other row. Either way, per epoch, the ranks' batches hold every row exactly once."""
-    import torch.multiprocessing as mp
-
     cases = {"even": (4, 30), "uneven": (5, 24)}
     for name, (shards, rows) in cases.items():
         _webdataset_shards(tmp_path / name, shards, rows)
-    mp.spawn(__import__("distributed_workers").streamed_rows_of_each_rank,
-             args=(2, free_port(), str(tmp_path), str(saved_checkpoint), list(cases), 12, 10), nprocs=2, join=True)
+    start_two_ranks(__import__("distributed_workers").streamed_rows_of_each_rank,
+                    2, free_port(), str(tmp_path), str(saved_checkpoint), list(cases), 12, 10)
     for name, (shards, rows) in cases.items():
         seen = {}
         for rank in range(2):

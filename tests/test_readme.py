@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ALICE_TOKEN, FAST_TRAINING_ARGS, hub_env
+from conftest import ALICE_TOKEN, FAST_TRAINING_ARGS, hub_env, train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -53,14 +53,12 @@ def test_readme_hub_server_command_serves_the_hub_api(tmp_path):
 
 def test_readme_siglip_training_command_trains_a_siglip_model(tmp_path):
     """The "Large batches" section's `--loss_type siglip` command, as written, with the suite's fast settings and the
-    output directory appended (later flags win)."""
+    output directory appended (later flags win), run in this process (`conftest.train_in_process`)."""
     command = re.search(r"^(python -m training\.train .*--loss_type siglip.*)$", README.read_text(),
                         flags=re.MULTILINE).group(1)
     args = command.split()[3:]
     output_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "training.train", *args, *FAST_TRAINING_ARGS, "--max_steps", "2",
-                             "--eval_splits", "test", "--output_dir", str(output_dir)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
+    train_in_process([*args, *FAST_TRAINING_ARGS, "--max_steps", "2", "--eval_splits", "test", "--output_dir",
+                      output_dir])
     config = json.loads((output_dir / "config.json").read_text())
     assert config["loss_type"] == "siglip" and config["logit_bias_init_value"] == -10.0
