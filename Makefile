@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: lint
-	HF_CLIP_REQUIRE_COMMON_TESTS=1 $(PY) -m pytest -n 2 --dist loadgroup tests
+	HF_CLIP_REQUIRE_COMMON_TESTS=1 $(PY) -m pytest -n 2 --dist worksteal tests
 
 demo: $(STAMP)
 	$(PY) -m training.train --output_dir outputs/demo --patch_size 16 --max_steps 500 $(DEMO_ARGS)

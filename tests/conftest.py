@@ -30,6 +30,25 @@ DATASETS_CACHE = Path(os.environ["HF_CLIP_TESTS_DATASETS_CACHE"])
 os.environ["HF_DATASETS_CACHE"] = str(DATASETS_CACHE)
 
 
+# The suite's two longest pieces of work (the session's trained shapes model, which test_search.py's tests use, and
+# the README's digits training) each start one half of the collection. `make test`'s `--dist worksteal` hands each of
+# the two workers one half and balances the rest by stealing from the ends, so both start at once and neither worker
+# waits for the other's.
+HALF_HEADS = ("tests/test_search.py::",
+              "tests/test_small_real_dataset.py::test_readme_digits_commands_reach_95_percent_zero_shot_from_scratch")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT") != "2":
+        return
+    first, second = ([item for item in items if item.nodeid.startswith(prefix)] for prefix in HALF_HEADS)
+    heads = {id(item) for item in first + second}
+    rest = [item for item in items if id(item) not in heads]
+    half = len(items) // 2 - len(first)
+    if half >= 0:
+        items[:] = [*first, *rest[:half], *second, *rest[half:]]
+
+
 def pytest_unconfigure(config):
     if "PYTEST_XDIST_WORKER" not in os.environ:
         shutil.rmtree(DATASETS_CACHE, ignore_errors=True)

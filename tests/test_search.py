@@ -32,10 +32,6 @@ SHAPES_FLAGS = ["--train_split", "test", "--embedded_num_train", "0", "--caption
                 "--keep_columns", "image", "caption", "label", "--dataloader_num_workers", "0", "--shard_size", "256"]
 QUERIES = ["a red circle", "a green square", "a yellow cross", "a purple triangle"]
 
-# One pytest-xdist worker runs this module, so the session's trained model is trained once (`make test`: --dist
-# loadgroup).
-pytestmark = pytest.mark.xdist_group("trained_shapes_model")
-
 
 def build(*flags) -> dict:
     """`hf-clip-index FLAGS` in this process."""
