@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_config
 from safetensors.torch import load_file
-from test_training_run import _losses, _train
+from test_training_run import _launch, _losses, _train
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +59,8 @@ def test_fsdp2_on_two_cpu_processes_trains_clamps_saves_and_resumes_like_one_pro
     single = tmp_path / "single"
     _train(single, *common, "--per_device_train_batch_size", "16")
     sharded = tmp_path / "fsdp"
-    result = _train(sharded, *common, "--per_device_train_batch_size", "8", "--save_steps", "2",
-                    launcher=_accelerate_fsdp2())
+    result = _launch(sharded, *common, "--per_device_train_batch_size", "8", "--save_steps", "2",
+                     launcher=_accelerate_fsdp2())
     assert "2 process(es)" in result.stderr
     assert (sharded / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()  # Accelerate's FSDP checkpoint layout
 
@@ -92,8 +92,8 @@ def test_fsdp2_on_two_cpu_processes_trains_clamps_saves_and_resumes_like_one_pro
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(sharded / "checkpoint-2", resumed / "checkpoint-2")
-    _train(resumed, *common, "--per_device_train_batch_size", "8", "--resume_from_checkpoint", "latest",
-           launcher=_accelerate_fsdp2())
+    _launch(resumed, *common, "--per_device_train_batch_size", "8", "--resume_from_checkpoint", "latest",
+            launcher=_accelerate_fsdp2())
     resumed_losses = _losses(resumed)
     assert sorted(resumed_losses) == [3, 4]
     for step in resumed_losses:

@@ -2,13 +2,13 @@
 in its cell while the suite goes on."""
 
 import dataclasses
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import script_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -28,10 +28,8 @@ def _table_rows(text: str) -> list[list[str]]:
 @pytest.mark.slow
 def test_smoke_run_gives_every_row(tmp_path):
     output = tmp_path / "suite.md"
-    result = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--output", str(output)],
-                            cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert output.read_text() in result.stdout
+    status, printed = script_in_process(gpu_suite.main, ["--smoke", "--output", output])
+    assert status == 0 and output.read_text() in printed
     table = output.read_text()
     rows = _table_rows(table)
     assert "failed" not in table and "not run: the suite" not in table, table

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST_TRAINING_ARGS as FAST
+from conftest import train_in_process
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,10 +81,7 @@ def test_two_nodes_from_the_slurm_script_match_one_process(tmp_path):
     1e-5), weights and evaluation."""
     steps = ["--max_steps", "3", "--log_sample_ids", "--eval_splits", "test"]
     single = tmp_path / "single"
-    result = subprocess.run([sys.executable, "-m", "training.train", "--output_dir", str(single), *FAST, *steps,
-                             "--per_device_train_batch_size", "16"], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    train_in_process(["--output_dir", single, *FAST, *steps, "--per_device_train_batch_size", "16"])
 
     nodes = tmp_path / "nodes"
     env = {**_slurm_job(tmp_path, nodes=2), "OUTPUT_DIR": str(nodes)}

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST_TRAINING_ARGS as FAST
-from conftest import train_in_process
+from conftest import script_in_process, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
+from training import evaluate
 from training.checkpointing import DamagedCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,11 +71,8 @@ def test_main_job_trains_evaluates_saves_and_runs_the_pipeline(tmp_path):
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert loaded.stdout.split() == ["HFClipModel", "HFClipProcessor"], loaded.stderr
 
-    evaluated = subprocess.run([sys.executable, "-m", "training.evaluate", "--model_name_or_path", str(out),
-                                "--max_eval_samples", "48", "--dataloader_num_workers", "0", "--output_file",
-                                str(tmp_path / "eval.json")],
-                               cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    script_in_process(evaluate.main, ["--model_name_or_path", out, "--max_eval_samples", "48",
+                                      "--dataloader_num_workers", "0", "--output_file", tmp_path / "eval.json"])
     standalone = json.loads((tmp_path / "eval.json").read_text())
     assert standalone["test"]["zero_shot_top1"] == pytest.approx(results["test"]["zero_shot_top1"], abs=1e-6)
 
