@@ -158,7 +158,8 @@ def _left_padded(ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> tu
     return left_ids, left_mask
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn_implementation", [
+    "eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])  # flex: an inductor compile, 20 s here
 def test_left_padding_embeds_as_right_padding(tiny_config, attn_implementation):
     model = HFClipModel(tiny_config).eval()
     model.set_attn_implementation(attn_implementation)
@@ -447,6 +448,7 @@ def _logits_by_implementation(path, config, implementations) -> dict[str, torch.
     return outputs
 
 
+@pytest.mark.slow  # an inductor compile of flex attention
 def test_flex_attention_matches_sdpa(clip_reference, tiny_config):
     _, path = clip_reference
     outputs = _logits_by_implementation(path, tiny_config, ("sdpa", "flex_attention"))

@@ -48,6 +48,7 @@ def test_console_scripts_name_the_missing_training_extra(script, monkeypatch):
                                  'installed. Install it with: pip install "hf-clip[train]"')
 
 
+@pytest.mark.slow
 def test_import_hf_clip_loads_no_module_beyond_transformers_clip():
     """`import hf_clip` costs what `from transformers import CLIPModel, CLIPProcessor` costs: in a clean interpreter,
     every module it adds is one of its own (no datasets, pyarrow, optional extras or extra Transformers modules)."""
