@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hf_clip import ContrastiveDataCollator, HFClipProcessor
-from training import evaluate, finetune_trainer
+from training import evaluate, finetune_trainer, synthetic
 from training.args import DatasetArguments
 from training.checkpointing import STATE_FILE, read_state, resolve_checkpoint
 from training.data import (
@@ -205,6 +205,21 @@ def test_embedded_dataset_splits():
     unseen_labels = {names[i] for i in set(unseen["label"])}
     assert unseen_labels.isdisjoint({names[i] for i in set(train["label"])})
     assert unseen_labels == {"red triangle", "green cross", "blue circle", "yellow square"}
+
+
+def test_embedded_dataset_is_rendered_once_into_the_datasets_cache(monkeypatch):
+    """A second build of the same splits reads `datasets`' cache (HF_DATASETS_CACHE); an edit of synthetic.py's
+    source renders them anew (into another cache entry), with the same rows."""
+    first = synthetic.build_shapes_dataset(num_train=6, num_test=5, num_unseen=4, seed=11)
+    files = [entry["filename"] for entry in first["train"].cache_files]
+    assert files and all(name.startswith(str(datasets.config.HF_DATASETS_CACHE)) for name in files)
+    again = synthetic.build_shapes_dataset(num_train=6, num_test=5, num_unseen=4, seed=11)
+    assert [entry["filename"] for entry in again["train"].cache_files] == files
+    monkeypatch.setattr(synthetic, "SOURCE_SHA", "0" * 64)
+    edited = synthetic.build_shapes_dataset(num_train=6, num_test=5, num_unseen=4, seed=11)
+    assert [entry["filename"] for entry in edited["train"].cache_files] != files
+    for split in ("train", "test", "test_unseen"):
+        assert edited[split].to_dict() == again[split].to_dict() == first[split].to_dict(), split
 
 
 def test_missing_column_names_dataset_column_and_found(tmp_path):
