@@ -27,11 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-def _launch(output_dir, *extra, launcher=(sys.executable, "-m", "training.train")):
-    """The training script as its own process (or processes), as users start it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _launch(output_dir, *extra, launcher=(sys.executable, "-m", "training.train"), env=None, timeout=300):
+    """The training script as its own process (or processes), as users start it; `env` replaces this process's
+    environment (for example to reach the test Hub server)."""
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, "--output_dir", str(output_dir), *FAST, *extra], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-6000:]
     return result
 

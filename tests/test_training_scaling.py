@@ -1,38 +1,13 @@
 """`training.train` with patch dropout, GradCache and torch.compile, run as users run it."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import FAST_TRAINING_ARGS as FAST
-from conftest import finetune_in_process, hub_env, train_in_process
+from conftest import finetune_in_process, hub_env
 from safetensors.torch import load, load_file
-
-REPO = Path(__file__).resolve().parents[1]
+from test_training_run import _launch, _losses, _train
 
 pytestmark = pytest.mark.slow
-
-
-def _launch(output_dir, *extra, env=None):
-    """The training script as its own process, as users start it (here: to reach the test's Hub server)."""
-    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "training.train", "--output_dir", str(output_dir), *FAST, *extra],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-6000:]
-    return result
-
-
-def _train(output_dir, *extra) -> None:
-    """The training script in this process, for runs whose outcome is read from their files."""
-    train_in_process(["--output_dir", output_dir, *FAST, *extra])
-
-
-def _losses(output_dir) -> dict[int, float]:
-    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line["loss"] for line in lines if "loss" in line}
 
 
 def test_grad_cache_run_follows_the_plain_run(tmp_path):
@@ -56,7 +31,7 @@ def test_compiled_patch_dropout_run_saves_resumes_and_pushes_without_orig_mod_ke
              "--save_total_limit", "5"]
     env = hub_env(hub_server, tmp_path / "hf_home")
     _launch(out, "--max_steps", "2", *flags, "--push_to_hub", "--hub_model_id", "compiled-run",
-            "--hub_push_checkpoints", env=env)
+            "--hub_push_checkpoints", env=env, timeout=600)
     expected_keys = set(load_file(out / "checkpoint-1" / "model.safetensors"))
     assert "vision_model.embeddings.patch_embedding.weight" in expected_keys
     assert not [key for key in expected_keys if "_orig_mod" in key]
