@@ -22,7 +22,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the tests start inherit the same share.
 THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 torch.set_num_threads(THREADS)
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+if "PYTEST_XDIST_WORKER" in os.environ:  # not the controller's value, which the workers inherit
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 # `datasets`' cache (the embedded dataset's rendered splits) is this test run's own: made by the process pytest started,
 # inherited by its xdist workers and the subprocesses tests start, and removed at the end of the run.
 os.environ.setdefault("HF_CLIP_TESTS_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_clip-tests-datasets-"))

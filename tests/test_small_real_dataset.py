@@ -55,7 +55,8 @@ def test_readme_digits_commands_reach_95_percent_zero_shot_from_scratch(tmp_path
                       readme, flags=re.MULTILINE)
     assert build.group(1) == train.group(1)
     data_dir, output_dir = tmp_path / "digits-data", tmp_path / "digits"
-    env = dict(os.environ)  # the test run's OMP_NUM_THREADS (conftest.py), no longer a fixed 2 of its own
+    env = dict(os.environ)  # OMP_NUM_THREADS is this worker's share of the cores (conftest.py): more threads than
+    # cores spin in OpenMP's barriers while the other pytest-xdist worker is busy too
     built = subprocess.run([sys.executable, "examples/digits.py", str(data_dir)], cwd=REPO, capture_output=True,
                            text=True, timeout=300, env=env)
     assert built.returncode == 0, built.stderr[-4000:]
