@@ -1,12 +1,11 @@
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from PIL import Image
+from preloaded import run_python
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor, pipeline
 from transformers.utils import logging as transformers_logging
 
@@ -93,7 +92,7 @@ def test_remote_code_without_hf_clip_gives_the_same_outputs(saved_checkpoint, tm
                            "scores": classifier(image, candidate_labels={LABELS!r})}}))
     """)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180)
+    result = run_python(["-c", script], env=env, timeout=180)
     assert result.returncode == 0, result.stderr
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     assert remote["module"].startswith("transformers_modules.")

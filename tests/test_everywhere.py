@@ -10,7 +10,6 @@ plain CLIP export (`hf_clip.export.export_clip`), so the subprocess imports are 
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 from conftest import hub_env, tiny_siglip_model_and_processor, write_pickle_bomb
 from hub_workers import LABELS, probe_image
+from preloaded import run_python
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, Trainer, TrainingArguments, pipeline
 
@@ -33,8 +33,7 @@ REMOTE_MODEL = "transformers_modules."
 
 
 def _run(command: str, job: dict, env: dict) -> dict:
-    result = subprocess.run([sys.executable, str(WORKERS), command, json.dumps(job)], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    result = run_python([str(WORKERS), command, json.dumps(job)], env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -6,8 +6,6 @@ fresh `HF_HOME`, so nothing is served from a cache. Outputs after the round trip
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from conftest import ALICE_TOKEN, BOB_TOKEN, FAST_TRAINING_ARGS, hub_env, write_
 from hub_workers import LABELS, model_outputs, probe_image
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
+from preloaded import run_python
 from safetensors.torch import load_file
 from transformers import pipeline
 
@@ -41,8 +40,7 @@ PUSHED_ARGS = {**HYPERPARAMETERS, **PRIVATE_ARGS, "model_name_or_path": "/home/m
 
 
 def run_worker(command: str, job: dict, env: dict, *flags: str, expect_ok: bool = True) -> dict:
-    result = subprocess.run([sys.executable, str(WORKERS), command, json.dumps(job), *flags], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = run_python([str(WORKERS), command, json.dumps(job), *flags], env=env, cwd=REPO, timeout=300)
     lines = result.stdout.strip().splitlines()
     report = json.loads(lines[-1]) if lines else {}
     assert (result.returncode == 0) == expect_ok, (report, result.stderr[-4000:])
@@ -360,10 +358,10 @@ def test_transformers_clip_repo_loads_into_hf_clip(hub_server, tokenizer, tmp_pa
 def test_training_run_pushes_model_card_and_results(hub_server, tmp_path):
     out = tmp_path / "run"
     env = {**hub_env(hub_server, tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS,
+    command = ["-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS,
                "--max_steps", "2", "--eval_splits", "test", "--push_to_hub", "--hub_model_id", "shapes-run",
                "--hub_private_repo", "--save_steps", "1", "--hub_push_checkpoints"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_python(command, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Pushed to the Hub: " in result.stdout and ALICE_TOKEN not in result.stdout + result.stderr
     repo = hub_server.hub.repos["alice/shapes-run"]

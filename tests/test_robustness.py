@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import ALICE_TOKEN, FAST_TRAINING_ARGS, free_port, hub_env, train_in_process
 from PIL import Image
+from preloaded import run_python
 from safetensors.torch import load_file
 
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor, contrastive_loss, sigmoid_loss
@@ -419,9 +420,9 @@ def test_a_wrong_hub_token_is_refused_at_start_up(hub_server, tmp_path):
     wrong = "hf_wrongTokenForTheTestHub0123456789"
     out = tmp_path / "run"
     env = {**hub_env(hub_server, tmp_path / "hf_home", token=wrong), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS,
-                             *SMALL, "--dataset_name", data, "--max_steps", "2", "--push_to_hub", "--hub_model_id",
-                             "never-trained"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_python(["-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS, *SMALL,
+                         "--dataset_name", data, "--max_steps", "2", "--push_to_hub", "--hub_model_id",
+                         "never-trained"], cwd=REPO, env=env, timeout=300)
     assert result.returncode == 1
     assert (f"PermissionError: --push_to_hub: The Hub at {hub_server.url} refused the push to 'never-trained' "
             "(HTTP 401") in result.stderr
@@ -471,9 +472,8 @@ def test_pushed_hyperparameters_are_valid_json_without_credentials(hub_server, s
     job = {"checkpoint": str(saved_checkpoint), "repo_id": "alice/nan-recipe",
            "card": {"hyperparameters": hyperparameters, "extra_hyperparameters": [*CREDENTIAL_KEYS,
                                                                                   *CREDENTIAL_VALUES]}}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "hub_workers.py"), "push", json.dumps(job)],
-                            env=hub_env(hub_server, tmp_path / "hf_home"), cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    result = run_python([str(REPO / "tests" / "hub_workers.py"), "push", json.dumps(job)],
+                        env=hub_env(hub_server, tmp_path / "hf_home"), cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     files = hub_server.hub.repos["alice/nan-recipe"].history("main")[0].files
 

@@ -19,6 +19,7 @@ import torch
 from accelerate import PartialState
 from conftest import ALICE_TOKEN, free_port, hub_env
 from PIL import Image
+from preloaded import run_python
 
 from hf_clip import HFClipModel, HFClipProcessor
 from training import cli, search
@@ -404,9 +405,8 @@ print(json.dumps({"commit_url": commit.commit_url, "row_ids": result.row_ids, "s
 @pytest.mark.slow
 def test_index_folder_pushes_to_the_hub_as_a_dataset_repo_and_loads_back(shapes_index, trained_shapes_model,
                                                                           hub_server, tmp_path):
-    result = subprocess.run([sys.executable, "-c", HUB_ROUND_TRIP, str(trained_shapes_model), str(shapes_index)],
-                            cwd=REPO, env=hub_env(hub_server, tmp_path / "hf_home", ALICE_TOKEN), capture_output=True,
-                            text=True, timeout=600)
+    result = run_python(["-c", HUB_ROUND_TRIP, str(trained_shapes_model), str(shapes_index)], cwd=REPO,
+                        env=hub_env(hub_server, tmp_path / "hf_home", ALICE_TOKEN), timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     local = ImageTextIndex.load(shapes_index).search("a red circle", k=5)

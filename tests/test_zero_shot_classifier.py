@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from preloaded import run_python
 from transformers import AutoModelForImageClassification, pipeline
 
 from hf_clip import (
@@ -95,7 +94,7 @@ def test_saved_classifier_runs_in_the_image_classification_pipeline(clip_and_pro
         print(json.dumps({{"module": type(classifier.model).__module__, "result": classifier(image)}}))
     """)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}
-    remote = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180)
+    remote = run_python(["-c", script], env=env, timeout=180)
     assert remote.returncode == 0, remote.stderr[-4000:]
     remote_result = json.loads(remote.stdout.strip().splitlines()[-1])
     assert remote_result["module"].startswith("transformers_modules.")
