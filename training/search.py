@@ -336,17 +336,19 @@ def build_index(embeddings: datasets.Dataset, index_type: str = "flat", target_r
         started = time.perf_counter()
         index = build_faiss_index(vectors, index_type, approximate)
         build_seconds = time.perf_counter() - started
-        candidates = approximate.nprobe_candidates()
-        for position, nprobe in enumerate(candidates):
+
+        def probed(nprobe: int) -> RecallReport:
             approximate.nprobe = nprobe
             approximate.apply(index)
-            report = probe(index, rerank=approximate.rerank)
+            return probe(index, rerank=approximate.rerank)
+
+        candidates = approximate.nprobe_candidates()
+        for position, nprobe in enumerate(candidates):
+            report = probed(nprobe)
             if report.meets(target_recall):
+                if position + 1 < len(candidates):
+                    report = probed(candidates[position + 1])
                 break
-        if report.meets(target_recall) and position + 1 < len(candidates):
-            approximate.nprobe = candidates[position + 1]
-            approximate.apply(index)
-            report = probe(index, rerank=approximate.rerank)
         return index, report, build_seconds
 
     approximate = ApproximateSettings.for_collection(len(vectors))
