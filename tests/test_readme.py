@@ -62,3 +62,15 @@ def test_readme_siglip_training_command_trains_a_siglip_model(tmp_path):
                       output_dir])
     config = json.loads((output_dir / "config.json").read_text())
     assert config["loss_type"] == "siglip" and config["logit_bias_init_value"] == -10.0
+
+
+def test_readme_fast_test_command_collects_the_suite():
+    """The Development section's `.venv/bin/pytest -m "not slow"`, as written (the `pytest` script, not `python -m
+    pytest`, so the repository root is not on sys.path by default), collects every test module without an error."""
+    command = re.search(r'^\.venv/bin/(pytest -m "not slow")', README.read_text(), flags=re.MULTILINE).group(1)
+    args = [arg.strip('"') for arg in re.findall(r'"[^"]*"|\S+', command)[1:]]
+    pytest_script = Path(sys.executable).parent / "pytest"
+    result = subprocess.run([str(pytest_script), *args, "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "tests/test_data_path.py::" in result.stdout
