@@ -37,6 +37,12 @@ def _launch(output_dir, *extra, launcher=(sys.executable, "-m", "training.train"
     return result
 
 
+def _torchrun(module: str = "training.train") -> tuple[str, ...]:
+    """The launch command for `module` in 2 processes on this machine (`torchrun --standalone`)."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    return torchrun, "--standalone", "--nproc_per_node", "2", "-m", module
+
+
 def _train(output_dir, *extra) -> str:
     """The training script in this process, for runs whose outcome is read from their files and what they print."""
     return train_in_process(["--output_dir", output_dir, *FAST, *extra])[1]
@@ -247,9 +253,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     single = tmp_path / "single"
     _train(single, *steps, "--per_device_train_batch_size", "16")
     double = tmp_path / "double"
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    _launch(double, *steps, "--per_device_train_batch_size", "8",
-            launcher=(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.train"))
+    _launch(double, *steps, "--per_device_train_batch_size", "8", launcher=_torchrun())
 
     def ids(path):
         return [json.loads(line)["row_ids"] for line in path.read_text().splitlines()]
