@@ -3,9 +3,7 @@
 import io
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from conftest import finetune_in_process
 from PIL import Image
 from safetensors.torch import load_file
+from test_training_run import _torchrun
 from transformers import (
     AutoModel,
     AutoModelForImageClassification,
@@ -143,9 +142,8 @@ def test_trainer_under_torchrun_uses_the_global_batch(start_checkpoint, tmp_path
              "--eval_splits", "test", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3",
              "--learning_rate", "1e-3", "--dataloader_drop_last", "--use_cpu", "--seed", "3"]
     _finetune(tmp_path / "single", *flags, "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16")
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     _launch(tmp_path / "double", *flags, "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-            launcher=(torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.finetune_trainer"))
+            launcher=_torchrun("training.finetune_trainer"))
 
     def history(run):
         return json.loads((tmp_path / run / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
