@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import urllib.request
@@ -68,7 +69,7 @@ def test_readme_fast_test_command_collects_the_suite():
     """The Development section's `.venv/bin/pytest -m "not slow"`, as written (the `pytest` script, not `python -m
     pytest`, so the repository root is not on sys.path by default), collects every test module without an error."""
     command = re.search(r'^\.venv/bin/(pytest -m "not slow")', README.read_text(), flags=re.MULTILINE).group(1)
-    args = [arg.strip('"') for arg in re.findall(r'"[^"]*"|\S+', command)[1:]]
+    args = shlex.split(command)[1:]
     pytest_script = Path(sys.executable).parent / "pytest"
     result = subprocess.run([str(pytest_script), *args, "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
