@@ -26,7 +26,7 @@ test: lint
 	HF_CLIP_REQUIRE_COMMON_TESTS=1 $(PY) -m pytest -n 2 --dist worksteal tests
 
 demo: $(STAMP)
-	$(PY) -m training.train --output_dir outputs/demo --patch_size 16 --max_steps 500 $(DEMO_ARGS)
+	$(PY) -m hf_clip_train.train --output_dir outputs/demo --patch_size 16 --max_steps 500 $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py

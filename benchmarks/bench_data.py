@@ -38,12 +38,12 @@ from collections.abc import Callable
 import datasets
 import numpy as np
 import torch
-from hf_clip_train.args import DatasetArguments
-from hf_clip_train.data import TrainBatches, build_train_dataset, image_transform_for, without_image_decoding
 from PIL import Image
 
 from hf_clip import ContrastiveDataCollator, HFClipProcessor, train_clip_tokenizer
 from hf_clip.collators import decode_image
+from hf_clip_train.args import DatasetArguments
+from hf_clip_train.data import TrainBatches, build_train_dataset, image_transform_for, without_image_decoding
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

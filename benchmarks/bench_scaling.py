@@ -3,7 +3,7 @@
 1. Patch dropout (FLIP): the train step (forward with loss, backward, AdamW) at `patch_dropout` 0.5 against 0.0,
    same weights and batch, alternating step by step; samples/s ratio. Goal: >= 1.6x. The text tower and the
    optimizer step over CLIP's 49,408-token embedding do not shrink, so the image tower alone is also timed;
-   ViT-B-32 is also run with the 32-token context, and `tiny` as `training.train` builds it from scratch (2,048-token
+   ViT-B-32 is also run with the 32-token context, and `tiny` as the trainer builds it from scratch (2,048-token
    vocabulary, 16-token context, batch 128).
 2. GradCache: a contrastive batch of 1,024 pairs from 16 micro-batches of 64 (`hf_clip.grad_cache_backward`)
    against a plain batch-64 step. Peak memory growth of one step in a fresh child process per case (the input
@@ -35,7 +35,7 @@ from common import VOCAB, make_config, make_inputs, peak_rss_growth
 from hf_clip import HFClipModel, grad_cache_backward
 
 TRAIN_BATCH = {"tiny": 64, "ViT-B-32": 16}
-FROM_SCRATCH_VOCAB = 2048  # training.train's --tokenizer_vocab_size
+FROM_SCRATCH_VOCAB = 2048  # hf_clip_train.train's --tokenizer_vocab_size
 
 
 def train_step(model: HFClipModel, inputs: dict[str, torch.Tensor], micro_batches: int = 1):
@@ -93,7 +93,7 @@ def bench_patch_dropout(presets: list[str], repeats: int, clock) -> None:
             seconds = race({p: train_step(model, inputs) for p, model in models.items()}, repeats, clock)
             rate = {p: batch / s for p, s in seconds.items()}
             ctx = models[0.0].config.text_config.max_position_embeddings
-            note = "" if vocab_size == VOCAB else f"  ({vocab_size:,}-token vocabulary, as training.train builds it)"
+            note = "" if vocab_size == VOCAB else f"  ({vocab_size:,}-token vocabulary, as the trainer builds it)"
             print(f"{preset:<9} {ctx:>8} {batch:>5} {rate[0.0]:>9.1f} {rate[0.5]:>9.1f} {rate[0.5] / rate[0.0]:>5.2f}x"
                   f"{note}", flush=True)
             if context is None:

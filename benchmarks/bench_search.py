@@ -29,10 +29,10 @@ import datasets
 import numpy as np
 import torch
 from common import make_config
-from hf_clip_train.data import EmbeddingSettings, ImageTextColumns, embed_dataset, image_transform_for
-from hf_clip_train.search import RowGather, build_index, embedding_chunks, search_faiss
 
 from hf_clip import HFClipModel, HFClipProcessor, to_rgb_image, train_clip_tokenizer
+from hf_clip_train.data import EmbeddingSettings, ImageTextColumns, embed_dataset, image_transform_for
+from hf_clip_train.search import RowGather, build_index, embedding_chunks, search_faiss
 
 
 def photo_dataset(num_rows: int) -> datasets.Dataset:

@@ -22,10 +22,10 @@ import torch
 
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor
 from hf_clip.convert import transformers_from_hf_clip
-from training.args import DatasetArguments, RunArguments
-from training.data import TrainBatches, build_train_dataset, image_transform_for, load_split, normalize_pixels
-from training.synthetic import caption_corpus
-from training.train import build_optimizer, resolve_mixed_precision
+from hf_clip_train.args import DatasetArguments, RunArguments
+from hf_clip_train.data import TrainBatches, build_train_dataset, image_transform_for, load_split, normalize_pixels
+from hf_clip_train.synthetic import caption_corpus
+from hf_clip_train.train import build_optimizer, resolve_mixed_precision
 
 
 def make_batches(preset: str, batch_size: int, count: int, num_workers: int):

@@ -10,10 +10,10 @@ Rows, each a ratio of two runs in this process, alternating step by step where b
 2. Patch dropout 0.5 against 0.0, same step.
 3. Chunked InfoNCE (forward and backward, d = 512, fp32) at N = 65,536 and 262,144: time and peak memory against
    the dense loss where the dense loss fits in memory.
-4. The training data path (`training.data.build_train_dataset` + `TrainBatches`, random-resized-crop training
+4. The training data path (`hf_clip_train.data.build_train_dataset` + `TrainBatches`, random-resized-crop training
    samples of realistic JPEGs, about 720 px on a side) with 8 and 16 DataLoader workers, against row 1's step rate.
 5. FlashAttention-2 against SDPA where `flash-attn` is installed: the step's speed, and the embeddings compared.
-6. Host syncs: `training.train.train_step`, right- and left-padded, under `torch.cuda.set_sync_debug_mode("error")`.
+6. Host syncs: `hf_clip_train.train.train_step`, right/left-padded, under `torch.cuda.set_sync_debug_mode("error")`.
 7. `compile_towers()` (`--torch_compile`, inductor) against eager, and the first compiled step's wall time.
 
 Each row runs in its own try/except under a time budget (SIGALRM): a failure, an out-of-memory or an overrun is
@@ -291,8 +291,8 @@ class Suite:
         return statistics.median(times), memory
 
     def data_rows(self) -> list[Row]:
-        from training.args import DatasetArguments
-        from training.data import TrainBatches, build_train_dataset, image_transform_for, load_split
+        from hf_clip_train.args import DatasetArguments
+        from hf_clip_train.data import TrainBatches, build_train_dataset, image_transform_for, load_split
 
         shapes = self.shapes
         rows_needed = (3 * max(shapes.workers) + 2) * shapes.batch_size
@@ -346,17 +346,17 @@ class Suite:
 
     def sync_row(self) -> list[Row]:
         if self.device.type != "cuda":
-            return [Row("no host sync in training.train's step", "not run: CUDA only",
+            return [Row("no host sync in hf_clip_train.train's step", "not run: CUDA only",
                         notes="on CPUs tests/test_host_sync.py proves it with a guard on every host read")]
         from accelerate import Accelerator
         from transformers import get_cosine_schedule_with_warmup
 
-        from training.args import RunArguments
-        from training.data import ImageTransform
-        from training.train import build_optimizer, model_inputs, train_step
+        from hf_clip_train.args import RunArguments
+        from hf_clip_train.data import ImageTransform
+        from hf_clip_train.train import build_optimizer, model_inputs, train_step
 
         run = RunArguments(max_steps=4, warmup_steps=1)
-        accelerator = Accelerator(mixed_precision="bf16", step_scheduler_with_optimizer=False)  # as training.train
+        accelerator = Accelerator(mixed_precision="bf16", step_scheduler_with_optimizer=False)  # as hf_clip_train.train
         config = self.config()
         model = HFClipModel(config)
         optimizer = build_optimizer(model, run)
@@ -384,7 +384,7 @@ class Suite:
                     torch.cuda.set_sync_debug_mode(previous)
             passed.append(name)
         self.synchronize()
-        return [Row("no host sync in training.train's step (bf16, Accelerate)",
+        return [Row("no host sync in hf_clip_train.train's step (bf16, Accelerate)",
                     "passed: " + ", ".join(passed), notes='torch.cuda.set_sync_debug_mode("error") around the '
                     "batch's copy, forward, loss, backward, clipping, AdamW and the scale clamp")]
 
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=450.0, help="seconds after which no new row starts")
     parser.add_argument("--output", help="also write the header and table to this markdown file")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO))  # the checkout's `training` package (installed as hf_clip_train) for the data rows
+    sys.path[:0] = [str(REPO), str(REPO / "training")]  # the checkout's hf_clip and hf_clip_train, uninstalled
     if args.smoke:
         shapes, device = SMOKE, torch.device("cpu")
         torch.set_num_threads(1)  # tiny shapes gain nothing from more threads, and lose much on a shared machine
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     suite.run("loss", "chunked InfoNCE vs dense", "", suite.loss_rows)
     suite.run("data", "training data path vs the train step", ">= 1.0x", suite.data_rows)
     suite.run("flash", "flash attention vs sdpa", "", suite.flash_row)
-    suite.run("sync", "no host sync in training.train's step", "passes", suite.sync_row)
+    suite.run("sync", "no host sync in hf_clip_train.train's step", "passes", suite.sync_row)
     suite.run("compile", "compile_towers vs eager", "", suite.compile_row)
     text = f"{describe(device, args.smoke)}; {time.perf_counter() - suite.start:.0f} s\n\n{suite.table()}\n"
     print(text)

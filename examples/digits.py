@@ -2,7 +2,7 @@
 
     pip install scikit-learn
     python examples/digits.py outputs/digits-data           # save_to_disk: splits `train` (1,438) and `test` (359)
-    python -m training.train --dataset_name outputs/digits-data --output_dir outputs/digits --max_steps 400
+    python -m hf_clip_train.train --dataset_name outputs/digits-data --output_dir outputs/digits --max_steps 400
 
 Each image gets captions that name its digit in a few phrasings ("a handwritten seven", "the digit 7", ...); the
 `label` column is a `ClassLabel` of the digits' names, which zero-shot evaluation prompts with

@@ -3,13 +3,13 @@
 #
 #   sbatch examples/slurm_multinode.sh --dataset_name DATA --preset ViT-B-32 --per_device_train_batch_size 256
 #
-# The script's arguments go to `python -m training.train` as they are. Submit it from the repository root with the
+# The script's arguments go to `python -m hf_clip_train.train` as they are. Submit it from the repository root with the
 # environment active (or use `-m hf_clip_train.train` below for an installed package). To adapt it:
 # - the #SBATCH lines: nodes, GPUs per node, CPUs for the data loaders, time, and your partition / account;
 # - GPUS_PER_NODE, when SLURM does not set SLURM_GPUS_ON_NODE; MAIN_PROCESS_PORT, when 29500 is taken;
 # - OUTPUT_DIR must be on a filesystem that every node sees: the first process writes the tokenizer it trains, the
 #   checkpoints and the model there, and every process reads them back (the tokenizer, and `latest` on resume).
-# training.train picks bf16 on GPUs that run it (--mixed_precision auto) and scores each example against the whole
+# hf_clip_train.train picks bf16 on GPUs that run it (--mixed_precision auto) and scores each example against the whole
 # global batch: nodes x GPUs x --per_device_train_batch_size pairs.
 #SBATCH --job-name=hf-clip
 #SBATCH --nodes=2
@@ -31,4 +31,4 @@ srun --kill-on-bad-exit=1 bash -c 'exec accelerate launch --multi_gpu \
     --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
     --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \
     --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" --dynamo_backend no \
-    -m training.train --output_dir "$OUTPUT_DIR" "$@"' hf-clip "$@"
+    -m hf_clip_train.train --output_dir "$OUTPUT_DIR" "$@"' hf-clip "$@"

@@ -724,7 +724,7 @@ class HFClipModel(HFClipPreTrainedModel):
         (`hf_clip.loss.image_text_loss`), which needs n_images == n_texts (caption i belongs to image i). The loss
         scores this process's batch alone unless `gather_distributed=True`, which, under an initialised
         `torch.distributed` group, scores it against every rank's batch: a collective that all ranks must join, set
-        by data-parallel training (`training.train`, `ContrastiveDataCollator` for Trainer). `padding_side` ("right",
+        by data-parallel training (`hf_clip_train`, `ContrastiveDataCollator` for Trainer). `padding_side` ("right",
         "left" or None, as the collator sets it) says where `attention_mask` pads, so the text tower needs no host read
         to decide on its mask (`HFClipTextModel.forward`).
 

@@ -65,7 +65,7 @@ CAPTIONS = [
     for where in ("on the left", "on the right", "at the top", "at the bottom")
 ]
 
-# A small, fast `training.train` run on the embedded dataset.
+# A small, fast `hf_clip_train.train` run on the embedded dataset.
 FAST_TRAINING_ARGS = [
     "--embedded_num_train", "512", "--per_device_train_batch_size", "16", "--max_eval_samples", "48",
     "--per_device_eval_batch_size", "48", "--dataloader_num_workers", "0", "--logging_steps", "1",
@@ -95,15 +95,15 @@ def script_in_process(main, argv: list) -> tuple[object, str]:
 
 
 def train_in_process(argv: list) -> tuple[dict, str]:
-    """`python -m training.train ARGV` in this process (`script_in_process`)."""
-    from training import train
+    """`python -m hf_clip_train.train ARGV` in this process (`script_in_process`)."""
+    from hf_clip_train import train
 
     return script_in_process(train.main, argv)
 
 
 def finetune_in_process(argv: list) -> tuple[dict, str]:
-    """`python -m training.finetune_trainer ARGV` in this process (`script_in_process`)."""
-    from training import finetune_trainer
+    """`python -m hf_clip_train.finetune_trainer ARGV` in this process (`script_in_process`)."""
+    from hf_clip_train import finetune_trainer
 
     return script_in_process(finetune_trainer.main, argv)
 
@@ -262,7 +262,7 @@ SHAPES_MODEL_LAYER = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_
 
 @pytest.fixture(scope="session")
 def trained_shapes_model(tmp_path_factory):
-    """A model trained by `training.train` (SHAPES_MODEL_ARGS, from a random SHAPES_MODEL_LAYER model with a tokenizer
+    """A model trained by the trainer (SHAPES_MODEL_ARGS, from a random SHAPES_MODEL_LAYER model with a tokenizer
     of the embedded dataset's captions) until it tells colours and shapes apart: the saved folder (model, processor)."""
     # One training per session, also under pytest-xdist, whose workers share their base temporary folders' parent.
     base = tmp_path_factory.getbasetemp()
@@ -275,7 +275,7 @@ def trained_shapes_model(tmp_path_factory):
 
 def _train_shapes_model(root: Path) -> None:
     from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, train_clip_tokenizer
-    from training.synthetic import caption_corpus
+    from hf_clip_train.synthetic import caption_corpus
 
     shutil.rmtree(root, ignore_errors=True)
     tokenizer = train_clip_tokenizer(caption_corpus(), vocab_size=2048, model_max_length=16)
@@ -289,7 +289,7 @@ def _train_shapes_model(root: Path) -> None:
     HFClipModel(config).save_pretrained(root / "initial")
     HFClipProcessor.from_tokenizer(tokenizer, image_size=64).save_pretrained(root / "initial")
     output_dir = root / "trained"
-    result = subprocess.run([sys.executable, "-m", "training.train", "--model_name_or_path", str(root / "initial"),
+    result = subprocess.run([sys.executable, "-m", "hf_clip_train.train", "--model_name_or_path", str(root / "initial"),
                              "--output_dir", str(output_dir), *SHAPES_MODEL_ARGS],
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-5000:]

@@ -146,13 +146,19 @@ def ddp_grad_cache_step(rank: int, world_size: int, port: int, work_dir: str, co
 def streamed_rows_of_each_rank(rank: int, world_size: int, port: int, work_dir: str, checkpoint: str,
                                cases: list[str], batch_size: int, batches: int) -> None:
     """For each WebDataset folder `work_dir/<case>`: `batches` training batches of this rank (its place from the gloo
-    group, as `training.train` takes it from Accelerate), read by 2 DataLoader workers; writes [epoch, captions] per
+    group, as the trainer takes it from Accelerate), read by 2 DataLoader workers; writes [epoch, captions] per
     batch to `work_dir/<case>-rank<rank>.json`."""
     import json
 
     from hf_clip import ContrastiveDataCollator, HFClipProcessor
-    from training.args import DatasetArguments
-    from training.data import ProcessShare, TrainBatches, build_train_dataset, image_transform_for, load_train_split
+    from hf_clip_train.args import DatasetArguments
+    from hf_clip_train.data import (
+        ProcessShare,
+        TrainBatches,
+        build_train_dataset,
+        image_transform_for,
+        load_train_split,
+    )
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -18,8 +18,8 @@ from PIL import Image, ImageFilter
 
 from hf_clip import ContrastiveDataCollator, HFClipProcessor
 from hf_clip.collators import BAD_SAMPLE_ERRORS, decode_image, pick_caption
-from training.args import DatasetArguments
-from training.data import (
+from hf_clip_train.args import DatasetArguments
+from hf_clip_train.data import (
     ImageTransform,
     TrainBatches,
     build_train_dataset,
@@ -139,9 +139,9 @@ def test_normalize_pixels_gives_the_host_values_bit_for_bit():
 @pytest.mark.slow
 def test_the_training_step_sees_the_host_paths_values_under_bf16_and_grad_cache(tmp_path, monkeypatch,
                                                                                 saved_checkpoint):
-    """`training.train` in-process with --mixed_precision bf16 and 2 GradCache micro-batches: the patch embedding
+    """`hf_clip_train.train` in-process with --mixed_precision bf16 and 2 GradCache micro-batches: the patch embedding
     receives, in both GradCache passes, exactly the floats the host computed before issue 19 for the step's rows."""
-    from training import train
+    from hf_clip_train import train
 
     received, build = [], train.build_model_and_processor
 

@@ -1,4 +1,4 @@
-"""Dataset-level evaluation (training.data.evaluate_split) and hf_clip.metrics against naive formulas and a
+"""Dataset-level evaluation (hf_clip_train.data.evaluate_split) and hf_clip.metrics against naive formulas and a
 row-by-row reference computation."""
 
 import io
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hf_clip import HFClipModel, HFClipProcessor, retrieval_recall, top_k_accuracy, zero_shot_classifier
-from training.data import evaluate_split, image_transform_for
-from training.synthetic import CLASS_NAMES, TEMPLATES, build_shapes_dataset
+from hf_clip_train.data import evaluate_split, image_transform_for
+from hf_clip_train.synthetic import CLASS_NAMES, TEMPLATES, build_shapes_dataset
 
 
 def _naive_top_k(scores: torch.Tensor, targets: list[int], k: int) -> float:
@@ -74,9 +74,8 @@ def test_evaluate_split_matches_a_row_by_row_reference_and_skips_bad_rows(saved_
 
 @pytest.mark.parametrize("name", ["evaluate_split", "embed_split", "ImageTextColumns"])
 def test_names_moved_to_the_training_package_still_import_from_hf_clip_with_a_warning(name):
-    import hf_clip_train.data
-
     import hf_clip
+    import hf_clip_train.data
 
     with pytest.warns(FutureWarning, match=rf"hf_clip\.{name} moved to hf_clip_train\.data\.{name}"):
         alias = getattr(hf_clip, name)

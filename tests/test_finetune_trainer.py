@@ -1,4 +1,4 @@
-"""Fine-tuning with transformers.Trainer: training/finetune_trainer.py run as users run it, plus its pieces."""
+"""Fine-tuning with transformers.Trainer: hf_clip_train/finetune_trainer.py run as users run it, plus its pieces."""
 
 import io
 import json
@@ -51,7 +51,7 @@ def _launch(output_dir, *flags, launcher):
 
 
 def _tiny_model_and_processor():
-    from training.synthetic import caption_corpus
+    from hf_clip_train.synthetic import caption_corpus
 
     tokenizer = train_clip_tokenizer(caption_corpus(), vocab_size=700, model_max_length=24)
     layer = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -114,7 +114,7 @@ def test_classifier_from_zero_shot_fine_tuned_with_trainer_beats_zero_shot(contr
     assert config["id2label"] == {"0": "circle", "1": "square", "2": "triangle", "3": "cross"}
 
     # The saved model is the WiSE-FT ensemble: its accuracy on the 300 eval rows, recomputed here, is the reported one.
-    from training.synthetic import build_shapes_dataset
+    from hf_clip_train.synthetic import build_shapes_dataset
 
     rows = build_shapes_dataset(num_train=1024)["test"].select(range(300))
     classifier = AutoModelForImageClassification.from_pretrained(out).eval()
@@ -134,7 +134,7 @@ def test_classifier_from_zero_shot_fine_tuned_with_trainer_beats_zero_shot(contr
 @pytest.mark.slow
 def test_trainer_under_torchrun_uses_the_global_batch(start_checkpoint, tmp_path):
     """2 ranks × 8 rows vs 1 process × 16 rows: each rank's loss sees all 16 captions, so losses and weights agree."""
-    from training.synthetic import build_shapes_dataset
+    from hf_clip_train.synthetic import build_shapes_dataset
 
     data = build_shapes_dataset(num_train=64, num_test=16, num_unseen=8)
     data.map(lambda row: {"caption": row["caption"][0]}).save_to_disk(tmp_path / "data")  # no caption sampling
@@ -143,7 +143,7 @@ def test_trainer_under_torchrun_uses_the_global_batch(start_checkpoint, tmp_path
              "--learning_rate", "1e-3", "--dataloader_drop_last", "--use_cpu", "--seed", "3"]
     _finetune(tmp_path / "single", *flags, "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16")
     _launch(tmp_path / "double", *flags, "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-            launcher=_torchrun("training.finetune_trainer"))
+            launcher=_torchrun("hf_clip_train.finetune_trainer"))
 
     def history(run):
         return json.loads((tmp_path / run / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
@@ -195,7 +195,7 @@ def _legacy_clip_model():
 
 
 def test_trainer_special_token_alignment_keeps_the_pooled_token(tmp_path):
-    from training.synthetic import build_shapes_dataset
+    from hf_clip_train.synthetic import build_shapes_dataset
 
     model, processor = _legacy_clip_model()
     text = processor(text=["a big red circle on the left", "a cross", "at the top, a small blue square"],

@@ -27,7 +27,7 @@ def _accelerate_fsdp2() -> tuple[str, ...]:
     return (accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port),
             "--mixed_precision", "no", "--dynamo_backend", "no", "--use_fsdp", "--fsdp_version", "2",
             "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
-            "HFClipEncoderLayer", "--fsdp_state_dict_type", "FULL_STATE_DICT", "-m", "training.train")
+            "HFClipEncoderLayer", "--fsdp_state_dict_type", "FULL_STATE_DICT", "-m", "hf_clip_train.train")
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The training step reads nothing back from the device: the padding side is decided where the batch is built.
 
-`training.train.train_step` (forward, loss, backward, clipping, optimiser, schedule) and `clamp_logit_scale_` run
+`hf_clip_train.train.train_step` (forward, loss, backward, clipping, optimiser, schedule) and `clamp_logit_scale_` run
 under `host_reads.no_host_reads()`, which makes every host read of a tensor raise, every op with a data-dependent
 output shape, and every tensor made from Python data. On a CPU it cannot see a copy of an existing host tensor to
 the device (`.to("cpu")` does nothing); on CUDA the same step runs under `torch.cuda.set_sync_debug_mode("error")`,
@@ -21,9 +21,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor
 from hf_clip.collators import padding_side_of
-from training.args import RunArguments
-from training.data import ImageTransform, image_transform_for, normalize_pixels
-from training.train import build_optimizer, model_inputs, train_step
+from hf_clip_train.args import RunArguments
+from hf_clip_train.data import ImageTransform, image_transform_for, normalize_pixels
+from hf_clip_train.train import build_optimizer, model_inputs, train_step
 
 COLORS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
 CAPTIONS = [f"a {color} circle" + " on the left" * (i % 3) for i, color in enumerate(COLORS)]
@@ -41,7 +41,7 @@ def accelerator_factory():
     made = []
 
     def make(cpu: bool = True, mixed_precision: str = "no", **kwargs) -> Accelerator:
-        """An Accelerator made as training.train makes it."""
+        """An Accelerator made as hf_clip_train.train makes it."""
         made.append(Accelerator(cpu=cpu, mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
                                 **kwargs))
         return made[-1]
@@ -52,7 +52,7 @@ def accelerator_factory():
 
 
 def _collated(tokenizer, padding_side: str = "right", size: int = 32) -> tuple[dict, ImageTransform]:
-    """The real collator's batch of 8 pairs, as training.train builds it (uint8 pixels from the training transform),
+    """The real collator's batch of 8 pairs, as the trainer builds it (uint8 pixels from the training transform),
     with the tokenizer padding on `padding_side`; and the transform, whose mean and std normalise it on the device."""
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.padding_side = padding_side

@@ -358,7 +358,7 @@ def test_transformers_clip_repo_loads_into_hf_clip(hub_server, tokenizer, tmp_pa
 def test_training_run_pushes_model_card_and_results(hub_server, tmp_path):
     out = tmp_path / "run"
     env = {**hub_env(hub_server, tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    command = ["-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS,
+    command = ["-m", "hf_clip_train.train", "--output_dir", str(out), *FAST_TRAINING_ARGS,
                "--max_steps", "2", "--eval_splits", "test", "--push_to_hub", "--hub_model_id", "shapes-run",
                "--hub_private_repo", "--save_steps", "1", "--hub_push_checkpoints"]
     result = run_python(command, cwd=REPO, env=env, timeout=300)

@@ -76,7 +76,7 @@ def test_slurm_script_is_valid_bash():
 
 def test_two_nodes_from_the_slurm_script_match_one_process(tmp_path):
     """examples/slurm_multinode.sh on a 2-node "job" of this machine runs `accelerate launch --multi_gpu
-    --num_machines 2 --machine_rank {0,1} --main_process_ip 127.0.0.1 --num_processes 2 -m training.train` once per
+    --num_machines 2 --machine_rank {0,1} --main_process_ip 127.0.0.1 --num_processes 2 -m hf_clip_train.train` once per
     node: 2 nodes × 1 process × 8 rows against 1 process × 16 rows read the same rows and reach the same losses (to
     1e-5), weights and evaluation."""
     steps = ["--max_steps", "3", "--log_sample_ids", "--eval_splits", "test"]
@@ -109,9 +109,9 @@ def test_two_nodes_from_the_slurm_script_match_one_process(tmp_path):
 
 def test_accelerate_cpu_launch_of_several_machines_is_refused(tmp_path, monkeypatch):
     """`accelerate launch --cpu` starts one lone process per machine unless MPI runs them; with the environment that
-    launcher gives its process, training.train stops at start-up instead of training each node alone into the same
+    launcher gives its process, hf_clip_train.train stops at start-up instead of training each node alone into the same
     folder. A process that torchrun (or `accelerate launch --multi_gpu`) started among others is let through."""
-    from training.train import check_cpu_launch
+    from hf_clip_train.train import check_cpu_launch
 
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_machines", "2",
                "--machine_rank", "0", "--num_processes", "2", "--main_process_ip", "127.0.0.1",

@@ -55,7 +55,7 @@ def test_readme_hub_server_command_serves_the_hub_api(tmp_path):
 def test_readme_siglip_training_command_trains_a_siglip_model(tmp_path):
     """The "Large batches" section's `--loss_type siglip` command, as written, with the suite's fast settings and the
     output directory appended (later flags win), run in this process (`conftest.train_in_process`)."""
-    command = re.search(r"^(python -m training\.train .*--loss_type siglip.*)$", README.read_text(),
+    command = re.search(r"^(python -m hf_clip_train\.train .*--loss_type siglip.*)$", README.read_text(),
                         flags=re.MULTILINE).group(1)
     args = command.split()[3:]
     output_dir = tmp_path / "run"

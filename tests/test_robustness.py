@@ -24,10 +24,10 @@ from preloaded import run_python
 from safetensors.torch import load_file
 
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor, contrastive_loss, sigmoid_loss
-from training import finetune_trainer
-from training import train as train_script
-from training.args import DatasetArguments
-from training.data import ProcessShare, TrainBatches, build_train_dataset, image_transform_for
+from hf_clip_train import finetune_trainer
+from hf_clip_train import train as train_script
+from hf_clip_train.args import DatasetArguments
+from hf_clip_train.data import ProcessShare, TrainBatches, build_train_dataset, image_transform_for
 
 REPO = Path(__file__).resolve().parents[1]
 # Small images and few patches: the probes are about the loop, not the model.
@@ -61,7 +61,7 @@ def _saved_dataset(folder: Path, splits: dict[str, dict], features: datasets.Fea
 
 
 def _train(output_dir, *flags):
-    """`training.train` in this process (`conftest.train_in_process`) on FAST_TRAINING_ARGS, the flags and `SMALL`."""
+    """The trainer in this process (`conftest.train_in_process`) on FAST_TRAINING_ARGS, the flags and `SMALL`."""
     return train_in_process(["--output_dir", output_dir, *FAST_TRAINING_ARGS, *SMALL, *flags])[0]
 
 
@@ -381,7 +381,7 @@ def test_a_hub_outage_never_stops_training_and_only_the_final_push_can_fail_the_
     logs.mkdir()
     server = _HubProcess(port, ALICE_TOKEN)
     env = {**hub_env(server, tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS, *SMALL,
+    command = [sys.executable, "-m", "hf_clip_train.train", "--output_dir", str(out), *FAST_TRAINING_ARGS, *SMALL,
                "--dataset_name", data, "--max_steps", "8", "--save_steps", "1", "--eval_splits", "none",
                "--push_to_hub", "--hub_push_checkpoints", "--hub_model_id", "outage-run"]
     with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
@@ -420,7 +420,7 @@ def test_a_wrong_hub_token_is_refused_at_start_up(hub_server, tmp_path):
     wrong = "hf_wrongTokenForTheTestHub0123456789"
     out = tmp_path / "run"
     env = {**hub_env(hub_server, tmp_path / "hf_home", token=wrong), "OMP_NUM_THREADS": "1"}
-    result = run_python(["-m", "training.train", "--output_dir", str(out), *FAST_TRAINING_ARGS, *SMALL,
+    result = run_python(["-m", "hf_clip_train.train", "--output_dir", str(out), *FAST_TRAINING_ARGS, *SMALL,
                          "--dataset_name", data, "--max_steps", "2", "--push_to_hub", "--hub_model_id",
                          "never-trained"], cwd=REPO, env=env, timeout=300)
     assert result.returncode == 1

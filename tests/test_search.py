@@ -1,4 +1,4 @@
-"""hf-clip-index and hf-clip-search (training/search.py): embed a dataset, store and index it, query it."""
+"""hf-clip-index and hf-clip-search (hf_clip_train/search.py): embed a dataset, store and index it, query it."""
 
 import base64
 import io
@@ -22,11 +22,11 @@ from PIL import Image
 from preloaded import run_python
 
 from hf_clip import HFClipModel, HFClipProcessor
-from training import cli, search
-from training import data as training_data
-from training.data import ImageTextColumns, _embedded_dataset, embed_split
-from training.search import ImageTextIndex, ModelMismatchError, index_main, search_main
-from training.synthetic import CLASS_NAMES, TEMPLATES
+from hf_clip_train import cli, search
+from hf_clip_train import data as training_data
+from hf_clip_train.data import ImageTextColumns, _embedded_dataset, embed_split
+from hf_clip_train.search import ImageTextIndex, ModelMismatchError, index_main, search_main
+from hf_clip_train.synthetic import CLASS_NAMES, TEMPLATES
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_FLAGS = ["--train_split", "test", "--embedded_num_train", "0", "--caption_column", "caption",
@@ -340,12 +340,12 @@ def test_console_scripts_name_the_missing_training_extra(script, monkeypatch):
 @pytest.mark.slow
 def test_sigkill_part_way_then_resume_redoes_only_unfinished_shards(shapes_index, trained_shapes_model, tmp_path,
                                                                     monkeypatch):
-    """A real SIGKILL of `python -m training.search index` once two shards are finished (each shard write is
+    """A real SIGKILL of `python -m hf_clip_train.search index` once two shards are finished (each shard write is
     followed by a pause, so the kill lands between shards or in the next one); the resumed run embeds only the
     shards that were not finished, and its result equals the uninterrupted run's."""
     output_dir = tmp_path / "index"
     flags = ["--model_name_or_path", str(trained_shapes_model), "--output_dir", str(output_dir), *SHAPES_FLAGS]
-    slow_writes = ("import sys, time\nfrom training import data, search\nwrite = data.write_embedding_shard\n"
+    slow_writes = ("import sys, time\nfrom hf_clip_train import data, search\nwrite = data.write_embedding_shard\n"
                    "def write_then_pause(*args, **kwargs):\n    path = write(*args, **kwargs)\n    time.sleep(1.0)\n"
                    "    return path\ndata.write_embedding_shard = write_then_pause\nsearch.main(sys.argv[1:])\n")
     process = subprocess.Popen([sys.executable, "-c", slow_writes, "index", *flags], cwd=REPO,
@@ -378,7 +378,7 @@ def test_two_processes_give_the_one_process_result(shapes_index, trained_shapes_
     output_dir = tmp_path / "index"
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--main_process_port",
-         str(free_port()), "-m", "training.search", "index", "--model_name_or_path", str(trained_shapes_model),
+         str(free_port()), "-m", "hf_clip_train.search", "index", "--model_name_or_path", str(trained_shapes_model),
          "--output_dir", str(output_dir), *SHAPES_FLAGS], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     assert_same_embeddings(output_dir, shapes_index)
@@ -389,7 +389,7 @@ def test_two_processes_give_the_one_process_result(shapes_index, trained_shapes_
 HUB_ROUND_TRIP = """
 import json, sys
 from huggingface_hub import HfApi
-from training.search import ImageTextIndex, push_index_to_hub
+from hf_clip_train.search import ImageTextIndex, push_index_to_hub
 
 model_dir, index_dir = sys.argv[1:3]
 HfApi().create_repo("alice/shapes-model")

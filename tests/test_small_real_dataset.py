@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.args import DatasetArguments, FromScratchArguments, default_batch_size, warmup_step_count
-from training.data import typical_image_size
-from training.train import image_geometry, parse_args
+from hf_clip_train.args import DatasetArguments, FromScratchArguments, default_batch_size, warmup_step_count
+from hf_clip_train.data import typical_image_size
+from hf_clip_train.train import image_geometry, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_readme_digits_commands_reach_95_percent_zero_shot_from_scratch(tmp_path
     >= 95% zero-shot top-1 on 359 held-out scans."""
     readme = (REPO / "README.md").read_text()
     build = re.search(r"^python examples/digits\.py (\S+)$", readme, flags=re.MULTILINE)
-    train = re.search(r"^python -m training\.train --dataset_name (\S+) --output_dir (\S+) (--max_steps \d+)$",
+    train = re.search(r"^python -m hf_clip_train\.train --dataset_name (\S+) --output_dir (\S+) (--max_steps \d+)$",
                       readme, flags=re.MULTILINE)
     assert build.group(1) == train.group(1)
     data_dir, output_dir = tmp_path / "digits-data", tmp_path / "digits"
@@ -62,7 +62,7 @@ def test_readme_digits_commands_reach_95_percent_zero_shot_from_scratch(tmp_path
                            text=True, timeout=300, env=env)
     assert built.returncode == 0, built.stderr[-4000:]
     result = subprocess.run(
-        [sys.executable, "-m", "training.train", "--dataset_name", str(data_dir), "--output_dir", str(output_dir),
+        [sys.executable, "-m", "hf_clip_train.train", "--dataset_name", str(data_dir), "--output_dir", str(output_dir),
          *train.group(3).split(), "--report_to", "none"],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-6000:]

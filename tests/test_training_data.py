@@ -1,4 +1,4 @@
-"""training/ arguments and data: formats, validation, bad rows, sharding, determinism."""
+"""hf_clip_train arguments and data: formats, validation, bad rows, sharding, determinism."""
 
 import io
 import json
@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from hf_clip import ContrastiveDataCollator, HFClipProcessor
-from training import evaluate, finetune_trainer, synthetic
-from training.args import DatasetArguments
-from training.checkpointing import STATE_FILE, read_state, resolve_checkpoint
-from training.data import (
+from hf_clip_train import evaluate, finetune_trainer, synthetic
+from hf_clip_train.args import DatasetArguments
+from hf_clip_train.checkpointing import STATE_FILE, read_state, resolve_checkpoint
+from hf_clip_train.data import (
     GlobalBatchSampler,
     ImageTextColumns,
     ImageTextDataset,
@@ -28,7 +28,7 @@ from training.data import (
     image_transform_for,
     load_split,
 )
-from training.train import ARGUMENT_CLASSES, cpu_has_native_bf16, parse_args, resolve_mixed_precision
+from hf_clip_train.train import ARGUMENT_CLASSES, cpu_has_native_bf16, parse_args, resolve_mixed_precision
 
 
 def _png(color=(200, 20, 20), size=(20, 16)) -> bytes:
@@ -69,7 +69,7 @@ def test_config_file_with_command_line_override(tmp_path):
 
 
 def test_old_flag_spellings_still_work_with_a_deprecation_message(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="training.args")
+    caplog.set_level(logging.WARNING, logger="hf_clip_train.args")
     args = parse_args(["--checkpointing_steps", "5", "--checkpoints_total_limit=3", "--gradient_checkpointing",
                        "--num_workers", "0"])
     assert (args.run.save_steps, args.run.save_total_limit, args.run.activation_checkpointing) == (5, 3, True)
@@ -258,7 +258,7 @@ def test_image_columns_other_than_the_trained_one_are_never_decoded(processor):
 
 
 def test_the_end_of_run_pipeline_demo_skips_a_corrupt_first_image(saved_checkpoint):
-    from training.common import pipeline_demo
+    from hf_clip_train.common import pipeline_demo
 
     features = datasets.Features({"image": datasets.Image(), "thumbnail": datasets.Image(),
                                   "label": datasets.ClassLabel(names=["red", "green"])})

@@ -1,4 +1,4 @@
-"""The real training entry point, run as users run it: `python -m training.train` and `torchrun`."""
+"""The real training entry point, run as users run it: `python -m hf_clip_train.train` and `torchrun`."""
 
 import io
 import json
@@ -20,14 +20,14 @@ from conftest import script_in_process, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
-from training import evaluate
-from training.checkpointing import DamagedCheckpointError
+from hf_clip_train import evaluate
+from hf_clip_train.checkpointing import DamagedCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-def _launch(output_dir, *extra, launcher=(sys.executable, "-m", "training.train"), env=None, timeout=300):
+def _launch(output_dir, *extra, launcher=(sys.executable, "-m", "hf_clip_train.train"), env=None, timeout=300):
     """The training script as its own process (or processes), as users start it; `env` replaces this process's
     environment (for example to reach the test Hub server)."""
     env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
@@ -37,7 +37,7 @@ def _launch(output_dir, *extra, launcher=(sys.executable, "-m", "training.train"
     return result
 
 
-def _torchrun(module: str = "training.train") -> tuple[str, ...]:
+def _torchrun(module: str = "hf_clip_train.train") -> tuple[str, ...]:
     """The launch command for `module` in 2 processes on this machine (`torchrun --standalone`)."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     return torchrun, "--standalone", "--nproc_per_node", "2", "-m", module
@@ -125,7 +125,7 @@ def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_usable(tmp_pa
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST, "--max_steps", "1000",
+        [sys.executable, "-m", "hf_clip_train.train", "--output_dir", str(out), *FAST, "--max_steps", "1000",
          "--save_steps", "2"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -163,7 +163,7 @@ def test_resume_after_sigkill_skips_damaged_checkpoints_and_logs_each_step_once(
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "training.train", "--output_dir", str(out), *FAST, "--max_steps", "10",
+        [sys.executable, "-m", "hf_clip_train.train", "--output_dir", str(out), *FAST, "--max_steps", "10",
          "--save_steps", "2", "--save_total_limit", "4", "--log_sample_ids"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240

@@ -1,4 +1,4 @@
-"""`training.train` with patch dropout, GradCache and torch.compile, run as users run it."""
+"""`hf_clip_train.train` with patch dropout, GradCache and torch.compile, run as users run it."""
 
 import json
 

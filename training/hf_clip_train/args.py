@@ -1,4 +1,4 @@
-"""The argument vocabulary of `training.train`, `training.evaluate` and `training.finetune_trainer`.
+"""The argument vocabulary of `hf_clip_train.train`, `hf_clip_train.evaluate` and `hf_clip_train.finetune_trainer`.
 
 Each script parses the dataclasses below for what it shares with the others (model, dataset and columns, eval
 splits, tower locks), with `HfArgumentParser`. Names follow `transformers.TrainingArguments` where it has one
@@ -6,7 +6,7 @@ splits, tower locks), with `HfArgumentParser`. Names follow `transformers.Traini
 `dataloader_num_workers`); `finetune_trainer` parses `transformers.TrainingArguments` itself for those.
 
 Arguments may also come from a YAML or JSON file given as the first argument; flags after it override it:
-`python -m training.train recipe.yaml --learning_rate 5e-4`. Old flag spellings keep working for one release,
+`python -m hf_clip_train.train recipe.yaml --learning_rate 5e-4`. Old flag spellings keep working for one release,
 with a deprecation warning.
 """
 
@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id). training.train without it "
-                          "trains from scratch from --preset, with a tokenizer trained on the captions."},
+        metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id). Without it, training "
+                          "starts from scratch from --preset, with a tokenizer trained on the captions."},
     )
 
 
@@ -144,7 +144,7 @@ class LoaderArguments:
 
 @dataclass
 class RunArguments:
-    """The Accelerate training loop of `training.train`."""
+    """The Accelerate training loop of `hf_clip_train.train`."""
 
     output_dir: str = field(default="outputs/hf-clip", metadata={"help": "Where checkpoints, logs and the model go."})
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order and augmentation."})

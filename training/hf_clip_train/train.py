@@ -1,9 +1,9 @@
 """Contrastive image-text training of hf_clip with Accelerate on HF datasets.
 
-    python -m training.train                                  # embedded dataset, tiny model from scratch
-    python -m training.train recipe.yaml --max_steps 2000     # arguments from a file, overridden by flags
-    accelerate launch -m training.train --dataset_name DATA   # any number of processes / GPUs / nodes
-    torchrun --nproc_per_node 2 -m training.train ...
+    python -m hf_clip_train.train                                  # embedded dataset, tiny model from scratch
+    python -m hf_clip_train.train recipe.yaml --max_steps 2000     # arguments from a file, overridden by flags
+    accelerate launch -m hf_clip_train.train --dataset_name DATA   # any number of processes / GPUs / nodes
+    torchrun --nproc_per_node 2 -m hf_clip_train.train ...
 
 Run with `--help` for every argument.
 """
@@ -102,7 +102,7 @@ from .fsdp import (
 )
 from .synthetic import DATASET_ID, caption_corpus, describe
 
-logger = logging.getLogger("training")
+logger = logging.getLogger("hf_clip_train")
 
 HUB_CHECKPOINT_BRANCH = "checkpoints"
 RENAMED_FLAGS = {
@@ -185,7 +185,7 @@ def check_cpu_launch(num_processes: int) -> None:
             "accelerate launch --cpu asked for several processes or machines, but this process is alone: Accelerate's "
             "CPU launcher starts them only through MPI (--mpirun_hostfile). Use `accelerate launch --multi_gpu "
             "--num_machines N --machine_rank R ...` or `torchrun`, which start one gloo process per slot on CPUs "
-            "too (training.train trains on the CPU when no accelerator is present); or unset MASTER_ADDR for a "
+            "too (hf_clip_train.train trains on the CPU when no accelerator is present); or unset MASTER_ADDR for a "
             "single-process run."
         )
 

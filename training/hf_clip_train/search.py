@@ -1,11 +1,11 @@
 """Search a dataset by text or image: embed every row with a CLIP model, index the embeddings, query the index.
 
     hf-clip-index --model_name_or_path M --dataset_name D --caption_column caption --keep_columns caption \
-        --output_dir OUT                                       # python -m training.search index ...
-    accelerate launch -m training.search index ...             # each process embeds its share of the shards
-    hf-clip-search OUT "a red circle" -k 5 --html hits.html    # python -m training.search query ...
+        --output_dir OUT                                       # python -m hf_clip_train.search index ...
+    accelerate launch -m hf_clip_train.search index ...             # each process embeds its share of the shards
+    hf-clip-search OUT "a red circle" -k 5 --html hits.html    # python -m hf_clip_train.search query ...
 
-`hf-clip-index` reads the dataset with the flags of `training.train` (`--dataset_name`, `--train_split` names the
+`hf-clip-index` reads the dataset with the flags of `hf_clip_train.train` (`--dataset_name`, `--train_split` names the
 split to embed, `--image_column`, `--caption_column`: only when it is given are captions embedded, `--streaming`,
 `--max_train_samples`) and writes an index folder:
 
@@ -966,10 +966,10 @@ def search_main(argv: list[str] | None = None) -> list[SearchResult]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m training.search index ...` or `python -m training.search query ...`."""
+    """`python -m hf_clip_train.search index ...` or `python -m hf_clip_train.search query ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("index", "query"):
-        sys.exit("usage: python -m training.search index [hf-clip-index flags] | query INDEX QUERY... [flags]")
+        sys.exit("usage: python -m hf_clip_train.search index [hf-clip-index flags] | query INDEX QUERY... [flags]")
     (index_main if argv[0] == "index" else search_main)(argv[1:])
 
 

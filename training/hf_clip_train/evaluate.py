@@ -1,11 +1,11 @@
 """Zero-shot classification and image-text retrieval evaluation of a saved hf_clip model (`evaluate_split` of
-`training.data`).
+`hf_clip_train.data`).
 
-    python -m training.evaluate --model_name_or_path outputs/hf-clip      # the embedded dataset's test splits
-    python -m training.evaluate --model_name_or_path DIR --dataset_name DATA --eval_splits test \
+    python -m hf_clip_train.evaluate --model_name_or_path outputs/hf-clip      # the embedded dataset's test splits
+    python -m hf_clip_train.evaluate --model_name_or_path DIR --dataset_name DATA --eval_splits test \
         --templates "a photo of a {}."
 
-The model, dataset, column and eval-split flags are those of `training.train`. Under `accelerate launch` /
+The model, dataset, column and eval-split flags are those of `hf_clip_train.train`. Under `accelerate launch` /
 `torchrun`, every process embeds its share of the rows.
 """
 

@@ -1,13 +1,13 @@
 """Fine-tune an hf_clip or Transformers CLIP checkpoint with `transformers.Trainer`.
 
     # contrastive fine-tuning on image-caption pairs (the embedded shapes dataset unless --dataset_name is given)
-    python -m training.finetune_trainer --model_name_or_path DIR --output_dir OUT
-    python -m training.finetune_trainer --model_name_or_path DIR --dataset_name DATA --caption_column text \
+    python -m hf_clip_train.finetune_trainer --model_name_or_path DIR --output_dir OUT
+    python -m hf_clip_train.finetune_trainer --model_name_or_path DIR --dataset_name DATA --caption_column text \
         --lock_image --bf16 --activation_checkpointing --eval_strategy steps --eval_steps 500 --save_steps 500
-    torchrun --nproc_per_node 8 -m training.finetune_trainer --model_name_or_path DIR --dataset_name DATA
+    torchrun --nproc_per_node 8 -m hf_clip_train.finetune_trainer --model_name_or_path DIR --dataset_name DATA
 
     # zero-shot head -> image classifier, fine-tuned with cross-entropy on a ClassLabel column
-    python -m training.finetune_trainer --task image-classification --model_name_or_path DIR --label_column shape \
+    python -m hf_clip_train.finetune_trainer --task image-classification --model_name_or_path DIR --label_column shape \
         --wise_ft_alpha 0.5 --output_dir OUT
 
 Every `transformers.TrainingArguments` flag applies (`--help` lists them). `--remove_unused_columns` defaults to
@@ -55,7 +55,7 @@ from .data import (
     load_train_split,
 )
 
-logger = logging.getLogger("training")
+logger = logging.getLogger("hf_clip_train")
 
 TASKS = ("contrastive", "image-classification")
 
