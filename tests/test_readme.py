@@ -5,6 +5,7 @@ one process and one fresh directory (so every page can use the `tiny-clip` folde
 against the test Hub. Every command of a ```bash block is run by a test: either by a test of this file, which finds
 it in its page, or by the test that `COMMANDS` names for it; a command that no entry of `COMMANDS` matches fails
 `test_every_docs_command_is_run_by_a_test`, so a page cannot add an untested command. Every relative link resolves.
+The tests that run something are `slow`; the checks of the pages themselves are fast.
 """
 
 import ast
@@ -26,7 +27,6 @@ README = REPO / "README.md"
 DOCS = REPO / "docs"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
 
-pytestmark = pytest.mark.slow
 
 HERE = "tests/test_readme.py::"
 # Each command of a ```bash block in README.md or docs/*.md (continuation lines joined, comments dropped) -> the test
@@ -139,6 +139,7 @@ def command_in(page: str, pattern: str) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path, hub_server):
     pages = [page for page in PAGES if python_blocks(page)]
     blocks = [block for page in pages for block in python_blocks(page)]
@@ -163,6 +164,7 @@ def test_readme_python_blocks_run(tmp_path, hub_server):
     assert f"{hub_server.url}/alice/tiny-clip/commit/" in result.stdout
 
 
+@pytest.mark.slow
 def test_readme_hub_server_command_serves_the_hub_api(tmp_path):
     """`python tests/hub_server.py ...` from docs/hub.md's "Try it offline" section."""
     command = re.search(r"^(python tests/hub_server\.py .*?) &$", (DOCS / "hub.md").read_text(),
@@ -192,6 +194,7 @@ def test_hub_environment_command_points_at_the_hub_server_command():
                          "HF_TOKEN": server[server.index("--token") + 1]}
 
 
+@pytest.mark.slow
 def test_readme_siglip_training_command_trains_a_siglip_model(tmp_path):
     """docs/loss.md's `--loss_type siglip` command, as written, with the suite's fast settings and the output directory
     appended (later flags win), run in this process (`conftest.train_in_process`)."""
@@ -205,6 +208,7 @@ def test_readme_siglip_training_command_trains_a_siglip_model(tmp_path):
     assert config["loss_type"] == "siglip" and config["logit_bias_init_value"] == -10.0
 
 
+@pytest.mark.slow
 def test_readme_fast_test_command_collects_the_suite():
     """docs/development.md's `.venv/bin/pytest -m "not slow"`, as written (the `pytest` script, not `python -m
     pytest`, so the repository root is not on sys.path by default), collects every test module without an error."""
@@ -277,6 +281,7 @@ def test_readme_layout_names_every_top_level_folder():
     assert all((REPO / path).is_dir() for path in named), named
 
 
+@pytest.mark.slow
 def test_pip_install_commands_resolve_in_this_environment(tmp_path):
     """Each `pip install` command, as written plus `--dry-run --no-index --no-build-isolation`, in a copy of the
     sources: every extra it names exists, and every package it needs is in the dev environment (so resolves
@@ -306,6 +311,7 @@ def _make(*args: str, stamp: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_make_demo_trains_evaluates_and_saves_the_demo_model(tmp_path):
     """Both `make demo` commands (README.md, docs/training.md): the recipe make runs is the command their comment
     names (with DEMO_ARGS appended), and it trains, evaluates and saves, run in this process with the suite's fast
@@ -328,6 +334,7 @@ def test_make_demo_trains_evaluates_and_saves_the_demo_model(tmp_path):
     assert "zero_shot_top1" in json.loads((output_dir / "eval_results.json").read_text())["test"]
 
 
+@pytest.mark.slow
 def test_make_test_lint_and_bench_run_what_development_md_says(tmp_path):
     """`make lint` runs (ruff passes); `make test` runs lint and then the whole suite in 2 pytest-xdist workers;
     `make bench` runs every benchmarks/bench_*.py (each measured apart: docs/benchmarks.md)."""
@@ -345,6 +352,7 @@ def test_make_test_lint_and_bench_run_what_development_md_says(tmp_path):
     assert ran == {path.name for path in (REPO / "benchmarks").glob("bench_*.py")}
 
 
+@pytest.mark.slow
 def test_common_tests_command_collects_them_for_transformers_clip():
     """docs/development.md's `HF_CLIP_COMMON_FAMILY=transformers .venv/bin/pytest tests/test_transformers_common.py`,
     as written plus `--collect-only`: the family is accepted and Transformers' common tests collect for CLIP."""
@@ -361,6 +369,7 @@ def test_common_tests_command_collects_them_for_transformers_clip():
     assert int(re.search(r"(\d+) tests? collected", result.stdout).group(1)) > 100
 
 
+@pytest.mark.slow
 def test_gpu_suite_command_runs_on_a_gpu_and_refuses_a_cpu(tmp_path, capsys, monkeypatch):
     """docs/development.md's `benchmarks/gpu_suite.py` with no budget left (`--budget 0`, so that no row starts):
     on a GPU it writes its table; without one it stops, pointing to `--smoke`."""
@@ -382,6 +391,7 @@ def test_gpu_suite_command_runs_on_a_gpu_and_refuses_a_cpu(tmp_path, capsys, mon
         assert "no CUDA device here; run with --smoke" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_help_command_lists_every_argument(capsys):
     from hf_clip_train import train
 
@@ -408,6 +418,7 @@ def _image_rows(count: int) -> list[tuple]:
     return rows
 
 
+@pytest.mark.slow
 def test_image_folder_command_trains_from_scratch(tmp_path):
     """The imagefolder command of README.md and docs/data.md, as written (the folder moved to `tmp_path`), with the
     suite's fast settings and the `tiny` preset appended: an imagefolder with a `text` caption column in its
@@ -431,6 +442,7 @@ def test_image_folder_command_trains_from_scratch(tmp_path):
     assert [line["step"] for line in logged if "loss" in line] == [1, 2]
 
 
+@pytest.mark.slow
 def test_parquet_glob_command_streams_and_fine_tunes_a_clip_checkpoint_with_a_locked_image_tower(tmp_path, tokenizer):
     """docs/data.md's parquet command, as bash expands it in a folder with two parquet files (the quoted glob reaches
     the script whole), with a local Transformers CLIP checkpoint for `openai/clip-vit-base-patch32` and the suite's
@@ -473,6 +485,7 @@ def test_parquet_glob_command_streams_and_fine_tunes_a_clip_checkpoint_with_a_lo
                            after["text_model.encoder.layers.0.mlp.fc1.weight"])
 
 
+@pytest.mark.slow
 def test_evaluate_command_on_a_dataset_with_templates(tmp_path, saved_checkpoint):
     """docs/training.md's `hf_clip_train.evaluate --model_name_or_path DIR --dataset_name DATA --eval_splits test
     --templates ...`, with a saved model for DIR and a `save_to_disk` dataset with a ClassLabel column for DATA:
