@@ -66,18 +66,18 @@ def test_import_hf_clip_loads_no_module_beyond_transformers_clip():
 
 
 def _layout_table() -> str:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "development.md").read_text()
     section = readme[readme.index("\n## Layout\n"):]
     return section[: section.find("\n## ", 1) if section.find("\n## ", 1) > 0 else len(section)]
 
 
-def test_readme_layout_table_names_every_module_and_nothing_else():
+def test_development_layout_table_names_every_module_and_nothing_else():
     named = set(re.findall(r"`((?:hf_clip|training|benchmarks|examples|tests|model_cards)/[^`]*)`", _layout_table()))
     folders = ("hf_clip", "training/hf_clip_train", "benchmarks", "examples")
     modules = {path.relative_to(REPO).as_posix() for folder in folders
                for path in (REPO / folder).glob("*.py")}
     missing = sorted(module for module in modules
                      if module not in named and not (module.endswith("__init__.py") and module.startswith("training/")))
-    assert not missing, f"README.md's layout table does not name {missing}"
+    assert not missing, f"docs/development.md's layout table does not name {missing}"
     stale = sorted(path for path in named if not (REPO / path.rstrip("/")).exists())
-    assert not stale, f"README.md's layout table names paths that do not exist: {stale}"
+    assert not stale, f"docs/development.md's layout table names paths that do not exist: {stale}"

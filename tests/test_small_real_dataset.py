@@ -47,10 +47,10 @@ def test_digits_dataset_is_the_real_scans_split_by_class():
 
 @pytest.mark.slow
 def test_readme_digits_commands_reach_95_percent_zero_shot_from_scratch(tmp_path):
-    """The README's two digits commands as written (paths moved to `tmp_path`; bf16 autocast where the CPU runs it
-    natively, else fp32), without trackers: CLI defaults plus `--max_steps` train a `tiny` model from scratch to
-    >= 95% zero-shot top-1 on 359 held-out scans."""
-    readme = (REPO / "README.md").read_text()
+    """The two digits commands of docs/training.md as written (paths moved to `tmp_path`; bf16 autocast where the CPU
+    runs it natively, else fp32), without trackers: CLI defaults plus `--max_steps` train a `tiny` model from scratch
+    to >= 95% zero-shot top-1 on 359 held-out scans."""
+    readme = (REPO / "docs" / "training.md").read_text()
     build = re.search(r"^python examples/digits\.py (\S+)$", readme, flags=re.MULTILINE)
     train = re.search(r"^python -m hf_clip_train\.train --dataset_name (\S+) --output_dir (\S+) (--max_steps \d+)$",
                       readme, flags=re.MULTILINE)
