@@ -38,7 +38,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
-from .integrity import verify_loaded_files
+from .integrity import verify_loaded_files, write_model_manifest
 from .loss import image_text_loss, loss_settings
 
 # Transformers saves a model's code with the modules it imports relatively, so this import puts the processor's
@@ -431,6 +431,15 @@ class HFClipPreTrainedModel(PreTrainedModel):
                 f"    {cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}, "
                 "use_safetensors=False).save_pretrained('converted')  # writes model.safetensors"
             ) from error
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, then, on the main process, the folder's integrity manifest of the weight
+        files and `config.json` just written (`integrity.write_model_manifest`, replacing an earlier one), which
+        `from_pretrained` checks: altered bytes in any saved folder are refused, and a re-saved folder never keeps a
+        stale manifest."""
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if is_main_process:
+            write_model_manifest(save_directory)
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # Transformers skips modules without direct parameters in code outside its own package, guarding remote code
