@@ -26,13 +26,15 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import CLIPModel, CLIPProcessor
 
 from .cli import UsageError, run_cli
+from .configuration_hf_clip import HFClipTextConfig
 from .convert import clip_config_from_hf_clip_config
-from .modeling_hf_clip import HFClipModel
+from .modeling_hf_clip import HFClipModel, check_image_size, check_text_inputs
 from .processing_hf_clip import HFClipProcessor
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,61 @@ class VisionTowerForExport(nn.Module):
 def _score_parameters(model: HFClipModel) -> tuple[torch.Tensor, ...]:
     logit_scale = model.clamped_logit_scale()
     return (logit_scale,) if model.logit_bias is None else (logit_scale, model.logit_bias.reshape(()))
+
+
+class OnnxHFClipModel:
+    """The graphs `export_onnx` wrote to `folder`, run in onnxruntime, with the input checks of the PyTorch model.
+
+    The graphs themselves check only what onnxruntime checks (element types, ranks, the fixed image size); an
+    out-of-range or negative token id, a row without its end-of-text token, a text longer than the context, or an
+    attention_mask of another shape would give an error from inside the graph or a wrong embedding
+    (docs/checks.md). `get_text_features` and `get_image_features` first run `check_text_inputs` and
+    `check_image_size`, so they refuse the same inputs as `HFClipModel` with the same exceptions and messages.
+    `int8=True` runs the quantised graphs.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, int8: bool = False,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnxruntime
+
+        folder = Path(folder)
+        names = (TEXT_MODEL_INT8_FILE, VISION_MODEL_INT8_FILE) if int8 else (TEXT_MODEL_FILE, VISION_MODEL_FILE)
+        for name in names:
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} has no {name}; write it with hf_clip.export.export_onnx"
+                                        f"{'(..., quantize=True)' if int8 else ''} (hf-clip-export onnx).")
+        self.text_session = onnxruntime.InferenceSession(str(folder / names[0]), providers=list(providers))
+        self.vision_session = onnxruntime.InferenceSession(str(folder / names[1]), providers=list(providers))
+        metadata = self.text_session.get_modelmeta().custom_metadata_map
+        missing = [key for key in TEXT_METADATA_KEYS if f"hf_clip.{key}" not in metadata]
+        if missing:
+            raise ValueError(f"{folder / names[0]} does not record the text config's {', '.join(missing)} (it was "
+                             "exported by an earlier hf_clip); export it again.")
+        recorded = {key: json.loads(metadata[f"hf_clip.{key}"]) for key in TEXT_METADATA_KEYS}
+        self.text_config = HFClipTextConfig(**recorded, bos_token_id=None, pad_token_id=None)
+        self.image_size = self.vision_session.get_inputs()[0].shape[-1]
+
+    def get_text_features(self, input_ids, attention_mask=None) -> np.ndarray:
+        """input_ids, attention_mask (default: all ones): (batch, sequence) integers, padded on either side ->
+        text_embeds (batch, projection_dim), as `HFClipModel.get_text_features(...).pooler_output`."""
+        input_ids = torch.as_tensor(np.asarray(input_ids))
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(np.asarray(attention_mask))
+        check_text_inputs(input_ids, attention_mask, self.text_config)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        feeds = {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(
+            np.int64)}
+        return self.text_session.run(["text_embeds"], feeds)[0]
+
+    def get_image_features(self, pixel_values) -> np.ndarray:
+        """pixel_values (batch, C, H, W) float -> image_embeds (batch, projection_dim), as
+        `HFClipModel.get_image_features(...).pooler_output`."""
+        pixel_values = np.asarray(pixel_values, dtype=np.float32)
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {pixel_values.shape}.")
+        check_image_size(*pixel_values.shape[-2:], self.image_size)
+        return self.vision_session.run(["image_embeds"], {"pixel_values": pixel_values})[0]
 
 
 def missing_onnx_extra() -> list[str]:
@@ -240,6 +297,11 @@ Preprocess with the processor saved here (`tokenizer.json`, and the image settin
 `HFClipProcessor.from_pretrained(this_folder)`, or `AutoProcessor.from_pretrained(this_folder,
 trust_remote_code=True)` without hf_clip. Text is tokenized with `padding=True, truncation=True`; images are
 resized and centre-cropped to {image_size}x{image_size}.
+
+The graphs check no input values. Every token id must lie in 0..{last_id}, each row must keep its end-of-text
+token, a batch may be at most {context} tokens long, and `attention_mask` must have the shape of `input_ids`; the
+processor's output always does. `hf_clip.export.OnnxHFClipModel(this_folder)` runs the graphs with these checks, as
+the PyTorch model makes them.
 """
 
 
@@ -256,6 +318,7 @@ def _onnx_readme(model: HFClipModel, graphs: dict[str, Path]) -> str:
     bias_note = "" if model.logit_bias is None else " + logit_bias (the SigLIP bias; apply a sigmoid for probabilities)"
     return _ONNX_README.format(
         context=model.config.text_config.max_position_embeddings, graphs="\n".join(sections),
+        last_id=model.config.text_config.vocab_size - 1,
         logit_scale_max=model.config.logit_scale_max, bias_note=bias_note,
         image_size=model.config.vision_config.image_size,
     )
@@ -443,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 __all__ = [
+    "OnnxHFClipModel",
     "TextTowerForExport",
     "VisionTowerForExport",
     "check_export_target",
