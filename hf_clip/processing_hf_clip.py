@@ -96,18 +96,21 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     return _pil_to_rgb(Image.fromarray(np.ascontiguousarray(array), mode=mode))
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation of `image` (1 to 8; 1, upright, when it has none), read from the header."""
+    return image.getexif().get(_ORIENTATION_TAG) or 1
+
+
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
     """`image` turned upright as its EXIF Orientation tag says (`PIL.ImageOps.exif_transpose`, as Transformers'
     `load_image` and `datasets` do), without the tag; `image` itself when it has no tag or says it is upright."""
-    if image.getexif().get(_ORIENTATION_TAG) in (None, 1):
-        return image
-    return ImageOps.exif_transpose(image)
+    return image if exif_orientation(image) == 1 else ImageOps.exif_transpose(image)
 
 
 def oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of `image` once `apply_exif_orientation` turns it; read from the header, nothing decoded."""
     width, height = image.size
-    return (height, width) if image.getexif().get(_ORIENTATION_TAG) in _AXES_SWAPPING_ORIENTATIONS else (width, height)
+    return (height, width) if exif_orientation(image) in _AXES_SWAPPING_ORIENTATIONS else (width, height)
 
 
 def _encoded_source(image: Any, base_dir: str | os.PathLike | None) -> tuple[str | io.BytesIO, str]:
@@ -341,6 +344,7 @@ __all__ = [
     "ImageTooLargeError",
     "apply_exif_orientation",
     "decode_size",
+    "exif_orientation",
     "open_image",
     "oriented_size",
     "to_rgb_image",

@@ -22,6 +22,7 @@ from hf_clip.processing_hf_clip import (
     MAX_IMAGE_PIXELS,
     ImageTooLargeError,
     apply_exif_orientation,
+    exif_orientation,
     open_image,
     oriented_size,
     to_rgb_image,
@@ -87,6 +88,7 @@ def test_exif_orientation_is_applied_as_transformers_load_image_and_datasets_do(
         if not isinstance(cell, Image.Image):  # decoded at 1/2 scale, then turned
             assert to_rgb_image(cell, min_size=8).size == (expected.shape[1] // 2, expected.shape[0] // 2)
     with open_image(photo) as opened:
+        assert exif_orientation(opened) == orientation
         assert oriented_size(opened) == expected.shape[1::-1]
         np.testing.assert_array_equal(np.asarray(apply_exif_orientation(opened).convert("RGB")), expected)
 
