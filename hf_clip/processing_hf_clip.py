@@ -31,6 +31,8 @@ class ImageTooLargeError(ValueError):
     """An encoded image whose header claims more pixels than allowed (`MAX_IMAGE_PIXELS`), refused before decoding
     as a possible decompression bomb. A `ValueError`, so a training stream that skips unusable rows skips it; its
     own type lets it be counted apart."""
+
+
 # CLIP preprocessing keeps a centred square of the short side, so beyond this aspect ratio the rest is cut before
 # resizing (a 1x100000 strip would otherwise be upsampled to a multi-gigapixel image first).
 _MAX_ASPECT_RATIO = 16
@@ -141,12 +143,15 @@ def open_image(image: bytes | str | os.PathLike | dict, base_dir: str | os.PathL
     """Open an encoded image (bytes, a file path, relative ones read from `base_dir`, or a datasets `{"bytes",
     "path"}` cell), reading only its header: nothing is decoded yet, so a JPEG may still be `draft`ed to a reduced
     scale before `load()`. Close it when done (it is a context manager). `.size` is the stored size; EXIF orientation
-    is not applied (`oriented_size`, `apply_exif_orientation`).
+    is not applied (`exif_orientation`, `oriented_size`, `apply_exif_orientation`).
 
     Raises `ImageTooLargeError` when the header claims more than `max_pixels` pixels (None: only Pillow's own limit),
     and `ValueError` naming the file when it cannot be read.
     """
-    source, description = _encoded_source(image, base_dir)
+    return _open(*_encoded_source(image, base_dir), max_pixels)
+
+
+def _open(source: str | io.BytesIO, description: str, max_pixels: int | None) -> Image.Image:
     try:
         opened = Image.open(source)
     except Image.DecompressionBombError as error:
@@ -166,8 +171,8 @@ def open_image(image: bytes | str | os.PathLike | dict, base_dir: str | os.PathL
 
 def _decode_rgb(image: Any, base_dir: str | os.PathLike | None, min_size: int | None,
                 max_pixels: int | None) -> Image.Image:
-    with open_image(image, base_dir, max_pixels=max_pixels) as opened:
-        description = _encoded_source(image, base_dir)[1]
+    source, description = _encoded_source(image, base_dir)
+    with _open(source, description, max_pixels) as opened:
         try:
             if min_size is not None:
                 opened.draft(None, (min_size, min_size))  # JPEG only: the smallest DCT scale keeping both sides
