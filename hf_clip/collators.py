@@ -14,9 +14,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .processing_hf_clip import to_rgb_image
+from .processing_hf_clip import MAX_IMAGE_PIXELS, ImageTooLargeError, decode_size, to_rgb_image
 
-BAD_SAMPLE_ERRORS = (OSError, ValueError, TypeError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+# What reading one row may raise when the row is unusable: a training stream skips the row and counts it.
+# `ImageTooLargeError` (a ValueError) is an image refused before decoding, as a possible decompression bomb.
+BAD_SAMPLE_ERRORS = (OSError, ValueError, TypeError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError,
+                     ImageTooLargeError)
 
 
 class BadSample(ValueError):
@@ -36,12 +39,15 @@ def pick_caption(value: Any, rng: np.random.Generator | None) -> str:
     return value
 
 
-def decode_image(value: Any, base_dir: str | os.PathLike | None) -> Image.Image:
-    """An image cell (PIL image, array, {"bytes", "path"} dict, raw bytes or a path) -> RGB PIL image. Relative paths
-    are resolved against `base_dir`."""
+def decode_image(value: Any, base_dir: str | os.PathLike | None, *, min_size: int | None = None,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image cell (PIL image, array, {"bytes", "path"} dict, raw bytes or a path) -> RGB PIL image, upright as its
+    EXIF orientation says. Relative paths are resolved against `base_dir`. An encoded image whose header claims more
+    than `max_pixels` pixels raises `ImageTooLargeError` before it is decoded; with `min_size`, a JPEG is decoded at
+    the smallest reduced scale that keeps both sides at least `min_size` (`to_rgb_image`)."""
     if value is None:
         raise BadSample("missing image")
-    return to_rgb_image(value, base_dir)
+    return to_rgb_image(value, base_dir, min_size=min_size, max_pixels=max_pixels)
 
 
 class _ImageRowsCollator:
@@ -65,7 +71,9 @@ class _ImageRowsCollator:
         """(batch, 3, size, size): samples' own "pixel_values", else the image column through the processor."""
         if all("pixel_values" in row for row in rows):
             return torch.stack([row["pixel_values"] for row in rows])
-        images = [decode_image(image, self.base_dir) for image in self.column(rows, self.image_column)]
+        min_size = decode_size(self.processor.image_processor)
+        images = [decode_image(image, self.base_dir, min_size=min_size) for image in self.column(rows,
+                                                                                               self.image_column)]
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
 

@@ -257,10 +257,16 @@ class HFClipConfig(PreTrainedConfig):
         if self.logit_bias_init_value is not None and self.loss_type != "siglip":
             raise ValueError("HFClipConfig: `logit_bias_init_value` is for loss_type 'siglip' (a softmax ignores a "
                              f"bias), got {self.logit_bias_init_value} with loss_type {self.loss_type!r}.")
+        if self.logit_bias_init_value is not None and not math.isfinite(self.logit_bias_init_value):
+            raise ValueError("HFClipConfig: `logit_bias_init_value` must be finite (SigLIP starts at -10), got "
+                             f"{self.logit_bias_init_value}.")
 
     def validate_logit_scale(self) -> None:
         if self.logit_scale_init_value is None:
             raise ValueError("HFClipConfig: `logit_scale_init_value` must be a number, got None.")
+        if not math.isfinite(self.logit_scale_init_value):
+            raise ValueError("HFClipConfig: `logit_scale_init_value` must be finite (the log of the initial "
+                             f"temperature scale, ln(1/0.07) = 2.659 in CLIP), got {self.logit_scale_init_value}.")
         if not 0 < self.logit_scale_max < math.inf:
             raise ValueError(
                 f"HFClipConfig: `logit_scale_max` must be positive and finite, got {self.logit_scale_max}.")

@@ -2,8 +2,9 @@
 its files are read, so a file truncated or altered later (a full disk, a bad copy, flipped bytes in a weights file)
 fails loudly instead of loading wrong weights.
 
-A manifest maps relative paths to {"size": bytes, "sha256": hex digest}. A model folder that `hf_clip_train` saves
-keeps it in `hf_clip_manifest.json` as {"files": {...}}; a training checkpoint keeps the same mapping under "files"
+A manifest maps relative paths to {"size": bytes, "sha256": hex digest}. A model folder keeps it in
+`hf_clip_manifest.json` as {"files": {...}}, written (or rewritten) by every `save_pretrained` of an hf_clip model
+(`write_model_manifest`: its weight files and `config.json`); a training checkpoint keeps the same mapping under "files"
 in its completion marker, `run_state.json`. `from_pretrained` of every hf_clip model class checks the weight files it
 reads, and `config.json`, against the manifest of their folder when the folder has one (`verify_loaded_files`);
 files a manifest does not list are not checked. Hashing reads each file once (about a second per GB).
@@ -47,6 +48,14 @@ def write_manifest(folder: str | Path, names: Iterable[str]) -> Path:
     path = Path(folder) / MANIFEST_FILE
     path.write_text(json.dumps({FILES_KEY: file_manifest(folder, names)}, indent=2))
     return path
+
+
+def write_model_manifest(folder: str | Path) -> Path:
+    """Record the weight files (`*.safetensors`, `*.safetensors.index.json`) and `config.json` of a saved model
+    `folder` in its `hf_clip_manifest.json`, replacing any earlier manifest; returns its path."""
+    folder = Path(folder)
+    names = [path.name for pattern in ("*.safetensors", "*.safetensors.index.json") for path in folder.glob(pattern)]
+    return write_manifest(folder, [*names, "config.json"])
 
 
 def _find_manifest(folder: str | Path) -> tuple[str, dict[str, dict[str, int | str]]] | None:
@@ -122,4 +131,5 @@ __all__ = [
     "verify_files",
     "verify_loaded_files",
     "write_manifest",
+    "write_model_manifest",
 ]

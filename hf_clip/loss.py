@@ -223,6 +223,13 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
         return grad_rows.mul_(scale), grad_cols.mul_(scale), grad_scale, grad_bias.to(bias.dtype), None, None
 
 
+# What to pass for each scalar argument of the losses, as their type errors suggest it.
+_SCALAR_EXAMPLES = {
+    "logit_scale": "`model.clamped_logit_scale()` or `torch.tensor(100.0)`",
+    "logit_bias": "`model.logit_bias` or `torch.tensor(-10.0)`",
+}
+
+
 def _check_inputs(loss_name: str, image_embeds: Any, text_embeds: Any, **scalars: Any) -> None:
     for name, value in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
         if not isinstance(value, torch.Tensor) or value.ndim != 2 or not value.is_floating_point():
@@ -239,10 +246,8 @@ def _check_inputs(loss_name: str, image_embeds: Any, text_embeds: Any, **scalars
     for name, value in scalars.items():
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             described = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
-            raise TypeError(
-                f"{loss_name}: `{name}` must be a one-element tensor (e.g. `model.clamped_logit_scale()` or "
-                f"`torch.tensor(100.0)`), got {described}."
-            )
+            raise TypeError(f"{loss_name}: `{name}` must be a one-element tensor (e.g. {_SCALAR_EXAMPLES[name]}), got "
+                            f"{described}.")
     # On the device, so the training step reads nothing back: a CPU tensor fails here, a CUDA one at its next sync.
     # NaN passes, for the training loop's non-finite check to report with the step it happened at.
     torch._assert_async(~(scalars["logit_scale"].detach() < 0).reshape(()),

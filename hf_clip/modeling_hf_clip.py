@@ -38,7 +38,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hf_clip import HFClipConfig, HFClipTextConfig, HFClipVisionConfig
-from .integrity import verify_loaded_files
+from .integrity import verify_loaded_files, write_model_manifest
 from .loss import image_text_loss, loss_settings
 
 # Transformers saves a model's code with the modules it imports relatively, so this import puts the processor's
@@ -215,6 +215,15 @@ class HFClipEncoder(nn.Module):
         return hidden_states
 
 
+def check_image_size(height: int, width: int, image_size: int) -> None:
+    """Images must be `image_size` square unless the position embeddings are interpolated."""
+    if height != image_size or width != image_size:
+        raise ValueError(
+            f"Input image size ({height}x{width}) doesn't match the model's `image_size` "
+            f"({image_size}x{image_size}); pass `interpolate_pos_encoding=True` to run at another size."
+        )
+
+
 class HFClipVisionEmbeddings(nn.Module):
     """Patch conv + class token + learned position embeddings: (batch, C, H, W) -> (batch, 1+patches, width)."""
 
@@ -249,11 +258,8 @@ class HFClipVisionEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
         resized = height != self.image_size or width != self.image_size
-        if resized and not interpolate_pos_encoding:
-            raise ValueError(
-                f"Input image size ({height}x{width}) doesn't match the model's `image_size` "
-                f"({self.image_size}x{self.image_size}); pass `interpolate_pos_encoding=True` to run at another size."
-            )
+        if not interpolate_pos_encoding:
+            check_image_size(height, width, self.image_size)
         patch_embeds = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         patch_embeds = patch_embeds.flatten(2).transpose(1, 2)  # (batch, patches, width)
         class_embeds = self.class_embedding.expand(batch_size, 1, -1)
@@ -370,6 +376,46 @@ def _check_end_of_text(is_eos: torch.Tensor, eos_token_id: int | list[int]) -> N
     )
 
 
+def _check_text_shapes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """input_ids must be (batch, seq), and attention_mask, when given, of the same shape."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}; one text is a "
+                         "batch of one, e.g. input_ids[None].")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}; "
+                         "both must be (batch, sequence), as the processor returns them.")
+
+
+def _end_of_text_flags(input_ids: torch.Tensor, padding_mask: torch.Tensor | None,
+                       eos_token_id: int | list[int]) -> torch.Tensor:
+    """(batch, seq) True at the end-of-text tokens among the attended ones."""
+    eos_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+    is_eos = input_ids == eos_ids[0]
+    for token_id in eos_ids[1:]:  # `==`, not `torch.isin`: no id tensor copied to the device, and ONNX-exportable
+        is_eos = is_eos | (input_ids == token_id)
+    return is_eos if padding_mask is None else is_eos & padding_mask.bool()
+
+
+def _pools_at_end_of_text(config: HFClipTextConfig) -> bool:
+    """Whether every row must hold an end-of-text id: false for legacy configs (`eos_token_id` 2, pooled at the
+    highest id) and for ids outside the vocabulary (rows then pool at their first attended token)."""
+    eos_ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    return config.eos_token_id != 2 and all(0 <= token_id < config.vocab_size for token_id in eos_ids)
+
+
+def check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: HFClipTextConfig,
+                      padding_side: str | None = None) -> None:
+    """Every check the text tower makes on its inputs, with its messages, for callers that run the tower elsewhere
+    (`hf_clip.export.OnnxHFClipModel`): shapes, context length, token ids in the vocabulary, an end-of-text token in
+    each row. The ids and end-of-text checks are device asserts (`RuntimeError` on CPU)."""
+    _check_text_shapes(input_ids, attention_mask)
+    _check_context_length(input_ids, attention_mask, config.max_position_embeddings)
+    _check_token_ids(input_ids, config.vocab_size)
+    if _pools_at_end_of_text(config):
+        is_eos = _end_of_text_flags(input_ids, _padding_mask(attention_mask, padding_side), config.eos_token_id)
+        _check_end_of_text(is_eos, config.eos_token_id)
+
+
 def _pickled_weights_file(pretrained_model_name_or_path, kwargs: dict) -> str | None:
     """The name of the pickled weights file a local folder or Hub repo holds (`pytorch_model.bin` or its index),
     or None. A Hub repo is asked with the caller's revision and token; a failed request counts as no file."""
@@ -431,6 +477,15 @@ class HFClipPreTrainedModel(PreTrainedModel):
                 f"    {cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}, "
                 "use_safetensors=False).save_pretrained('converted')  # writes model.safetensors"
             ) from error
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, then, on the main process, the folder's integrity manifest of the weight
+        files and `config.json` just written (`integrity.write_model_manifest`, replacing an earlier one), which
+        `from_pretrained` checks: altered bytes in any saved folder are refused, and a re-saved folder never keeps a
+        stale manifest."""
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if is_main_process:
+            write_model_manifest(save_directory)
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # Transformers skips modules without direct parameters in code outside its own package, guarding remote code
@@ -513,13 +568,8 @@ class HFClipTextModel(HFClipPreTrainedModel):
         eos_token_id = self.config.eos_token_id
         if eos_token_id == 2:  # legacy CLIP configs pooled at the highest token id
             return input_ids.argmax(dim=-1)
-        eos_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
-        is_eos = input_ids == eos_ids[0]
-        for token_id in eos_ids[1:]:  # `==`, not `torch.isin`: no id tensor copied to the device, and ONNX-exportable
-            is_eos = is_eos | (input_ids == token_id)
-        if padding_mask is not None:
-            is_eos = is_eos & padding_mask.bool()
-        if all(0 <= token_id < self.config.vocab_size for token_id in eos_ids):
+        is_eos = _end_of_text_flags(input_ids, padding_mask, eos_token_id)
+        if _pools_at_end_of_text(self.config):
             _check_end_of_text(is_eos, eos_token_id)
         if padding_mask is None:
             return is_eos.int().argmax(dim=-1)
@@ -537,6 +587,7 @@ class HFClipTextModel(HFClipPreTrainedModel):
         """input_ids, attention_mask (1 = token, 0 = padding on either side): (batch, seq). `padding_side` ("right",
         "left" or None) says where the mask's padding is, so that the tower decides on its mask without reading it
         on the host. Returns last_hidden_state (batch, seq, width) and pooler_output (batch, width)."""
+        _check_text_shapes(input_ids, attention_mask)
         _check_context_length(input_ids, attention_mask, self.config.max_position_embeddings)
         _check_token_ids(input_ids, self.config.vocab_size)
         padding_mask = _padding_mask(attention_mask, padding_side)

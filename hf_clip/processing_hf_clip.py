@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import PROCESSOR_NAME, is_torch_available, is_torchvision_available
@@ -17,6 +17,22 @@ if is_torch_available():
     import torch
 
 _BACKGROUND = (255, 255, 255)
+# An encoded image whose header claims more pixels than this is refused before it is decoded (`ImageTooLargeError`):
+# Pillow's own decompression-bomb threshold (`PIL.Image.MAX_IMAGE_PIXELS` by default, about 9,459 x 9,459), beyond
+# which Pillow only warns (it refuses at twice as many). CLIP looks at 224-336 pixels; larger photos than this are
+# rare outside panoramas, while a kilobyte-sized file that claims 12,000 x 12,000 pixels would take 430 MB and a
+# second to decode. Pass `max_pixels` to the functions below to set another limit (None: Pillow's only).
+MAX_IMAGE_PIXELS = 89_478_485
+_ORIENTATION_TAG = ExifTags.Base.Orientation
+_AXES_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+class ImageTooLargeError(ValueError):
+    """An encoded image whose header claims more pixels than allowed (`MAX_IMAGE_PIXELS`), refused before decoding
+    as a possible decompression bomb. A `ValueError`, so a training stream that skips unusable rows skips it; its
+    own type lets it be counted apart."""
+
+
 # CLIP preprocessing keeps a centred square of the short side, so beyond this aspect ratio the rest is cut before
 # resizing (a 1x100000 strip would otherwise be upsampled to a multi-gigapixel image first).
 _MAX_ASPECT_RATIO = 16
@@ -82,36 +98,106 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     return _pil_to_rgb(Image.fromarray(np.ascontiguousarray(array), mode=mode))
 
 
-def _open_rgb(source: str | os.PathLike | io.BytesIO, description: str) -> Image.Image:
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation of `image` (1 to 8; 1, upright, when it has none), read from the header."""
+    return image.getexif().get(_ORIENTATION_TAG) or 1
+
+
+def apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """`image` turned upright as its EXIF Orientation tag says (`PIL.ImageOps.exif_transpose`, as Transformers'
+    `load_image` and `datasets` do), without the tag; `image` itself when it has no tag or says it is upright."""
+    return image if exif_orientation(image) == 1 else ImageOps.exif_transpose(image)
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of `image` once `apply_exif_orientation` turns it; read from the header, nothing decoded."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) in _AXES_SWAPPING_ORIENTATIONS else (width, height)
+
+
+def _encoded_source(image: Any, base_dir: str | os.PathLike | None) -> tuple[str | io.BytesIO, str]:
+    """An encoded image cell -> what `Image.open` reads, and how to name it in errors."""
+    if isinstance(image, dict) and image.keys() & {"bytes", "path"}:
+        if image.get("bytes"):
+            return _encoded_source(image["bytes"], None)
+        if image.get("path"):
+            return _encoded_source(image["path"], base_dir)
+        raise ValueError(f"Image cell {image!r} holds neither bytes nor a path.")
+    if isinstance(image, (bytes, bytearray)):
+        return io.BytesIO(image), f"image bytes ({len(image)} bytes)"
+    if isinstance(image, (str, os.PathLike)):
+        if base_dir is not None and not os.path.isabs(image):
+            image = os.path.join(base_dir, image)
+        return os.fspath(image), f"image file {os.fspath(image)!r}"
+    raise TypeError(f"{type(image).__name__} is not an encoded image: pass bytes, a file path or a datasets "
+                    '{"bytes", "path"} cell.')
+
+
+def _is_encoded(image: Any) -> bool:
+    return isinstance(image, (bytes, bytearray, str, os.PathLike)) or (
+        isinstance(image, dict) and bool(image.keys() & {"bytes", "path"}))
+
+
+def open_image(image: bytes | str | os.PathLike | dict, base_dir: str | os.PathLike | None = None, *,
+               max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an encoded image (bytes, a file path, relative ones read from `base_dir`, or a datasets `{"bytes",
+    "path"}` cell), reading only its header: nothing is decoded yet, so a JPEG may still be `draft`ed to a reduced
+    scale before `load()`. Close it when done (it is a context manager). `.size` is the stored size; EXIF orientation
+    is not applied (`exif_orientation`, `oriented_size`, `apply_exif_orientation`).
+
+    Raises `ImageTooLargeError` when the header claims more than `max_pixels` pixels (None: only Pillow's own limit),
+    and `ValueError` naming the file when it cannot be read.
+    """
+    return _open(*_encoded_source(image, base_dir), max_pixels)
+
+
+def _open(source: str | io.BytesIO, description: str, max_pixels: int | None) -> Image.Image:
     try:
-        with Image.open(source) as opened:
-            opened.load()
-            return _pil_to_rgb(opened)
+        opened = Image.open(source)
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(f"{description} has more pixels than Pillow opens ({error}).") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"Cannot decode {description}: {error}") from error
+    width, height = opened.size
+    if max_pixels is not None and width * height > max_pixels:
+        opened.close()
+        raise ImageTooLargeError(
+            f"{description} has {width}x{height} = {width * height} pixels, more than the {max_pixels} allowed "
+            "(`max_pixels`, by default hf_clip.processing_hf_clip.MAX_IMAGE_PIXELS): refused before decoding, as a "
+            "possible decompression bomb."
+        )
+    return opened
 
 
-def to_rgb_image(image: Any, base_dir: str | os.PathLike | None = None) -> Image.Image:
-    """Turn one image into an 8-bit RGB PIL image. It may be a PIL image, a numpy array, a torch tensor, a local file
-    path (relative ones are read from `base_dir` when given), encoded bytes, or a `datasets.Image(decode=False)` cell
-    `{"bytes": ..., "path": ...}`.
+def _decode_rgb(image: Any, base_dir: str | os.PathLike | None, min_size: int | None,
+                max_pixels: int | None) -> Image.Image:
+    source, description = _encoded_source(image, base_dir)
+    with _open(source, description, max_pixels) as opened:
+        try:
+            if min_size is not None:
+                opened.draft(None, (min_size, min_size))  # JPEG only: the smallest DCT scale keeping both sides
+            opened.load()
+            return _pil_to_rgb(apply_exif_orientation(opened))
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"Cannot decode {description}: {error}") from error
+
+
+def to_rgb_image(image: Any, base_dir: str | os.PathLike | None = None, *, min_size: int | None = None,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Turn one image into an 8-bit RGB PIL image, upright as its EXIF orientation says. It may be a PIL image, a
+    numpy array, a torch tensor, a local file path (relative ones are read from `base_dir` when given), encoded
+    bytes, or a `datasets.Image(decode=False)` cell `{"bytes": ..., "path": ...}`.
+
+    An encoded image is opened by `open_image` (refused with `ImageTooLargeError` above `max_pixels`) and, with
+    `min_size`, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both sides at least `min_size`
+    pixels (libjpeg's reduced DCT, `Image.draft`): the processor passes the size it resizes the short side to.
 
     Raises `ValueError` / `TypeError` that name what was wrong with the input.
     """
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
-    if isinstance(image, (str, os.PathLike)):
-        if base_dir is not None and not os.path.isabs(image):
-            image = os.path.join(base_dir, image)
-        return _open_rgb(image, f"image file {os.fspath(image)!r}")
-    if isinstance(image, (bytes, bytearray)):
-        return _open_rgb(io.BytesIO(image), f"image bytes ({len(image)} bytes)")
-    if isinstance(image, dict) and image.keys() & {"bytes", "path"}:
-        if image.get("bytes"):
-            return to_rgb_image(image["bytes"])
-        if image.get("path"):
-            return to_rgb_image(image["path"], base_dir)
-        raise ValueError(f"Image cell {image!r} holds neither bytes nor a path.")
+        return _pil_to_rgb(apply_exif_orientation(image))
+    if _is_encoded(image):
+        return _decode_rgb(image, base_dir, min_size, max_pixels)
     if is_torch_available() and isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.dtype == torch.bfloat16 or image.dtype == torch.float16:
@@ -125,21 +211,36 @@ def to_rgb_image(image: Any, base_dir: str | os.PathLike | None = None) -> Image
     )
 
 
-def _rgb_images(images: Any) -> Any:
+def decode_size(image_processor: Any) -> int | None:
+    """The smallest side an image must keep for `image_processor` to see no difference but rounding: the short side
+    it resizes to (`size["shortest_edge"]`), or the larger of a fixed `height` and `width`; None when it does not
+    resize (every pixel then counts)."""
+    size = getattr(image_processor, "size", None)
+    if not getattr(image_processor, "do_resize", False) or size is None:
+        return None
+    shortest_edge = size.get("shortest_edge")
+    if shortest_edge:
+        return int(shortest_edge)
+    sides = [side for side in (size.get("height"), size.get("width")) if side]
+    return max(sides) if sides else None
+
+
+def _rgb_images(images: Any, min_size: int | None) -> Any:
     """`to_rgb_image` on every image, keeping the nesting of lists (an inner list may be empty: a sample without
     images); a 4-D array/tensor is a list of images."""
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("`images` is an empty list.")
-        return _nested_rgb_images(images)
+        return _nested_rgb_images(images, min_size)
     is_tensor = is_torch_available() and isinstance(images, torch.Tensor)
     if (isinstance(images, np.ndarray) or is_tensor) and images.ndim == 4:
         return [to_rgb_image(image) for image in images]
-    return to_rgb_image(images)
+    return to_rgb_image(images, min_size=min_size)
 
 
-def _nested_rgb_images(images: list | tuple) -> list:
-    return [_nested_rgb_images(image) if isinstance(image, (list, tuple)) else to_rgb_image(image) for image in images]
+def _nested_rgb_images(images: list | tuple, min_size: int | None) -> list:
+    return [_nested_rgb_images(image, min_size) if isinstance(image, (list, tuple))
+            else to_rgb_image(image, min_size=min_size) for image in images]
 
 
 def _check_text(text: Any) -> None:
@@ -161,7 +262,9 @@ class HFClipProcessor(ProcessorMixin):
     The call and its defaults are `CLIPProcessor`'s (`ProcessingKwargs` routing: `text_kwargs`, `images_kwargs`,
     or flat keywords; no padding, truncation or tensors unless asked), so batches for the model are built with
     `processor(text=..., images=..., padding=True, truncation=True, return_tensors="pt")`. On top, every image goes
-    through `to_rgb_image` (any PIL mode, arrays, tensors, paths, bytes; 1x1 and extreme aspect ratios), and bad
+    through `to_rgb_image` (any PIL mode, arrays, tensors, paths, bytes; 1x1 and extreme aspect ratios; EXIF
+    orientation; encoded images above `MAX_IMAGE_PIXELS` refused, JPEGs decoded at the smallest DCT scale that keeps
+    the short side the image processor resizes to, `decode_size`), and bad
     captions or captions longer than the tokenizer's `model_max_length` raise errors that say what is wrong.
     """
 
@@ -229,7 +332,7 @@ class HFClipProcessor(ProcessorMixin):
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Images become 8-bit RGB PIL images (nesting kept) before the image processor sees them."""
         if images is not None:
-            images = _rgb_images(images)
+            images = _rgb_images(images, decode_size(self.image_processor))
         return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs) -> None:
@@ -240,4 +343,14 @@ class HFClipProcessor(ProcessorMixin):
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
 
-__all__ = ["HFClipProcessor", "to_rgb_image"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "HFClipProcessor",
+    "ImageTooLargeError",
+    "apply_exif_orientation",
+    "decode_size",
+    "exif_orientation",
+    "open_image",
+    "oriented_size",
+    "to_rgb_image",
+]

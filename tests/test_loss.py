@@ -168,8 +168,10 @@ def test_sigmoid_loss_settings_errors():
         image_text_loss(image, text, scale, None, loss_type="siglip")
     with pytest.raises(ValueError, match="label_smoothing applies to loss_type='clip' only"):
         image_text_loss(image, text, scale, torch.tensor(-10.0), loss_type="siglip", label_smoothing=0.1)
-    with pytest.raises(TypeError, match="`logit_bias` must be a one-element tensor.*got -10"):
+    with pytest.raises(TypeError, match="`logit_bias` must be a one-element tensor.*got -10") as raised:
         sigmoid_loss(image, text, scale, -10)
+    assert "logit_scale" not in str(raised.value)  # the logit scale's fix does not apply to the bias
+    assert "`model.logit_bias`" in str(raised.value) and "torch.tensor(-10.0)" in str(raised.value)
     with pytest.raises(ValueError, match="loss_type must be one of \\('clip', 'siglip'\\), got 'softmax'"):
         image_text_loss(image, text, scale, loss_type="softmax")
 

@@ -404,6 +404,9 @@ def test_truncated_checkpoint_names_the_problem(tmp_path, tiny_config):
     weights = tmp_path / "model.safetensors"
     with open(weights, "r+b") as handle:
         handle.truncate(weights.stat().st_size // 2)
+    with pytest.raises(OSError, match=r"model.safetensors has \d+ bytes, \d+ were saved \(truncated\?\)"):
+        HFClipModel.from_pretrained(tmp_path)  # the manifest every save writes
+    (tmp_path / "hf_clip_manifest.json").unlink()  # as a folder saved by another tool
     with pytest.raises(OSError, match="truncated or corrupt"):
         HFClipModel.from_pretrained(tmp_path)
 

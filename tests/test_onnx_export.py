@@ -4,6 +4,8 @@ Skipped where the `[onnx]` extra (onnx, onnxscript, onnxruntime) is not installe
 """
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,8 @@ def test_export_writes_graphs_processor_and_readme(trained):
     readme = (out / "README.md").read_text()
     assert "| `input_ids` | int64 | (batch, sequence) |" in readme
     assert f"| `image_embeds` | float32 | (batch, {model.config.projection_dim}) |" in readme
+    assert f"Every token id must lie in 0..{model.config.text_config.vocab_size - 1}" in readme
+    assert "OnnxHFClipModel(this_folder)" in readme
     assert HFClipProcessor.from_pretrained(out).tokenizer.get_vocab() == trained[1].tokenizer.get_vocab()
 
 
@@ -197,3 +201,92 @@ def test_siglip_graphs_also_output_the_logit_bias(tokenizer, tmp_path):
         expected = model(**inputs).logits_per_image
     torch.testing.assert_close(logits + float(logit_bias), expected, atol=1e-4, rtol=0)
     assert "logit_bias" in (tmp_path / "README.md").read_text()
+
+
+def _bad_text_inputs(model, processor) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Text inputs the PyTorch model refuses, each made from a good right-padded batch."""
+    text_config = model.config.text_config
+    good = processor(text=["a red picture", "a photo of a bright yellow picture"], padding=True, return_tensors="np")
+    ids, mask = good["input_ids"], good["attention_mask"]
+    negative, beyond, no_eos = ids.copy(), ids.copy(), ids.copy()
+    negative[0, 1] = -3
+    beyond[1, 1] = text_config.vocab_size
+    no_eos[0][no_eos[0] == text_config.eos_token_id] = ids[0, 1]
+    context = text_config.max_position_embeddings
+    long_ids = np.concatenate([np.full((2, context), ids[0, 1]), ids], axis=1)
+    return {
+        "negative token id": (negative, mask),
+        "token id beyond the vocabulary": (beyond, mask),
+        "row without end-of-text": (no_eos, mask),
+        "text longer than the context": (long_ids, np.ones_like(long_ids)),
+        "padded past the context": (np.concatenate([ids, np.zeros((2, context), ids.dtype)], axis=1),
+                                    np.concatenate([mask, np.zeros((2, context), mask.dtype)], axis=1)),
+        "attention_mask shorter than input_ids": (ids, mask[:, :-1]),
+        "attention_mask of another batch": (ids, mask[:1]),
+        "input_ids of one dimension": (ids[0], mask[0]),
+    }
+
+
+def _error_of(function, *args) -> tuple[type, str]:
+    with pytest.raises(Exception) as raised:
+        function(*args)
+    return type(raised.value), str(raised.value)
+
+
+def test_onnx_wrapper_refuses_bad_text_with_eagers_exceptions_and_messages(trained):
+    """WEAK (ONNX): the text graph returned an embedding for a negative id or a row without end-of-text, where eager
+    refuses; an over-long text gave "Gather idx=..."; a mask of another shape an internal broadcast error.
+    `OnnxHFClipModel` checks what eager checks, with the same exception types and messages."""
+    from hf_clip.export import OnnxHFClipModel
+
+    model, processor, out = trained
+    onnx_model = OnnxHFClipModel(out)
+    for case, (ids, mask) in _bad_text_inputs(model, processor).items():
+        eager = _error_of(model.get_text_features, torch.from_numpy(ids), torch.from_numpy(mask))
+        assert _error_of(onnx_model.get_text_features, ids, mask) == eager, case
+        assert _error_of(OnnxHFClipModel(out, int8=True).get_text_features, ids, mask) == eager, case
+
+
+def test_the_text_graph_alone_checks_no_input_value_as_docs_checks_md_says(trained):
+    """What docs/checks.md tells callers of the raw graph: a negative id or a row without end-of-text still gives an
+    embedding (the caller must check them); an over-long text or a mask of another shape fails inside the graph."""
+    model, processor, out = trained
+    session = _session(out / "text_model.onnx")
+    bad = _bad_text_inputs(model, processor)
+    for case in ("negative token id", "row without end-of-text"):
+        ids, mask = bad[case]
+        assert np.isfinite(session.run(["text_embeds"], {"input_ids": ids, "attention_mask": mask})[0]).all(), case
+    for case in ("text longer than the context", "attention_mask shorter than input_ids"):
+        ids, mask = bad[case]
+        with pytest.raises(Exception, match="onnxruntime|ONNXRuntimeError|Gather|idx|broadcast"):
+            session.run(["text_embeds"], {"input_ids": ids, "attention_mask": mask})
+    checks = (Path(__file__).parents[1] / "docs" / "checks.md").read_text()
+    for stated in ("negative", "end-of-text", "max_position_embeddings", "attention_mask", "OnnxHFClipModel"):
+        assert stated in checks, stated
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_onnx_wrapper_equals_eager_on_good_inputs(trained, side):
+    from hf_clip.export import OnnxHFClipModel
+
+    model, processor, out = trained
+    onnx_model = OnnxHFClipModel(out)
+    inputs = _text_batch(processor, ["red", "a photo of a bright yellow picture", "a green one"], side)
+    with torch.no_grad():
+        expected = model.get_text_features(**inputs).pooler_output.numpy()
+    got = onnx_model.get_text_features(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy())
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+    if side == "right":  # no mask: every token attended, as in PyTorch
+        ids = inputs["input_ids"][1:2]
+        with torch.no_grad():
+            unmasked = model.get_text_features(input_ids=ids).pooler_output.numpy()
+        np.testing.assert_allclose(onnx_model.get_text_features(ids.numpy()), unmasked, atol=TOLERANCE, rtol=0)
+    images, _ = _colour_images(3, seed=5)
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected_images = model.get_image_features(pixel_values=pixel_values).pooler_output.numpy()
+    np.testing.assert_allclose(onnx_model.get_image_features(pixel_values.numpy()), expected_images,
+                               atol=TOLERANCE, rtol=0)
+    wrong_size = torch.zeros(1, 3, 32, 32)
+    assert _error_of(onnx_model.get_image_features, wrong_size.numpy()) == _error_of(model.get_image_features,
+                                                                                      wrong_size)

@@ -6,10 +6,11 @@ changed: the override it pins may no longer be needed (or may need rework).
 
 Overrides that remain:
 - `HFClipPreTrainedModel.from_pretrained`: safetensors only by default, with hf_clip's messages;
+- `HFClipPreTrainedModel.save_pretrained`: writes (or refreshes) the folder's integrity manifest after saving;
 - `HFClipPreTrainedModel._initialize_weights`: runs the OpenAI init on every module of custom code;
 - `HFClipProcessor.save_pretrained`: keeps the remote-code `auto_map` out of the image processor.
-`HFClipPreTrainedModel.save_pretrained` is gone: the config carries its `auto_map`, and a model's saved code carries
-the processor's module.
+`HFClipPreTrainedModel.save_pretrained` no longer writes the `auto_map` (the config carries it, and a model's saved
+code carries the processor's module); it only adds the manifest.
 """
 
 import json
@@ -25,6 +26,7 @@ import hf_clip.modeling_hf_clip
 from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, HFClipTextModel
 from hf_clip.configuration_hf_clip import REMOTE_CODE_AUTO_MAP
 from hf_clip.convert import transformers_from_hf_clip
+from hf_clip.integrity import MANIFEST_FILE, read_manifest, sha256_of
 from hf_clip.modeling_hf_clip import HFClipAttention, HFClipPreTrainedModel
 
 
@@ -51,6 +53,27 @@ def test_from_pretrained_override_needed_while_transformers_raises_oserror_for_m
     with pytest.raises(OSError) as raised:
         PreTrainedModel.from_pretrained.__func__(HFClipModel, tmp_path, use_safetensors=True)
     assert str(raised.value) == f"Error no file named model.safetensors found in directory {tmp_path}."
+
+
+def test_save_pretrained_override_needed_while_transformers_writes_no_manifest_and_keeps_a_stale_one(tmp_path,
+                                                                                                    tiny_config):
+    """`PreTrainedModel.save_pretrained` writes the weights and config and leaves every other file of the folder as it
+    was: no manifest in a new folder, and an earlier manifest, now stale, in a re-saved one (from_pretrained would
+    then report damage). hf_clip's override writes the manifest after every save."""
+    model = HFClipModel(tiny_config)
+    PreTrainedModel.save_pretrained(model, tmp_path / "plain")
+    assert not (tmp_path / "plain" / MANIFEST_FILE).exists()
+
+    model.save_pretrained(tmp_path / "resaved")
+    recorded = read_manifest(tmp_path / "resaved")["model.safetensors"]["sha256"]
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    PreTrainedModel.save_pretrained(model, tmp_path / "resaved")
+    assert read_manifest(tmp_path / "resaved")["model.safetensors"]["sha256"] == recorded  # stale
+    assert sha256_of(tmp_path / "resaved" / "model.safetensors") != recorded
+    model.save_pretrained(tmp_path / "resaved")
+    assert read_manifest(tmp_path / "resaved")["model.safetensors"]["sha256"] == sha256_of(
+        tmp_path / "resaved" / "model.safetensors")
 
 
 def test_initialize_weights_override_needed_while_transformers_skips_parameterless_modules_of_custom_code(
