@@ -591,10 +591,11 @@ def test_the_search_page_in_a_headless_browser_shows_the_index_s_hits_in_order(s
         driver.find_element(By.ID, "search").click()
 
         def shown_rows():
-            figures = driver.find_elements(By.CSS_SELECTOR, "#hits figure.hit")
-            loaded = driver.execute_script(
-                "return [...document.querySelectorAll('#hits img')].every(i => i.complete && i.naturalWidth > 0)")
-            return [int(f.get_attribute("data-row-id")) for f in figures] if figures and loaded else None
+            """The row ids of the hits shown, once every thumbnail has loaded (read in one script: no stale nodes)."""
+            return driver.execute_script("""
+                const figures = [...document.querySelectorAll('#hits figure.hit')];
+                const loaded = [...document.querySelectorAll('#hits img')].every(i => i.complete && i.naturalWidth);
+                return figures.length && loaded ? figures.map(f => Number(f.dataset.rowId)) : null;""")
 
         first_page = wait.until(lambda d: shown_rows())
         assert first_page == index.search("a red circle", k=12).row_ids
