@@ -92,9 +92,9 @@ class DynamicBatcher:
         return self._thread.is_alive()
 
     async def submit(self, kind: str, items: Sequence[Any]) -> torch.Tensor:
-        """The embeddings (len(items), d) of `items`, computed in the batches they join."""
-        if not self.running:
-            raise RuntimeError("The batching worker is not running (the server is stopping).")
+        """The embeddings (len(items), d) of `items`, computed in the batches they join (queued until `start`)."""
+        if self._stopping:
+            raise RuntimeError("The batching worker is stopping (so is the server).")
         loop = asyncio.get_running_loop()
         jobs = [_Job(item, loop.create_future(), loop) for item in items]
         with self._condition:

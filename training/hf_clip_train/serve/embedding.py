@@ -37,9 +37,11 @@ class Embedder:
         return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
-        full = self.tokenizer(list(texts), truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
-        cut = self.tokenizer(list(texts), truncation=True, max_length=self.context_length)["input_ids"]
-        return [TokenizedText(ids, len(whole), len(whole) > self.context_length) for whole, ids in zip(full, cut)]
+        full = self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        long = [i for i, ids in enumerate(full) if len(ids) > self.context_length]
+        cut = dict(zip(long, self.tokenizer([texts[i] for i in long], truncation=True,
+                                            max_length=self.context_length)["input_ids"])) if long else {}
+        return [TokenizedText(cut.get(i, ids), len(ids), i in cut) for i, ids in enumerate(full)]
 
     def prepare_image(self, image: Image.Image) -> torch.Tensor:
         """(3, H, W) pixel values of an RGB image."""
