@@ -419,20 +419,38 @@ def test_the_openai_client_gets_the_same_vectors(server, index):
 # Process life: SIGTERM, API key, the console script ----------------------------------------------------------------
 
 
+def wait_for_queued(url: str, count: int, timeout: float = 60) -> dict:
+    """/health's batching section once exactly `count` text inputs wait for a forward."""
+    deadline = time.monotonic() + timeout
+    while (batching := httpx.get(f"{url}/health").json()["batching"])["waiting"]["text"] != count:
+        assert time.monotonic() < deadline, batching
+        time.sleep(0.05)
+    return batching
+
+
 @pytest.mark.slow  # starts a server of its own
-def test_sigterm_finishes_the_requests_in_flight_then_exits(saved_checkpoint, tmp_path, index):
-    """A batch that waits 3 s for company holds a request when SIGTERM arrives: it is answered, then the process
-    exits 0, and nothing is accepted after."""
+def test_a_client_that_leaves_costs_no_forward_and_sigterm_finishes_the_requests_in_flight(saved_checkpoint,
+                                                                                          tmp_path, index):
+    """Batches wait 3 s for company. A client that disconnects while its input waits has it dropped: no forward
+    runs. A request waiting when SIGTERM arrives is answered, then the process exits 0 and accepts nothing more."""
     with ServerProcess(["--model_name_or_path", saved_checkpoint, "--port", "0", "--max_wait_ms", "3000",
                         "--max_batch_size", "64"], log_dir=tmp_path) as server:
+        address = urlsplit(server.url)
+        leaving = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        leaving.request("POST", "/v1/embeddings", body=json.dumps({"input": ["a red circle", "a blue square"]}),
+                        headers={"content-type": "application/json"})
+        wait_for_queued(server.url, 2)
+        left_at = time.monotonic()
+        leaving.close()
+        wait_for_queued(server.url, 0)
+        time.sleep(max(0.0, 3.5 - (time.monotonic() - left_at)))  # past the batch's deadline
+        assert httpx.get(f"{server.url}/health").json()["batching"]["batches"] == {}
+
         answers = []
         request = threading.Thread(target=lambda: answers.append(
             httpx.post(f"{server.url}/v1/embeddings", json={"input": "a red circle"}, timeout=60)))
         request.start()
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{server.url}/health").json()["batching"]["waiting"]["text"] == 0:
-            assert time.monotonic() < deadline and request.is_alive()
-            time.sleep(0.05)
+        wait_for_queued(server.url, 1)
         server.terminate()
         request.join(60)
         assert server.process.wait(60) == 0

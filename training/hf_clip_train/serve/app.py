@@ -6,6 +6,7 @@ import functools
 import io
 import json
 import platform
+from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -149,6 +150,29 @@ class ServedModel:
         return buffer.getvalue()
 
 
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def unless_client_leaves(connection: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """The result of `work`, or None if the client disconnects first: then `work` is cancelled, and with it the
+    inputs it queued for the batching worker, which drops them."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await connection.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return None
+
+
 def error_response(status: int, message: str, error_type: str = "invalid_request_error", code: str | None = None,
                    param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, error_type, code, param), status_code=status)
@@ -255,7 +279,7 @@ def create_app(served: ServedModel, batching: BatchingSettings, limits: ServeLim
         return embeddings, tokens
 
     @app.post("/v1/embeddings", summary="OpenAI-style embeddings of texts and images (base64 data URIs)")
-    async def embeddings(request: EmbeddingRequest) -> JSONResponse:
+    async def embeddings(request: EmbeddingRequest, connection: Request) -> Response:
         inputs = [request.input] if isinstance(request.input, str) else request.input
         if not inputs:
             raise InputError("input is an empty list: give at least one text or image data URI.", param="input")
@@ -267,7 +291,10 @@ def create_app(served: ServedModel, batching: BatchingSettings, limits: ServeLim
                              f"{embedder.dimension} (leave it out).", param="dimensions")
         single = isinstance(request.input, str)
         named = [("input" if single else f"input[{i}]", value) for i, value in enumerate(inputs)]
-        vectors, tokens = await embed(named)
+        embedded = await unless_client_leaves(connection, embed(named))
+        if embedded is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        vectors, tokens = embedded
         data = []
         for i, vector in enumerate(vectors):
             if request.encoding_format == "base64":
@@ -284,7 +311,7 @@ def create_app(served: ServedModel, batching: BatchingSettings, limits: ServeLim
         })
 
     @app.post("/search", summary="The k index rows nearest to a text or image query")
-    async def search(request: SearchRequest) -> JSONResponse:
+    async def search(request: SearchRequest, connection: Request) -> Response:
         index = served.index
         if index is None:
             raise InputError("This server was started without an index, so it cannot search: start hf-clip-serve "
@@ -299,7 +326,10 @@ def create_app(served: ServedModel, batching: BatchingSettings, limits: ServeLim
         if request.target == "text" and not index.has_text_embeddings:
             raise InputError("target 'text' needs caption embeddings, and this index was built without "
                              "--caption_column; search target 'image'.", param="target")
-        vectors, tokens = await embed([("query", request.query)])
+        embedded = await unless_client_leaves(connection, embed([("query", request.query)]))
+        if embedded is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        vectors, tokens = embedded
         wanted = min(request.offset + request.k, size)
         result = (await run_in_threadpool(index.search_embeddings, vectors, wanted, request.target))[0]
         hits = [{"rank": rank, "row_id": row_id, "score": score,
