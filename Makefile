@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test demo bench freeze clean
+.PHONY: install browser lint test demo bench freeze clean
 
 $(STAMP): requirements/dev.txt requirements/constraints.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,16 @@ $(STAMP): requirements/dev.txt requirements/constraints.txt setup.cfg pyproject.
 	$(PY) tests/transformers_common/fetch.py
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# Debian's chromium + chromium-driver for the search page's browser test (tests/test_serve.py), when missing
+browser:
+	@.ci/install-browser
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: lint
+test: lint browser
 	HF_CLIP_REQUIRE_COMMON_TESTS=1 $(PY) -m pytest -n 2 --dist worksteal tests
 
 demo: $(STAMP)
@@ -36,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_text_padding.py
 	$(PY) benchmarks/bench_export.py  # its int8 agreement uses outputs/demo: run `make demo` first
 	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_host_sync.py
 	$(PY) benchmarks/bench_loss.py --cases infonce-4096 infonce-16384 sigmoid-16384  # add infonce-65536: 24 min here, under load
 

@@ -1,16 +1,23 @@
 """Console scripts `hf-clip-train`, `hf-clip-evaluate`, `hf-clip-finetune`, `hf-clip-index` and `hf-clip-search`:
-they check for the `[train]` extra before importing the scripts, which need it."""
+they check for the `[train]` extra before importing the scripts, which need it; `hf-clip-serve` checks for the
+`[serve]` extra."""
 
 import importlib
 import importlib.util
 import sys
 
 TRAIN_EXTRA = {"accelerate": "accelerate", "datasets": "datasets", "yaml": "pyyaml", "tqdm": "tqdm"}
+SERVE_EXTRA = {"fastapi": "fastapi", "uvicorn": "uvicorn"}
 
 
 def missing_train_extra() -> list[str]:
     """The distributions of the `[train]` extra that are not installed."""
     return [package for module, package in TRAIN_EXTRA.items() if importlib.util.find_spec(module) is None]
+
+
+def missing_serve_extra() -> list[str]:
+    """The distributions of the `[serve]` extra that are not installed."""
+    return [package for module, package in SERVE_EXTRA.items() if importlib.util.find_spec(module) is None]
 
 
 def _run(script: str, name: str, function: str = "main") -> None:
@@ -40,3 +47,12 @@ def index() -> None:
 
 def search() -> None:
     _run("search", "search", "search_main")
+
+
+def serve() -> None:
+    missing = missing_serve_extra()
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        sys.exit(f"hf-clip-serve needs the serve extra, and {', '.join(missing)} {verb} not installed. Install it "
+                 'with: pip install "hf-clip[serve]" (and "hf-clip[serve,train]" to serve an index)')
+    importlib.import_module(f"{__package__}.serve.main").main()
