@@ -84,6 +84,8 @@ COMMANDS: dict[str, str] = {
         "tests/test_finetune_trainer.py::test_trainer_under_torchrun_uses_the_global_batch",
     r"python -m hf_clip_train\.finetune_trainer --task image-classification .*":
         "tests/test_finetune_trainer.py::test_classifier_from_zero_shot_fine_tuned_with_trainer_beats_zero_shot",
+    r"hf-clip-serve --index outputs/index --port 8000 &|(until )?curl .*http://127\.0\.0\.1:8000/.*":
+        "tests/test_serve.py::test_docs_serve_md_commands_run",
     r"hf-clip-export onnx tiny-clip tiny-clip-onnx --quantize":
         "tests/test_onnx_export.py::test_export_writes_graphs_processor_and_readme",
     r"make (test|lint|bench)": HERE + "test_make_test_lint_and_bench_run_what_development_md_says",
