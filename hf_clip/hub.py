@@ -340,6 +340,13 @@ def render_model_card(
     )
 
 
+def error_summary(error: BaseException) -> str:
+    """"Type: first line of the message", for a log line about a failure that is handled (the rest of a long Hub
+    error, such as a server's response body, stays out of the log)."""
+    message = str(error)
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+
+
 def _is_transient(error: Exception) -> bool:
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         return error.response.status_code in RETRY_STATUS_CODES
@@ -355,8 +362,8 @@ def _with_retries(action: Callable[[], T], what: str, max_retries: int, base_del
             if not _is_transient(error) or attempt == max_retries:
                 raise
             delay = base_delay * 2**attempt
-            logger.warning("%s failed (%s: %s); retry %d/%d in %.0f s", what, type(error).__name__,
-                           str(error).splitlines()[0] if str(error) else "", attempt + 1, max_retries, delay)
+            logger.warning("%s failed (%s); retry %d/%d in %.0f s", what, error_summary(error), attempt + 1,
+                           max_retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
