@@ -37,7 +37,12 @@ except ImportError:  # huggingface_hub < 2 uses httpx
 
 logger = logging.getLogger(__name__)
 
-MODEL_CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "hf_clip_model_card.md"
+# The card template: the repository keeps it in model_cards/, which the wheel installs as hf_clip/model_cards/ (package
+# data, through setup.cfg's package_dir); a source checkout reads it where it is.
+MODEL_CARD_TEMPLATE = next(
+    (path for folder in (Path(__file__).parent, Path(__file__).parent.parent)
+     if (path := folder / "model_cards" / "hf_clip_model_card.md").is_file()),
+    Path(__file__).parent / "model_cards" / "hf_clip_model_card.md")
 # 412: the branch moved between reading its head and committing; a retry re-reads the head and re-diffs.
 RETRY_STATUS_CODES = (408, 412, 429, 500, 502, 503, 504)
 
@@ -96,7 +101,7 @@ T = TypeVar("T")
 class ModelCardInfo:
     """What a model card states beyond the model itself; `render_model_card` and `push_to_hub` both take one.
 
-    metrics: {split: {metric: value in [0, 1]}}, as `hf_clip_train.data.evaluate_split` returns per split. Known
+    metrics: {split: {metric: value in [0, 1]}}, as `hf_clip_train.evaluation.evaluate_split` returns per split. Known
         metrics (zero-shot top-1/top-5, retrieval recall@k) become the front matter's `model-index`; `push_to_hub`
         also writes them to `eval_results.json`. NaN or infinite values raise `ValueError`.
     hyperparameters: {name: value}: the recipe, shown as a table in the order given (and written to

@@ -31,7 +31,7 @@ def test_wheel_installs_hf_clip_and_hf_clip_train_but_no_training_package(tmp_pa
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {
         "hf_clip", "hf_clip_train"}
     assert {"hf_clip_train/train.py", "hf_clip_train/synthetic.py", "hf_clip/model_cards/hf_clip_model_card.md",
-            "hf_clip/collators.py", "hf_clip_train/data.py"} <= set(names)
+            "hf_clip/collators.py", "hf_clip_train/data/__init__.py", "hf_clip_train/search/query.py"} <= set(names)
     entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("train", "evaluate", "finetune"):
         assert f"hf-clip-{script} = hf_clip_train.cli:{script}" in entry_points

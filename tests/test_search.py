@@ -1,4 +1,4 @@
-"""hf-clip-index and hf-clip-search (hf_clip_train/search.py): embed a dataset, store and index it, query it."""
+"""hf-clip-index and hf-clip-search (the hf_clip_train.search package): embed a dataset, store, index, query it."""
 
 import base64
 import io
