@@ -23,14 +23,8 @@ import torch
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor
 from hf_clip.convert import transformers_from_hf_clip
 from hf_clip_train.args import DatasetArguments, RunArguments
-from hf_clip_train.data import (
-    TrainBatches,
-    build_train_dataset,
-    columns_of,
-    image_transform_for,
-    load_split,
-    normalize_pixels,
-)
+from hf_clip_train.data import TrainBatches, build_train_dataset, columns_of, load_split
+from hf_clip_train.data.transforms import image_transform_for, normalize_pixels
 from hf_clip_train.synthetic import caption_corpus
 from hf_clip_train.train import build_optimizer, resolve_mixed_precision
 

@@ -48,17 +48,7 @@ from .ann import (
     import_faiss,
     search_faiss,
 )
-from .layout import (
-    EMBEDDINGS_DIR,
-    FAISS_FILE,
-    FORMAT_VERSION,
-    INFO_FILE,
-    PLAN_FILE,
-    SHARDS_DIR,
-    SKIPPED_FILE,
-    describe_model,
-    model_fingerprint,
-)
+from .layout import FORMAT_VERSION, INFO_FILE, model_fingerprint
 from .query import ImageTextIndex, ModelMismatchError, SearchResult, check_model_matches, push_index_to_hub
 from .render import cell_text, format_hits_table, query_label, render_html, thumbnail_source
 
@@ -71,10 +61,9 @@ _BUILDING = {
 
 __all__ = ["INDEX_TYPES", "METRIC", "SEARCH_EXTRA", "TAIL_MARGIN", "TAIL_SHARE", "ApproximateSettings", "BuiltIndex",
     "RecallProbe", "RecallReport", "RowGather", "build_faiss_index", "build_index", "embedding_chunks", "exact_top_k",
-    "import_faiss", "search_faiss", "EMBEDDINGS_DIR", "FAISS_FILE", "FORMAT_VERSION", "INFO_FILE", "PLAN_FILE",
-    "SHARDS_DIR", "SKIPPED_FILE", "describe_model", "model_fingerprint", "ImageTextIndex", "ModelMismatchError",
-    "SearchResult", "check_model_matches", "push_index_to_hub", "cell_text", "format_hits_table", "query_label",
-    "render_html", "thumbnail_source", *_BUILDING]
+    "import_faiss", "search_faiss", "FORMAT_VERSION", "INFO_FILE", "model_fingerprint", "ImageTextIndex",
+    "ModelMismatchError", "SearchResult", "check_model_matches", "push_index_to_hub", "cell_text",
+    "format_hits_table", "query_label", "render_html", "thumbnail_source", *_BUILDING]
 
 
 def __getattr__(name: str):
