@@ -18,7 +18,13 @@ from transformers import pipeline
 from hf_clip import PHOTO_TEMPLATES, ContrastiveDataCollator, retrieval_recall, top_k_accuracy, zero_shot_classifier
 
 from .data.batches import ImageTextDataset, worker_count
-from .data.sources import ImageTextColumns, dataset_label, first_decodable_image, load_checked_split
+from .data.sources import (
+    ImageTextColumns,
+    dataset_label,
+    first_decodable_image,
+    load_checked_split,
+    missing_split_error,
+)
 from .data.transforms import image_transform_for
 from .synthetic import TEMPLATES as SHAPES_TEMPLATES
 
@@ -41,7 +47,7 @@ def load_eval_splits(data_args: "DatasetArguments", eval_args: "EvalArguments", 
         dataset = load_checked_split(data_args, name, columns, max_rows=eval_args.max_eval_samples)
         if dataset is None:
             if missing == "raise":
-                raise ValueError(f"Dataset {dataset_label(data_args.dataset_name)!r} has no split {name!r}.")
+                raise missing_split_error(data_args.dataset_name, name)
             logger.warning("Dataset %r has no split %r; not evaluating on it.", dataset_label(data_args.dataset_name),
                            name)
             continue

@@ -129,7 +129,7 @@ def load_train_split(data_args: "DatasetArguments", columns: Mapping[str, str], 
     split = load_checked_split(data_args, data_args.train_split, columns, streaming=data_args.streaming,
                                max_rows=max_rows)
     if split is None:
-        raise missing_split_error(data_args.dataset_name, data_args.train_split)
+        raise missing_split_error(data_args.dataset_name, data_args.train_split, flag="train_split")
     return split
 
 

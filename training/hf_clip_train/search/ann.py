@@ -228,8 +228,8 @@ def build_index(embeddings: datasets.Dataset, index_type: str = "flat", target_r
     recall@10 against exact search, measured on the collection itself with image queries and, when captions were
     embedded, their text queries; all lists if none does). The doubling is headroom for queries unlike the probe's:
     short generic prompts straddle more lists than captions do. When that is all lists, the inverted file narrows
-    nothing, and one list (a single scan of the same codes) replaces it if it meets the target too."""
-    check_index_type(index_type)
+    nothing, and one list (a single scan of the same codes) replaces it if it meets the target too. `index_type` is
+    one of INDEX_TYPES, checked where it enters (`IndexArguments`, `build_search_index`)."""
     vectors = np.concatenate(embedding_chunks(embeddings, "image_embedding")) if len(embeddings) else None
     info: dict[str, Any] = {"index_type": index_type, "metric": METRIC}
     if index_type == "flat":

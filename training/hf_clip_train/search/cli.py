@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoProcessor
 
 from ..args import DatasetArguments, IndexArguments, LoaderArguments, ModelArguments, parse_with_config_file
 from ..data.batches import worker_count
-from ..data.sources import columns_of, load_checked_split, missing_split_error
+from ..data.sources import columns_of, load_train_split
 from ..runtime import process_state, setup_logging
 from .embed import EmbeddingSettings
 from .folder import build_search_index
@@ -55,10 +55,7 @@ def index_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if columns.caption is not None:
         needed["caption_column"] = columns.caption
     needed.update({f"keep_columns ({name})": name for name in index_args.keep_columns})
-    dataset = load_checked_split(data_args, data_args.train_split, needed, streaming=data_args.streaming,
-                                 max_rows=data_args.max_train_samples)
-    if dataset is None:
-        raise missing_split_error(data_args.dataset_name, data_args.train_split, flag="train_split")
+    dataset = load_train_split(data_args, needed, max_rows=data_args.max_train_samples)
 
     # 3. Embed (each process its shards), merge and index.
     settings = EmbeddingSettings(columns, index_args.keep_columns, index_args.shard_size,
