@@ -35,8 +35,8 @@ def finetune() -> None:
 
 
 def index() -> None:
-    _run("search", "index", "index_main")
+    _run("search.index_cli", "index", "index_main")
 
 
 def search() -> None:
-    _run("search", "search", "search_main")
+    _run("search.cli", "search", "search_main")

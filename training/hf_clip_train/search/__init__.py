@@ -23,7 +23,8 @@ One job per module:
 - `folder`: building an index folder (plan, shards, merge, index, dataset card);
 - `query`: `ImageTextIndex`, which loads and searches an index (it needs only the `[search]` extra);
 - `render`: the hits as a text table or an HTML page;
-- `cli`: `hf-clip-index` and `hf-clip-search`.
+- `index_cli`: `hf-clip-index`;
+- `cli`: `hf-clip-search`, and `python -m hf_clip_train.search index|query`.
 
 The query side is imported here; the building side (which needs the `[train]` extra) on first use of its names.
 """
@@ -53,8 +54,8 @@ from .query import ImageTextIndex, ModelMismatchError, SearchResult, check_model
 from .render import cell_text, format_hits_table, query_label, render_html, thumbnail_source
 
 _BUILDING = {
-    **dict.fromkeys(("index_main", "search_main", "main", "parse_index_args", "format_index_summary",
-                     "INDEX_ARGUMENT_CLASSES"), "cli"),
+    **dict.fromkeys(("index_main", "parse_index_args", "format_index_summary", "INDEX_ARGUMENT_CLASSES"), "index_cli"),
+    **dict.fromkeys(("search_main", "main"), "cli"),
     **dict.fromkeys(("build_search_index", "prepare_output_dir", "finish_index", "dataset_card"), "folder"),
     **dict.fromkeys(("EmbeddingSettings", "embed_dataset", "merge_embedding_shards"), "embed"),
 }
