@@ -44,7 +44,7 @@ from .args import (
     parse_with_config_file,
 )
 from .common import load_pretrained, lock_towers
-from .data import columns_of, dataset_label, first_decodable_image, load_train_split
+from .data import ImageTextColumns, columns_of, dataset_label, first_decodable_image, load_train_split
 from .evaluation import load_eval_splits, pipeline_demo, zero_shot_templates
 from .runtime import setup_logging
 
@@ -101,9 +101,9 @@ def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
     return args
 
 
-def first_caption(data_args: DatasetArguments):
-    """A dataset transform that keeps only the first caption of each row, so evaluation is deterministic."""
-    column = data_args.caption_column
+def first_caption(column: str):
+    """A dataset transform that keeps only the first caption of each row of `column`, so evaluation is
+    deterministic."""
 
     def transform(batch: dict) -> dict:
         return {**batch, column: [value[0] if isinstance(value, list) else value for value in batch[column]]}
@@ -149,7 +149,7 @@ def finetune_contrastive(model, processor, args: FinetuneScriptArguments) -> dic
     columns = columns_of(data)
     needed = {"image_column": columns.image, "caption_column": columns.caption}
     train_split = load_train_split(data, needed, max_rows=data.max_train_samples)
-    eval_splits = {name: split.with_transform(first_caption(data))
+    eval_splits = {name: split.with_transform(first_caption(columns.caption))
                    for name, split in load_eval_splits(data, args.eval, needed).items()}
     lock_towers(model, args.locks)
     trainer = Trainer(
@@ -174,11 +174,11 @@ def finetune_contrastive(model, processor, args: FinetuneScriptArguments) -> dic
     return results
 
 
-def class_names_of(dataset, data_args: DatasetArguments) -> list[str]:
-    feature = dataset.features[data_args.label_column] if dataset.features is not None else None
+def class_names_of(dataset, dataset_name: str | None, columns: ImageTextColumns) -> list[str]:
+    feature = dataset.features[columns.label] if dataset.features is not None else None
     if not hasattr(feature, "names"):
         raise ValueError(
-            f"Column {data_args.label_column!r} of {dataset_label(data_args.dataset_name)!r} is not a ClassLabel, "
+            f"Column {columns.label!r} of {dataset_label(dataset_name)!r} is not a ClassLabel, "
             "so it names no classes; cast it with dataset.cast_column(column, ClassLabel(names=[...]))."
         )
     return list(feature.names)
@@ -192,7 +192,7 @@ def finetune_classifier(model, processor, args: FinetuneScriptArguments) -> dict
     needed = {"image_column": columns.image, "label_column": columns.label}
     train_split = load_train_split(data, needed, max_rows=data.max_train_samples)
     eval_splits = load_eval_splits(data, args.eval, needed)
-    zero_shot = from_zero_shot(model, processor, class_names_of(train_split, data),
+    zero_shot = from_zero_shot(model, processor, class_names_of(train_split, data.dataset_name, columns),
                                zero_shot_templates(data, args.eval))
     classifier = copy.deepcopy(zero_shot)
     lock_towers(classifier, args.locks)  # parse_args refuses --lock_text for the classifier
