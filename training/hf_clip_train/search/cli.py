@@ -1,5 +1,5 @@
-"""`hf-clip-search`: query an index by text or image (it needs only the `[search]` extra), and the
-`python -m hf_clip_train.search index|query` entry point.
+"""`hf-clip-search`: query an index by text or image (this module imports only the query side, which needs no more
+than the `[search]` extra), and the `python -m hf_clip_train.search index|query` entry point.
 
     hf-clip-search OUT "a red circle" -k 5 --html hits.html    # python -m hf_clip_train.search query ...
 """
