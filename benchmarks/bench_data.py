@@ -43,7 +43,14 @@ from PIL import Image
 from hf_clip import ContrastiveDataCollator, HFClipProcessor, train_clip_tokenizer
 from hf_clip.collators import decode_image
 from hf_clip_train.args import DatasetArguments
-from hf_clip_train.data import TrainBatches, build_train_dataset, image_transform_for, without_image_decoding
+from hf_clip_train.data import (
+    ImageTextColumns,
+    TrainBatches,
+    build_train_dataset,
+    columns_of,
+    image_transform_for,
+    without_image_decoding,
+)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -94,7 +101,7 @@ def per_core_pipelines(split: datasets.Dataset, processor: HFClipProcessor) -> d
     from torchvision.transforms import CenterCrop, ConvertImageDtype, InterpolationMode, Normalize, Resize, v2
 
     size = processor.image_processor.crop_size["height"]
-    ours = build_train_dataset(split, DatasetArguments(), image_transform_for(processor, train=True), seed=0)
+    ours = build_train_dataset(split, ImageTextColumns(), image_transform_for(processor, train=True), seed=0)
     transform = image_transform_for(processor, train=True)
     rows = without_image_decoding(split)
 
@@ -173,7 +180,8 @@ def loader_rate(split, processor: HFClipProcessor, streaming: bool, num_workers:
     exit)."""
     data_args = DatasetArguments(streaming=streaming, shuffle_buffer_size=64)
     source = split.to_iterable_dataset(num_shards=8) if streaming else split
-    dataset = build_train_dataset(source, data_args, image_transform_for(processor, train=True), seed=0)
+    dataset = build_train_dataset(source, columns_of(data_args), image_transform_for(processor, train=True), seed=0,
+                                  shuffle_buffer_size=data_args.shuffle_buffer_size)
     collator = ContrastiveDataCollator(processor)
     cpu_before = _cpu_seconds()
     iterator = TrainBatches(dataset, collator, batch_size, seed=0, num_workers=num_workers).iterate()

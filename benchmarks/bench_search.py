@@ -4,11 +4,11 @@ against exact search (recall@10, one-query latency, memory per vector).
     python benchmarks/bench_search.py                       # both parts
     python benchmarks/bench_search.py --parts index --num_vectors 50000
 
-Embedding: `hf_clip_train.data.embed_dataset` (what `hf-clip-index` runs: rows decoded from JPEG bytes in DataLoader
-workers with the evaluation transform, embedded in eval mode under no_grad, normalised, written in shards) against a
-loop of `model.get_image_features` over the same images already decoded to tensors, same model and batch, runs
-alternating, median of the repeats. Compute-bound: ViT-B-32 at 224 px; data-bound: the `tiny` preset at 64 px on the
-same photos (scikit-learn's two sample photos re-encoded at several sizes, about 430x640 px, quality 90).
+Embedding: `hf_clip_train.search.embed.embed_dataset` (what `hf-clip-index` runs: rows decoded from JPEG bytes in
+DataLoader workers with the evaluation transform, embedded in eval mode under no_grad, normalised, written in shards)
+against a loop of `model.get_image_features` over the same images already decoded to tensors, same model and batch,
+runs alternating, median of the repeats. Compute-bound: ViT-B-32 at 224 px; data-bound: the `tiny` preset at 64 px on
+the same photos (scikit-learn's two sample photos re-encoded at several sizes, about 430x640 px, quality 90).
 
 Index: `--index_type ivf_pq` (an inverted file of 4-bit PQ fast-scan codes, or one scan of them where the lists
 cannot narrow the search, exact re-ranking of 300 candidates on the stored embeddings, nprobe tuned at build time)
@@ -31,8 +31,9 @@ import torch
 from common import make_config
 
 from hf_clip import HFClipModel, HFClipProcessor, to_rgb_image, train_clip_tokenizer
-from hf_clip_train.data import EmbeddingSettings, ImageTextColumns, embed_dataset, image_transform_for
+from hf_clip_train.data import ImageTextColumns, image_transform_for
 from hf_clip_train.search import RowGather, build_index, embedding_chunks, search_faiss
+from hf_clip_train.search.embed import EmbeddingSettings, embed_dataset
 
 
 def photo_dataset(num_rows: int) -> datasets.Dataset:

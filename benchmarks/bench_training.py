@@ -23,7 +23,8 @@ import torch
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor
 from hf_clip.convert import transformers_from_hf_clip
 from hf_clip_train.args import DatasetArguments, RunArguments
-from hf_clip_train.data import TrainBatches, build_train_dataset, image_transform_for, load_split, normalize_pixels
+from hf_clip_train.data import TrainBatches, build_train_dataset, columns_of, load_split
+from hf_clip_train.data.transforms import image_transform_for, normalize_pixels
 from hf_clip_train.synthetic import caption_corpus
 from hf_clip_train.train import build_optimizer, resolve_mixed_precision
 
@@ -38,7 +39,7 @@ def make_batches(preset: str, batch_size: int, count: int, num_workers: int):
     processor = HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
     data_args = DatasetArguments(embedded_num_train=max(4096, batch_size * 8))
     transform = image_transform_for(processor, train=True)
-    dataset = build_train_dataset(load_split(data_args, "train"), data_args, transform, seed=0)
+    dataset = build_train_dataset(load_split(data_args, "train"), columns_of(data_args), transform, seed=0)
     batches = TrainBatches(dataset, ContrastiveDataCollator(processor), batch_size, seed=0, num_workers=num_workers)
 
     def model_batches():

@@ -292,7 +292,7 @@ class Suite:
 
     def data_rows(self) -> list[Row]:
         from hf_clip_train.args import DatasetArguments
-        from hf_clip_train.data import TrainBatches, build_train_dataset, image_transform_for, load_split
+        from hf_clip_train.data import TrainBatches, build_train_dataset, columns_of, image_transform_for, load_split
 
         shapes = self.shapes
         rows_needed = (3 * max(shapes.workers) + 2) * shapes.batch_size
@@ -300,7 +300,7 @@ class Suite:
             data_args = DatasetArguments(dataset_name=realistic_jpeg_dataset(Path(folder), rows_needed, shapes))
             config = self.config()
             processor = suite_processor(config, self.shapes)
-            dataset = build_train_dataset(load_split(data_args, "train"), data_args,
+            dataset = build_train_dataset(load_split(data_args, "train"), columns_of(data_args),
                                           image_transform_for(processor, train=True), seed=0)
             results = []
             for workers in shapes.workers:

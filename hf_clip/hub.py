@@ -37,7 +37,12 @@ except ImportError:  # huggingface_hub < 2 uses httpx
 
 logger = logging.getLogger(__name__)
 
-MODEL_CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "hf_clip_model_card.md"
+# The card template: the repository keeps it in model_cards/, which the wheel installs as hf_clip/model_cards/ (package
+# data, through setup.cfg's package_dir); a source checkout reads it where it is.
+MODEL_CARD_TEMPLATE = next(
+    (path for folder in (Path(__file__).parent, Path(__file__).parent.parent)
+     if (path := folder / "model_cards" / "hf_clip_model_card.md").is_file()),
+    Path(__file__).parent / "model_cards" / "hf_clip_model_card.md")
 # 412: the branch moved between reading its head and committing; a retry re-reads the head and re-diffs.
 RETRY_STATUS_CODES = (408, 412, 429, 500, 502, 503, 504)
 
@@ -96,7 +101,7 @@ T = TypeVar("T")
 class ModelCardInfo:
     """What a model card states beyond the model itself; `render_model_card` and `push_to_hub` both take one.
 
-    metrics: {split: {metric: value in [0, 1]}}, as `hf_clip_train.data.evaluate_split` returns per split. Known
+    metrics: {split: {metric: value in [0, 1]}}, as `hf_clip_train.evaluation.evaluate_split` returns per split. Known
         metrics (zero-shot top-1/top-5, retrieval recall@k) become the front matter's `model-index`; `push_to_hub`
         also writes them to `eval_results.json`. NaN or infinite values raise `ValueError`.
     hyperparameters: {name: value}: the recipe, shown as a table in the order given (and written to
@@ -340,6 +345,13 @@ def render_model_card(
     )
 
 
+def error_summary(error: BaseException) -> str:
+    """"Type: first line of the message", for a log line about a failure that is handled (the rest of a long Hub
+    error, such as a server's response body, stays out of the log)."""
+    message = str(error)
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+
+
 def _is_transient(error: Exception) -> bool:
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         return error.response.status_code in RETRY_STATUS_CODES
@@ -355,8 +367,8 @@ def _with_retries(action: Callable[[], T], what: str, max_retries: int, base_del
             if not _is_transient(error) or attempt == max_retries:
                 raise
             delay = base_delay * 2**attempt
-            logger.warning("%s failed (%s: %s); retry %d/%d in %.0f s", what, type(error).__name__,
-                           str(error).splitlines()[0] if str(error) else "", attempt + 1, max_retries, delay)
+            logger.warning("%s failed (%s); retry %d/%d in %.0f s", what, error_summary(error), attempt + 1,
+                           max_retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 

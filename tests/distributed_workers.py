@@ -156,6 +156,7 @@ def streamed_rows_of_each_rank(rank: int, world_size: int, port: int, work_dir: 
         ProcessShare,
         TrainBatches,
         build_train_dataset,
+        columns_of,
         image_transform_for,
         load_train_split,
     )
@@ -171,8 +172,8 @@ def streamed_rows_of_each_rank(rank: int, world_size: int, port: int, work_dir: 
             data_args = DatasetArguments(dataset_name=os.path.join(work_dir, case), streaming=True,
                                          image_column="jpg", caption_column="txt", shuffle_buffer_size=16)
             split = load_train_split(data_args, {"image_column": "jpg", "caption_column": "txt"})
-            dataset = build_train_dataset(split, data_args, image_transform_for(processor, train=True), seed=3,
-                                          process=process)
+            dataset = build_train_dataset(split, columns_of(data_args), image_transform_for(processor, train=True),
+                                          seed=3, process=process, shuffle_buffer_size=data_args.shuffle_buffer_size)
             collator = ContrastiveDataCollator(processor, "jpg", "txt")
             iterator = TrainBatches(dataset, collator, batch_size, seed=3, num_workers=2, process=process).iterate()
             found = []

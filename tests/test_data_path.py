@@ -23,6 +23,7 @@ from hf_clip_train.data import (
     ImageTransform,
     TrainBatches,
     build_train_dataset,
+    columns_of,
     image_transform_for,
     load_split,
     normalize_pixels,
@@ -203,7 +204,8 @@ def test_streamed_batches_resume_exactly_from_their_state(processor):
     data_args = DatasetArguments(streaming=True, shuffle_buffer_size=8)
 
     def batches(state=None):
-        dataset = build_train_dataset(split, data_args, image_transform_for(processor, train=True), seed=5)
+        dataset = build_train_dataset(split, columns_of(data_args), image_transform_for(processor, train=True), seed=5,
+                                      shuffle_buffer_size=data_args.shuffle_buffer_size)
         loader = TrainBatches(dataset, ContrastiveDataCollator(processor, seed=0), 5, seed=5, num_workers=2)
         return loader, loader.iterate(state=state)
 

@@ -1,4 +1,4 @@
-"""Dataset-level evaluation (hf_clip_train.data.evaluate_split) and hf_clip.metrics against naive formulas and a
+"""Dataset-level evaluation (hf_clip_train.evaluation.evaluate_split) and hf_clip.metrics against naive formulas and a
 row-by-row reference computation."""
 
 import io

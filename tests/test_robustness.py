@@ -27,7 +27,7 @@ from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipPr
 from hf_clip_train import finetune_trainer
 from hf_clip_train import train as train_script
 from hf_clip_train.args import DatasetArguments
-from hf_clip_train.data import ProcessShare, TrainBatches, build_train_dataset, image_transform_for
+from hf_clip_train.data import ProcessShare, TrainBatches, build_train_dataset, columns_of, image_transform_for
 
 REPO = Path(__file__).resolve().parents[1]
 # Small images and few patches: the probes are about the loop, not the model.
@@ -77,8 +77,8 @@ def _processor(tokenizer) -> HFClipProcessor:
 def _epoch(split, tokenizer, batch_size: int, process: ProcessShare = ProcessShare(), seed: int = 0):
     """One epoch of map-style training micro-batches of `split` as this process reads them."""
     data_args = DatasetArguments(dataset_name="probe")
-    dataset = build_train_dataset(split, data_args, image_transform_for(_processor(tokenizer), train=True), seed,
-                                  process)
+    dataset = build_train_dataset(split, columns_of(data_args), image_transform_for(_processor(tokenizer), train=True),
+                                  seed, process)
     batches = TrainBatches(dataset, ContrastiveDataCollator(_processor(tokenizer)), batch_size, seed=seed,
                            process=process)
     iterator = batches.iterate()
@@ -112,7 +112,8 @@ def test_35_bad_rows_two_adjacent_count_35_and_no_row_repeats_in_a_batch(tokeniz
             handle.write(json.dumps({"image": f"images/{row}.png", "caption": _caption(row)}) + "\n")
     split = datasets.load_dataset("json", data_files=str(tmp_path / "data.jsonl"), split="train")
     data_args = DatasetArguments(dataset_name=str(tmp_path / "data.jsonl"))
-    dataset = build_train_dataset(split, data_args, image_transform_for(_processor(tokenizer), train=True), seed=0)
+    dataset = build_train_dataset(split, columns_of(data_args), image_transform_for(_processor(tokenizer), train=True),
+                                  seed=0)
     batches = TrainBatches(dataset, ContrastiveDataCollator(_processor(tokenizer)), 24, seed=0).iterate()
     epoch = [next(batches)[1] for _ in range(25)]
     assert sum(int(batch["skipped"]) for batch in epoch) == 35

@@ -1,4 +1,4 @@
-"""hf-clip-index and hf-clip-search (hf_clip_train/search.py): embed a dataset, store and index it, query it."""
+"""hf-clip-index and hf-clip-search (the hf_clip_train.search package): embed a dataset, store, index, query it."""
 
 import base64
 import io
@@ -23,9 +23,9 @@ from preloaded import run_python
 
 from hf_clip import HFClipModel, HFClipProcessor
 from hf_clip_train import cli, search
-from hf_clip_train import data as training_data
 from hf_clip_train.data import ImageTextColumns, _embedded_dataset, embed_split
 from hf_clip_train.search import ImageTextIndex, ModelMismatchError, index_main, search_main
+from hf_clip_train.search import embed as search_embed
 from hf_clip_train.synthetic import CLASS_NAMES, TEMPLATES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -345,9 +345,10 @@ def test_sigkill_part_way_then_resume_redoes_only_unfinished_shards(shapes_index
     shards that were not finished, and its result equals the uninterrupted run's."""
     output_dir = tmp_path / "index"
     flags = ["--model_name_or_path", str(trained_shapes_model), "--output_dir", str(output_dir), *SHAPES_FLAGS]
-    slow_writes = ("import sys, time\nfrom hf_clip_train import data, search\nwrite = data.write_embedding_shard\n"
+    slow_writes = ("import sys, time\nfrom hf_clip_train.search import cli, embed\n"
+                   "write = embed.write_embedding_shard\n"
                    "def write_then_pause(*args, **kwargs):\n    path = write(*args, **kwargs)\n    time.sleep(1.0)\n"
-                   "    return path\ndata.write_embedding_shard = write_then_pause\nsearch.main(sys.argv[1:])\n")
+                   "    return path\nembed.write_embedding_shard = write_then_pause\ncli.main(sys.argv[1:])\n")
     process = subprocess.Popen([sys.executable, "-c", slow_writes, "index", *flags], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
@@ -359,13 +360,13 @@ def test_sigkill_part_way_then_resume_redoes_only_unfinished_shards(shapes_index
     finished = sorted(int(path.name[6:]) for path in (output_dir / "shards").glob("shard-?????"))
     assert 2 <= len(finished) < 5 and not (output_dir / "index_info.json").exists()
 
-    written, write = [], training_data.write_embedding_shard
+    written, write = [], search_embed.write_embedding_shard
 
     def recording_write(shard_dir, shard, *args):
         written.append(shard.index)
         return write(shard_dir, shard, *args)
 
-    monkeypatch.setattr(training_data, "write_embedding_shard", recording_write)
+    monkeypatch.setattr(search_embed, "write_embedding_shard", recording_write)
     build(*flags)
     assert sorted(written) == sorted(set(range(5)) - set(finished))
     assert_same_embeddings(output_dir, shapes_index)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from hf_clip_train.args import DatasetArguments, FromScratchArguments, default_batch_size, warmup_step_count
-from hf_clip_train.data import typical_image_size
+from hf_clip_train.data import columns_of, typical_image_size
 from hf_clip_train.train import image_geometry, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_typical_image_size_is_the_median_longer_side_of_decodable_images(tmp_pa
                                                                      "caption": datasets.Value("string")}))
     path = tmp_path / "data"
     dataset.save_to_disk(path)
-    assert typical_image_size(dataset, DatasetArguments(dataset_name=str(path))) == 44
+    assert typical_image_size(dataset, columns_of(DatasetArguments(dataset_name=str(path)))) == 44
 
 
 def test_warmup_steps_are_steps_or_a_fraction_of_max_steps():

@@ -25,6 +25,7 @@ from hf_clip_train.data import (
     build_train_dataset,
     check_columns,
     check_usable_rows,
+    columns_of,
     image_transform_for,
     load_split,
 )
@@ -189,7 +190,7 @@ def test_dataset_formats(tmp_path, processor):
         split = load_split(data_args, "train")
         assert split is not None and len(split) == 6, kind
         check_columns(split, name, "train", {"image_column": "image", "caption_column": "caption"})
-        check_usable_rows(split, data_args, "train")
+        check_usable_rows(split, data_args.dataset_name, "train", columns_of(data_args))
         dataset = ImageTextDataset(split, image_transform_for(processor, train=True), _columns(name), seed=0)
         sample = dataset[0]
         assert sample["pixel_values"].shape == (3, 24, 24) and sample["skipped"] == 0, kind
@@ -235,7 +236,7 @@ def test_no_usable_rows_stops_at_start_up(tmp_path):
     datasets.Dataset.from_dict({"image": [b"garbage"] * 4, "caption": ["", "ok", None, "fine"]}).save_to_disk(name)
     data_args = _data_args(dataset_name=name)
     with pytest.raises(ValueError, match=r"all_bad.*no usable rows.*'image'.*'caption'"):
-        check_usable_rows(load_split(data_args, "train"), data_args, "train")
+        check_usable_rows(load_split(data_args, "train"), name, "train", columns_of(data_args))
 
 
 def test_image_columns_other_than_the_trained_one_are_never_decoded(processor):
@@ -245,27 +246,27 @@ def test_image_columns_other_than_the_trained_one_are_never_decoded(processor):
     all_bad = datasets.Dataset.from_dict({"image": [garbage] * 3, "thumbnail": [garbage] * 3,
                                           "caption": ["a", "b", "c"]}, features=features)
     with pytest.raises(ValueError, match=r"no usable rows.*'image'.*cannot identify image file"):
-        check_usable_rows(all_bad, _data_args(), "train")
+        check_usable_rows(all_bad, None, "train", columns_of(_data_args()))
     rows = _rows(12, bad={4})
     rows["thumbnail"] = [garbage] * 12
     rows["caption"] = [captions[0] for captions in rows["caption"]]
     split = datasets.Dataset.from_dict(rows, features=features)
-    check_usable_rows(split, _data_args(), "train")
-    streamed = build_train_dataset(split.to_iterable_dataset(num_shards=2), _data_args(streaming=True),
+    check_usable_rows(split, None, "train", columns_of(_data_args()))
+    streamed = build_train_dataset(split.to_iterable_dataset(num_shards=2), columns_of(_data_args(streaming=True)),
                                    image_transform_for(processor, train=True), seed=0)
     samples = list(streamed)
     assert len(samples) == 11 and sum(sample["skipped"] for sample in samples) == 1
 
 
 def test_the_end_of_run_pipeline_demo_skips_a_corrupt_first_image(saved_checkpoint):
-    from hf_clip_train.common import pipeline_demo
+    from hf_clip_train.evaluation import pipeline_demo
 
     features = datasets.Features({"image": datasets.Image(), "thumbnail": datasets.Image(),
                                   "label": datasets.ClassLabel(names=["red", "green"])})
     garbage = {"bytes": b"not an image", "path": None}
     split = datasets.Dataset.from_dict({"image": [garbage, {"bytes": _png(), "path": None}],
                                         "thumbnail": [garbage, garbage], "label": [1, 0]}, features=features)
-    line = pipeline_demo(saved_checkpoint, {"test": split}, _data_args(dataset_name="local"))
+    line = pipeline_demo(saved_checkpoint, {"test": split}, columns_of(_data_args(dataset_name="local")))
     assert line.startswith("pipeline on one image of a 'red': ")
 
 
@@ -274,7 +275,7 @@ def test_bad_rows_are_skipped_counted_and_batches_stay_full(processor):
     rows["caption"][7] = [""]  # empty caption
     rows["caption"][15] = ["   ", None]  # no usable caption in the list
     split = datasets.Dataset.from_dict(rows)
-    dataset = build_train_dataset(split, _data_args(), image_transform_for(processor, train=True), seed=0)
+    dataset = build_train_dataset(split, columns_of(_data_args()), image_transform_for(processor, train=True), seed=0)
     batches = TrainBatches(dataset, ContrastiveDataCollator(processor), batch_size=8, seed=0).iterate()
     first_epoch = [next(batches)[1] for _ in range(3)]
     assert all(len(batch["row_ids"]) == 8 for batch in first_epoch)
@@ -288,8 +289,9 @@ def test_streaming_is_split_across_processes_and_skips_bad_rows(processor):
     split = datasets.Dataset.from_dict(rows).to_iterable_dataset(num_shards=4)
     seen, skipped = [], 0
     for rank in range(2):
-        dataset = build_train_dataset(split, _data_args(streaming=True), image_transform_for(processor, train=True),
-                                      seed=0, process=ProcessShare(index=rank, count=2))
+        dataset = build_train_dataset(split, columns_of(_data_args(streaming=True)),
+                                      image_transform_for(processor, train=True), seed=0,
+                                      process=ProcessShare(index=rank, count=2))
         samples = list(dataset)
         seen.append({int(sample["caption"].split()[-1]) for sample in samples})
         skipped += sum(sample["skipped"] for sample in samples)

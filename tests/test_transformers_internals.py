@@ -8,6 +8,7 @@ Overrides that remain:
 - `HFClipPreTrainedModel.from_pretrained`: safetensors only by default, with hf_clip's messages;
 - `HFClipPreTrainedModel.save_pretrained`: writes (or refreshes) the folder's integrity manifest after saving;
 - `HFClipPreTrainedModel._initialize_weights`: runs the OpenAI init on every module of custom code;
+- `HFClipPreTrainedModel._load_pretrained_model`: checks the weight files against their folder's manifest first;
 - `HFClipProcessor.save_pretrained`: keeps the remote-code `auto_map` out of the image processor.
 `HFClipPreTrainedModel.save_pretrained` no longer writes the `auto_map` (the config carries it, and a model's saved
 code carries the processor's module); it only adds the manifest.
@@ -26,7 +27,7 @@ import hf_clip.modeling_hf_clip
 from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, HFClipTextModel
 from hf_clip.configuration_hf_clip import REMOTE_CODE_AUTO_MAP
 from hf_clip.convert import transformers_from_hf_clip
-from hf_clip.integrity import MANIFEST_FILE, read_manifest, sha256_of
+from hf_clip.integrity import MANIFEST_FILE, CorruptFileError, read_manifest, sha256_of, write_manifest
 from hf_clip.modeling_hf_clip import HFClipAttention, HFClipPreTrainedModel
 
 
@@ -74,6 +75,35 @@ def test_save_pretrained_override_needed_while_transformers_writes_no_manifest_a
     model.save_pretrained(tmp_path / "resaved")
     assert read_manifest(tmp_path / "resaved")["model.safetensors"]["sha256"] == sha256_of(
         tmp_path / "resaved" / "model.safetensors")
+
+
+def test_load_pretrained_model_override_needed_while_transformers_reads_altered_weights_without_a_check(tmp_path,
+                                                                                                     tiny_config):
+    """`from_pretrained` hands the resolved weight files to `cls._load_pretrained_model(model, state_dict,
+    checkpoint_files, load_config, ...)`, and Transformers' own loading reads a weights file whose bytes changed
+    since it was saved without noticing; hf_clip's override checks the files against the folder's manifest first."""
+    model = HFClipModel(tiny_config)
+    model.save_pretrained(tmp_path)
+    write_manifest(tmp_path, ["model.safetensors", "config.json"])
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a byte of the last tensor: the header still parses
+    weights.write_bytes(bytes(data))
+
+    handed = []
+
+    class TransformersLoading(HFClipModel):
+        @staticmethod
+        def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+            handed.append([str(path) for path in checkpoint_files])
+            return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args,
+                                                          **kwargs)
+
+    loaded = TransformersLoading.from_pretrained(tmp_path)  # the behaviour the override guards against
+    assert handed == [[str(weights)]]
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(CorruptFileError, match="model.safetensors"):
+        HFClipModel.from_pretrained(tmp_path)
 
 
 def test_initialize_weights_override_needed_while_transformers_skips_parameterless_modules_of_custom_code(

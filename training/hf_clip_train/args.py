@@ -1,9 +1,12 @@
-"""The argument vocabulary of `hf_clip_train.train`, `hf_clip_train.evaluate` and `hf_clip_train.finetune_trainer`.
+"""The argument vocabulary of `hf_clip_train.train`, `hf_clip_train.evaluate`, `hf_clip_train.finetune_trainer` and
+`hf-clip-index`.
 
 Each script parses the dataclasses below for what it shares with the others (model, dataset and columns, eval
-splits, tower locks), with `HfArgumentParser`. Names follow `transformers.TrainingArguments` where it has one
-(`save_steps`, `save_total_limit`, `activation_checkpointing`, `per_device_eval_batch_size`,
-`dataloader_num_workers`); `finetune_trainer` parses `transformers.TrainingArguments` itself for those.
+splits, tower locks), with `HfArgumentParser`. Each class checks its own values when it is made (`__post_init__`,
+as the argument classes of Transformers' `run_clip.py` do), naming the flag; the scripts trust them afterwards.
+Names follow `transformers.TrainingArguments` where it has one (`save_steps`, `save_total_limit`,
+`activation_checkpointing`, `per_device_eval_batch_size`, `dataloader_num_workers`); `finetune_trainer` parses
+`transformers.TrainingArguments` itself for those.
 
 Arguments may also come from a YAML or JSON file given as the first argument; flags after it override it:
 `python -m hf_clip_train.train recipe.yaml --learning_rate 5e-4`. Old flag spellings keep working for one release,
@@ -15,13 +18,17 @@ import logging
 import math
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser
 
+from hf_clip import HFClipConfig
+from hf_clip.grad_cache import check_micro_batches
 from hf_clip.hub import is_hub_repo_id
+from hf_clip.zero_shot import check_templates
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,9 @@ class ModelArguments:
         metadata={"help": "hf_clip or Transformers CLIP checkpoint (directory or Hub id). Without it, training "
                           "starts from scratch from --preset, with a tokenizer trained on the captions."},
     )
+
+    def __post_init__(self):
+        check_model_name_or_path(self.model_name_or_path)
 
 
 @dataclass
@@ -59,6 +69,10 @@ class LossArguments:
         metadata={"help": "Rows per panel of the memory-bounded exact loss (0: dense). Unset: the checkpoint's, or "
                           "chosen from the batch size."},
     )
+
+    def __post_init__(self):
+        check_config_value("loss_type", self.loss_type, {"loss_type": self.loss_type})
+        check_config_value("loss_chunk_size", self.loss_chunk_size, {"loss_chunk_size": self.loss_chunk_size})
 
 
 @dataclass
@@ -92,6 +106,10 @@ class PatchDropoutArguments:
                           "patch. Unset: the checkpoint's value (0 from scratch)."},
     )
 
+    def __post_init__(self):
+        check_config_value("patch_dropout", self.patch_dropout,
+                           {"vision_config": {"patch_dropout": self.patch_dropout}})
+
 
 @dataclass
 class DatasetArguments:
@@ -117,6 +135,9 @@ class DatasetArguments:
         default=24_000, metadata={"help": "Training scenes generated for the embedded dataset."}
     )
 
+    def __post_init__(self):
+        check_at_least_one(self, "max_train_samples")
+
 
 @dataclass
 class EvalArguments:
@@ -131,6 +152,10 @@ class EvalArguments:
                           "for it, hf_clip.PHOTO_TEMPLATES otherwise."},
     )
 
+    def __post_init__(self):
+        if self.templates is not None:
+            check_templates(self.templates)
+
 
 @dataclass
 class LoaderArguments:
@@ -140,6 +165,9 @@ class LoaderArguments:
     dataloader_num_workers: int = field(
         default=2, metadata={"help": "DataLoader worker processes for decoding and augmentation."}
     )
+
+    def __post_init__(self):
+        check_at_least_one(self, "per_device_eval_batch_size")
 
 
 @dataclass
@@ -242,6 +270,139 @@ class RunArguments:
         default=False, metadata={"help": "Write the dataset row ids of every step to sample_ids_rank{R}.jsonl."}
     )
 
+    def __post_init__(self):
+        """Refuse, naming the flag, values that would crash or act every step."""
+        check_at_least_one(self, "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                           "logging_steps")
+        for name in ("save_steps", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be 0 (never) or a positive number of steps, got "
+                                 f"{getattr(self, name)}.")
+        if self.max_bad_fraction is not None and not 0 <= self.max_bad_fraction < 1:
+            raise ValueError(f"--max_bad_fraction must be in [0, 1) (a fraction of the rows read), got "
+                             f"{self.max_bad_fraction}.")
+        if self.nonfinite_loss not in NONFINITE_LOSS_ACTIONS:
+            raise ValueError(f"--nonfinite_loss must be one of {NONFINITE_LOSS_ACTIONS}, got {self.nonfinite_loss!r}.")
+        warmup_step_count(self.warmup_steps, self.max_steps)
+        if self.per_device_train_batch_size is not None:
+            self.check_grad_cache()
+
+    def check_grad_cache(self) -> None:
+        """`--grad_cache_micro_batches` must divide the per-device batch (checked again when that is filled in)."""
+        try:
+            check_micro_batches(self.grad_cache_micro_batches, self.per_device_train_batch_size)
+        except ValueError as error:
+            raise ValueError(f"--grad_cache_micro_batches (with --per_device_train_batch_size "
+                             f"{self.per_device_train_batch_size}): {error}") from None
+
+
+@dataclass
+class IndexArguments:
+    """The index folder `hf-clip-index` writes."""
+
+    output_dir: str = field(default="outputs/index", metadata={"help": "The index folder to write."})
+    keep_columns: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Dataset columns copied beside the embeddings and returned with each hit (a path, a URL, "
+                          "the caption; an image column gives the HTML page its thumbnails)."},
+    )
+    shard_size: int = field(
+        default=10_000,
+        metadata={"help": "Rows per shard. Each finished shard is written at once, so a killed run redoes at most "
+                          "one shard per process."},
+    )
+    index_type: str = field(
+        default="flat",
+        metadata={"help": "flat: exact inner-product search (FAISS if installed, else a torch matrix product). "
+                          "ivf_pq: approximate FAISS index for large collections (needs faiss); its recall@10 against "
+                          "exact search is measured and written to index_info.json."},
+    )
+    target_recall: float = field(
+        default=0.95,
+        metadata={"help": "With --index_type ivf_pq: probe twice the fewest inverted lists at which the recall@10 "
+                          "against exact search of the collection's image and caption queries reaches this on "
+                          "average, with their worst 5% no more than 0.15 below it (all lists if none does)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a finished or half-built index in --output_dir."}
+    )
+    hub_dataset_id: str | None = field(
+        default=None, metadata={"help": "Push the finished index folder to this Hub dataset repo ('name' or "
+                                        "'namespace/name'; token from HF_TOKEN or `hf auth login`)."},
+    )
+
+    def __post_init__(self):
+        from .search.ann import check_index_type, import_faiss
+
+        check_at_least_one(self, "shard_size")
+        check_index_type(self.index_type)
+        if self.index_type != "flat":
+            import_faiss(f"--index_type {self.index_type}")
+
+
+@dataclass
+class TrainScriptArguments:
+    """Every argument of `hf_clip_train.train`, by group; checks the values that depend on several groups."""
+
+    model: ModelArguments
+    locks: TowerLockArguments
+    loss: LossArguments
+    patch_dropout: PatchDropoutArguments
+    scratch: FromScratchArguments
+    data: DatasetArguments
+    eval: EvalArguments
+    loader: LoaderArguments
+    run: RunArguments
+
+    def __post_init__(self):
+        if self.model.model_name_or_path is None and self.scratch.image_size is not None:
+            image_geometry(self.scratch, None)
+
+    def flat(self) -> dict:
+        return {key: value for part in (self.model, self.locks, self.loss, self.patch_dropout, self.scratch, self.data,
+                                        self.eval, self.loader, self.run) for key, value in asdict(part).items()}
+
+
+TRAIN_ARGUMENT_CLASSES = (ModelArguments, TowerLockArguments, LossArguments, PatchDropoutArguments,
+                          FromScratchArguments, DatasetArguments, EvalArguments, LoaderArguments, RunArguments)
+
+
+NONFINITE_LOSS_ACTIONS = ("stop", "skip")
+
+
+def config_error(error: Exception) -> Exception:
+    """The config validator's own error inside huggingface_hub's strict-dataclass wrapper."""
+    return error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ is not None else error
+
+
+def check_config_value(flag: str, value, overrides: dict) -> None:
+    """Refuse, naming the flag, a value (unset: None passes) that `HFClipConfig`'s own validation refuses in a
+    default config (`common.load_pretrained` applies it to the checkpoint's config)."""
+    if value is None:
+        return
+    try:
+        HFClipConfig(**overrides)
+    except (StrictDataclassError, ValueError, TypeError) as error:
+        raise ValueError(f"--{flag} {value!r}: {config_error(error)}") from None
+
+
+def image_geometry(scratch: FromScratchArguments, data_image_size: int | None) -> dict[str, int]:
+    """`image_size` and `patch_size` of a model trained from scratch: the flags where given; else the preset's patch
+    size, halved until the image is at least 4 patches across, and the data's image size rounded up to whole
+    patches and capped at the preset's."""
+    preset = HFClipConfig.from_preset(scratch.preset).vision_config
+    image_size = scratch.image_size or data_image_size or preset.image_size
+    patch_size = scratch.patch_size
+    if patch_size is None:
+        patch_size = preset.patch_size
+        while patch_size > 1 and image_size < 4 * patch_size:
+            patch_size //= 2
+    if scratch.image_size is None:
+        image_size = min(preset.image_size, math.ceil(image_size / patch_size) * patch_size)
+    if image_size % patch_size:
+        raise ValueError(f"--image_size ({image_size}) must be a multiple of --patch_size ({patch_size}).")
+    return {"image_size": image_size, "patch_size": patch_size}
+
 
 def check_model_name_or_path(model_name_or_path: str | None) -> None:
     """Refuse a `--model_name_or_path` that is neither an existing directory nor shaped like a Hub repo id."""
@@ -267,23 +428,6 @@ def default_batch_size(num_rows: int | None, num_processes: int) -> int:
     while num_rows is not None and batch_size > 8 and num_rows < 16 * batch_size * num_processes:
         batch_size //= 2
     return batch_size
-
-
-NONFINITE_LOSS_ACTIONS = ("stop", "skip")
-
-
-def check_run_arguments(run: RunArguments) -> None:
-    """Refuse, naming the flag, `RunArguments` values that would crash or act every step."""
-    check_at_least_one(run, "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                       "logging_steps")
-    for name in ("save_steps", "eval_steps"):
-        if getattr(run, name) < 0:
-            raise ValueError(f"--{name} must be 0 (never) or a positive number of steps, got {getattr(run, name)}.")
-    if run.max_bad_fraction is not None and not 0 <= run.max_bad_fraction < 1:
-        raise ValueError(f"--max_bad_fraction must be in [0, 1) (a fraction of the rows read), got "
-                         f"{run.max_bad_fraction}.")
-    if run.nonfinite_loss not in NONFINITE_LOSS_ACTIONS:
-        raise ValueError(f"--nonfinite_loss must be one of {NONFINITE_LOSS_ACTIONS}, got {run.nonfinite_loss!r}.")
 
 
 def check_at_least_one(arguments, *names: str) -> None:

@@ -6,8 +6,12 @@ from, so the previous checkpoint stays usable. `run_state.json` (the completion 
 of every other file of the checkpoint (the manifest format of `hf_clip.integrity`, which `from_pretrained` checks too),
 so a file truncated or altered later (a full disk, a bad copy) is found before Accelerate reads it:
 `--resume_from_checkpoint latest` then falls back to the newest checkpoint that verifies.
+
+A resume compares the flags the checkpoint fixes with this run's (`check_resume`), takes unset ones from it, and
+puts each process back at its place in a streamed split (`own_stream_state`).
 """
 
+import glob
 import json
 import logging
 import os
@@ -16,8 +20,12 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from hf_clip.integrity import CHECKPOINT_MARKER, FILES_KEY, CorruptFileError, file_manifest, verify_files
+
+from .args import RunArguments, TrainScriptArguments, warmup_step_count
+from .data import ProcessShare, TrainBatches
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +146,112 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+# Flags a checkpoint fixes (its optimizer, scheduler and data position were made with them); a resume compares them
+# with the checkpoint's (`check_resume`).
+RESUME_FIXED_FLAGS = (
+    "learning_rate", "warmup_steps", "max_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "num_processes", "seed", "dataset_name",
+    "dataset_config_name", "train_split", "image_column", "caption_column", "max_train_samples", "streaming",
+    "shuffle_buffer_size", "embedded_num_train", "loss_type",
+)
+# Refused even with --allow_resume_changes: the checkpoint's weights and optimizer state belong to its loss.
+NEVER_CHANGED_ON_RESUME = ("loss_type",)
+
+
+def dataset_identity(dataset_name: str | None) -> str | None:
+    """`--dataset_name` as a resume compares it: a local path or glob made absolute, anything else as given."""
+    if dataset_name is None:
+        return None
+    expanded = os.path.expanduser(dataset_name)
+    return os.path.abspath(expanded) if Path(expanded).exists() or glob.glob(expanded) else dataset_name
+
+
+def resume_recipe(args: TrainScriptArguments, num_processes: int, loss_type: str) -> dict:
+    """The values of `RESUME_FIXED_FLAGS` in this run; `loss_type` is the model's."""
+    run, data = args.run, args.data
+    values = {**args.flat(), "warmup_steps": warmup_step_count(run.warmup_steps, run.max_steps),
+              "num_processes": num_processes, "dataset_name": dataset_identity(data.dataset_name),
+              "loss_type": loss_type, "shuffle_buffer_size": data.shuffle_buffer_size if data.streaming else None,
+              "embedded_num_train": data.embedded_num_train if data.dataset_name is None else None}
+    return {key: values[key] for key in RESUME_FIXED_FLAGS}
+
+
+def _flag(key: str) -> str:
+    return "the process count" if key == "num_processes" else f"--{key}"
+
+
+def take_unset_flags_from_checkpoint(args: TrainScriptArguments, saved: dict) -> None:
+    """On resume, an unset --per_device_train_batch_size or --loss_type takes the checkpoint's value."""
+    recipe = saved.get("recipe") or {}
+    if args.run.per_device_train_batch_size is None and recipe.get("per_device_train_batch_size") is not None:
+        args.run.per_device_train_batch_size = recipe["per_device_train_batch_size"]
+        args.run.check_grad_cache()
+    if args.loss.loss_type is None and recipe.get("loss_type") is not None:
+        args.loss.loss_type = recipe["loss_type"]
+
+
+def check_resume(checkpoint: Path, saved: dict, recipe: dict, allow_changes: bool) -> list[str]:
+    """Compare this run's `recipe` with the one `checkpoint` was saved with (its state `saved`).
+
+    Differences are refused with one error naming each flag with its value in the checkpoint and now, unless
+    `allow_changes`; then each is logged, and returned as a line for the model card. A loss-type change is always
+    refused. A checkpoint of an older release, without a recipe, is resumed unchecked (with a warning).
+    """
+    saved_recipe = saved.get("recipe")
+    if saved_recipe is None:
+        logger.warning("%s records no recipe (an older release saved it): the flags are not compared with its own.",
+                       checkpoint)
+        return []
+    changed = {key: (saved_recipe[key], value) for key, value in recipe.items()
+               if key in saved_recipe and saved_recipe[key] != value}
+    described = "; ".join(f"{_flag(key)} {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
+    if any(key in NEVER_CHANGED_ON_RESUME for key in changed):
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: {described}. The loss type cannot change in a resume, even with "
+            "--allow_resume_changes: the checkpoint's weights and optimizer state belong to its loss (a SigLIP model "
+            "has a logit_bias, a CLIP model none). To switch, start a new run from a saved model with "
+            "--model_name_or_path and --loss_type.")
+    if changed and not allow_changes:
+        raise ValueError(
+            f"Cannot resume from {checkpoint} with flags that differ from those it was saved with: {described}. "
+            f"Resume with the checkpoint's values, or pass --allow_resume_changes to apply the new ones from step "
+            f"{saved['step']} on (each is logged and recorded in the model card).")
+    for key, (old, new) in changed.items():
+        logger.warning("Resuming at step %d with %s %r instead of the checkpoint's %r (--allow_resume_changes).",
+                       saved["step"], _flag(key), new, old)
+    return [f"step {saved['step']}: {_flag(key)} {old!r} -> {new!r}" for key, (old, new) in changed.items()]
+
+
+def apply_recipe(optimizer, scheduler, run: RunArguments) -> None:
+    """After restoring a checkpoint, make the current learning rate, schedule and AdamW settings take effect from
+    the resumed step (the restored optimizer and scheduler keep the checkpoint's); used with --allow_resume_changes."""
+    schedule = scheduler.scheduler  # Accelerate's wrapper around the LambdaLR
+    schedule.base_lrs = [run.learning_rate] * len(schedule.base_lrs)
+    for index, (group, factor) in enumerate(zip(optimizer.param_groups, schedule.lr_lambdas)):
+        group.update(initial_lr=run.learning_rate, lr=run.learning_rate * factor(schedule.last_epoch),
+                     betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon)
+        if index == 0:  # build_optimizer's group with weight decay
+            group["weight_decay"] = run.weight_decay
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def stream_states(accelerator: Accelerator, batches: TrainBatches) -> dict:
+    """{"stream_states": every process's `TrainBatches.state_dict()`} for a streamed run's checkpoint; {} otherwise.
+    Every process must call it."""
+    if not batches.streaming:
+        return {}
+    return {"stream_states": gather_object([batches.state_dict()])}
+
+
+def own_stream_state(states: list | None, process: ProcessShare) -> dict | None:
+    """This process's place in a streamed checkpoint's `stream_states`; None (the stream is then read and discarded up
+    to the checkpoint's micro-batch) for checkpoints without it or written by another number of processes."""
+    if states is None:
+        return None
+    if len(states) != process.count:
+        logger.warning("The checkpoint was written by %d processes, this run has %d: the stream is read again from "
+                       "its start up to the checkpoint's micro-batch.", len(states), process.count)
+        return None
+    return states[process.index]

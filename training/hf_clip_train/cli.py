@@ -8,16 +8,26 @@ import sys
 
 TRAIN_EXTRA = {"accelerate": "accelerate", "datasets": "datasets", "yaml": "pyyaml", "tqdm": "tqdm"}
 SERVE_EXTRA = {"fastapi": "fastapi", "uvicorn": "uvicorn"}
+SEARCH_EXTRA = {"datasets": "datasets"}  # faiss-cpu is optional: exact search works without it
+
+
+def _missing(extra: dict[str, str]) -> list[str]:
+    return [package for module, package in extra.items() if importlib.util.find_spec(module) is None]
 
 
 def missing_train_extra() -> list[str]:
     """The distributions of the `[train]` extra that are not installed."""
-    return [package for module, package in TRAIN_EXTRA.items() if importlib.util.find_spec(module) is None]
+    return _missing(TRAIN_EXTRA)
 
 
 def missing_serve_extra() -> list[str]:
     """The distributions of the `[serve]` extra that are not installed."""
-    return [package for module, package in SERVE_EXTRA.items() if importlib.util.find_spec(module) is None]
+    return _missing(SERVE_EXTRA)
+
+
+def missing_search_extra() -> list[str]:
+    """The distributions of the `[search]` extra that querying an index needs and are not installed."""
+    return _missing(SEARCH_EXTRA)
 
 
 def _run(script: str, name: str, function: str = "main") -> None:
@@ -42,11 +52,11 @@ def finetune() -> None:
 
 
 def index() -> None:
-    _run("search", "index", "index_main")
+    _run("search.index_cli", "index", "index_main")
 
 
 def search() -> None:
-    _run("search", "search", "search_main")
+    _run("search.cli", "search", "search_main")
 
 
 def serve() -> None:
@@ -54,5 +64,5 @@ def serve() -> None:
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         sys.exit(f"hf-clip-serve needs the serve extra, and {', '.join(missing)} {verb} not installed. Install it "
-                 'with: pip install "hf-clip[serve]" (and "hf-clip[serve,train]" to serve an index)')
+                 'with: pip install "hf-clip[serve]" (and "hf-clip[serve,search]" to serve an index)')
     importlib.import_module(f"{__package__}.serve.main").main()

@@ -33,7 +33,6 @@ from hf_clip import (
     from_zero_shot,
     weight_space_ensemble,
 )
-from hf_clip.zero_shot import check_templates
 
 from .args import (
     DatasetArguments,
@@ -42,18 +41,12 @@ from .args import (
     ModelArguments,
     PatchDropoutArguments,
     TowerLockArguments,
-    check_model_name_or_path,
     parse_with_config_file,
 )
-from .common import check_config_overrides, load_pretrained, lock_towers, pipeline_demo, zero_shot_templates
-from .data import (
-    columns_of,
-    dataset_label,
-    first_decodable_image,
-    first_rows,
-    load_eval_splits,
-    load_train_split,
-)
+from .common import load_pretrained, lock_towers
+from .data import ImageTextColumns, columns_of, dataset_label, first_decodable_image, load_train_split
+from .evaluation import load_eval_splits, pipeline_demo, zero_shot_templates
+from .runtime import setup_logging
 
 logger = logging.getLogger("hf_clip_train")
 
@@ -72,6 +65,12 @@ class FinetuneArguments:
         metadata={"help": "image-classification: save (1-alpha)·zero-shot + alpha·fine-tuned weights (WiSE-FT)."},
     )
 
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}.")
+        if self.wise_ft_alpha is not None and self.task != "image-classification":
+            raise ValueError("--wise_ft_alpha applies to --task image-classification only.")
+
 
 @dataclass
 class FinetuneScriptArguments:
@@ -84,6 +83,12 @@ class FinetuneScriptArguments:
     finetune: FinetuneArguments
     training: TrainingArguments
 
+    def __post_init__(self):
+        if self.training.remove_unused_columns:
+            raise ValueError("--remove_unused_columns must stay False: the collators read the raw dataset columns.")
+        if self.finetune.task == "image-classification" and self.locks.lock_text:
+            raise ValueError("--lock_text: the image classifier has no text tower.")
+
 
 def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
     args = FinetuneScriptArguments(*parse_with_config_file(
@@ -93,24 +98,12 @@ def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
         argv, defaults={"remove_unused_columns": False, "embedded_num_train": 4_000}))
     if args.model.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: the hf_clip or Transformers CLIP checkpoint to fine-tune.")
-    check_model_name_or_path(args.model.model_name_or_path)
-    check_config_overrides(args.patch_dropout.patch_dropout, args.loss)
-    if args.eval.templates is not None:
-        check_templates(args.eval.templates)
-    if args.finetune.task not in TASKS:
-        raise ValueError(f"--task must be one of {TASKS}, got {args.finetune.task!r}.")
-    if args.training.remove_unused_columns:
-        raise ValueError("--remove_unused_columns must stay False: the collators read the raw dataset columns.")
-    if args.finetune.wise_ft_alpha is not None and args.finetune.task != "image-classification":
-        raise ValueError("--wise_ft_alpha applies to --task image-classification only.")
-    if args.finetune.task == "image-classification" and args.locks.lock_text:
-        raise ValueError("--lock_text: the image classifier has no text tower.")
     return args
 
 
-def first_caption(data_args: DatasetArguments):
-    """A dataset transform that keeps only the first caption of each row, so evaluation is deterministic."""
-    column = data_args.caption_column
+def first_caption(column: str):
+    """A dataset transform that keeps only the first caption of each row of `column`, so evaluation is
+    deterministic."""
 
     def transform(batch: dict) -> dict:
         return {**batch, column: [value[0] if isinstance(value, list) else value for value in batch[column]]}
@@ -123,14 +116,6 @@ def single_or_dict(splits: dict):
     if not splits:
         return None
     return next(iter(splits.values())) if len(splits) == 1 else splits
-
-
-def capped_train_split(data_args: DatasetArguments, columns: dict[str, str]):
-    """The checked training split, cut to `--max_train_samples`."""
-    train_split = load_train_split(data_args, columns)
-    if data_args.max_train_samples is None:
-        return train_split
-    return first_rows(train_split, data_args.max_train_samples)
 
 
 class EvaluationRecorder(TrainerCallback):
@@ -161,16 +146,17 @@ def train_and_evaluate(trainer: Trainer, has_eval_splits: bool) -> tuple[dict[st
 def finetune_contrastive(model, processor, args: FinetuneScriptArguments) -> dict[str, dict[str, float]]:
     """Contrastive fine-tuning; the eval loss and in-batch accuracies on every eval split before and after."""
     data, training_args = args.data, args.training
-    columns = {"image_column": data.image_column, "caption_column": data.caption_column}
-    train_split = capped_train_split(data, columns)
-    eval_splits = {name: split.with_transform(first_caption(data))
-                   for name, split in load_eval_splits(data, args.eval, columns).items()}
+    columns = columns_of(data)
+    needed = {"image_column": columns.image, "caption_column": columns.caption}
+    train_split = load_train_split(data, needed, max_rows=data.max_train_samples)
+    eval_splits = {name: split.with_transform(first_caption(columns.caption))
+                   for name, split in load_eval_splits(data, args.eval, needed).items()}
     lock_towers(model, args.locks)
     trainer = Trainer(
         model=model,
         args=training_args,
-        data_collator=ContrastiveDataCollator(processor, data.image_column, data.caption_column,
-                                              seed=training_args.seed, base_dir=columns_of(data).base_dir),
+        data_collator=ContrastiveDataCollator(processor, columns.image, columns.caption, seed=training_args.seed,
+                                              base_dir=columns.base_dir),
         train_dataset=train_split,
         eval_dataset=single_or_dict(eval_splits),
         processing_class=processor,
@@ -182,17 +168,17 @@ def finetune_contrastive(model, processor, args: FinetuneScriptArguments) -> dic
     trainer.save_model()
     if trainer.is_world_process_zero():
         report(results, training_args)
-        demo = pipeline_demo(training_args.output_dir, eval_splits, data)
+        demo = pipeline_demo(training_args.output_dir, eval_splits, columns)
         if demo is not None:
             print(demo)
     return results
 
 
-def class_names_of(dataset, data_args: DatasetArguments) -> list[str]:
-    feature = dataset.features[data_args.label_column] if dataset.features is not None else None
+def class_names_of(dataset, dataset_name: str | None, columns: ImageTextColumns) -> list[str]:
+    feature = dataset.features[columns.label] if dataset.features is not None else None
     if not hasattr(feature, "names"):
         raise ValueError(
-            f"Column {data_args.label_column!r} of {dataset_label(data_args.dataset_name)!r} is not a ClassLabel, "
+            f"Column {columns.label!r} of {dataset_label(dataset_name)!r} is not a ClassLabel, "
             "so it names no classes; cast it with dataset.cast_column(column, ClassLabel(names=[...]))."
         )
     return list(feature.names)
@@ -202,15 +188,15 @@ def finetune_classifier(model, processor, args: FinetuneScriptArguments) -> dict
     """Zero-shot head -> classifier fine-tuned with cross-entropy; accuracy on every eval split of the zero-shot,
     fine-tuned and (with --wise_ft_alpha) weight-space-ensembled classifiers."""
     data, training_args, alpha = args.data, args.training, args.finetune.wise_ft_alpha
-    columns = {"image_column": data.image_column, "label_column": data.label_column}
-    train_split = capped_train_split(data, columns)
-    eval_splits = load_eval_splits(data, args.eval, columns)
-    zero_shot = from_zero_shot(model, processor, class_names_of(train_split, data),
+    columns = columns_of(data)
+    needed = {"image_column": columns.image, "label_column": columns.label}
+    train_split = load_train_split(data, needed, max_rows=data.max_train_samples)
+    eval_splits = load_eval_splits(data, args.eval, needed)
+    zero_shot = from_zero_shot(model, processor, class_names_of(train_split, data.dataset_name, columns),
                                zero_shot_templates(data, args.eval))
     classifier = copy.deepcopy(zero_shot)
     lock_towers(classifier, args.locks)  # parse_args refuses --lock_text for the classifier
-    base_dir = columns_of(data).base_dir
-    collator = ImageClassificationDataCollator(processor, data.image_column, data.label_column, base_dir=base_dir)
+    collator = ImageClassificationDataCollator(processor, columns.image, columns.label, base_dir=columns.base_dir)
 
     def make_trainer(model_to_run) -> Trainer:
         return Trainer(model=model_to_run, args=training_args, data_collator=collator, train_dataset=train_split,
@@ -226,11 +212,11 @@ def finetune_classifier(model, processor, args: FinetuneScriptArguments) -> dict
     trainer.save_model()
     if trainer.is_world_process_zero():
         report(results, training_args)
-        found = first_decodable_image(next(iter(eval_splits.values())), data) if eval_splits else None
+        found = first_decodable_image(next(iter(eval_splits.values())), columns) if eval_splits else None
         if found is not None:
             row, image = found
             top = pipeline("image-classification", model=training_args.output_dir)(image)[0]
-            truth = classifier.config.id2label[row[data.label_column]]
+            truth = classifier.config.id2label[row[columns.label]]
             print(f"pipeline on one image of a {truth!r}: {top['label']} {100 * top['score']:.1f}%")
     return results
 
@@ -246,7 +232,7 @@ def report(results: dict[str, dict[str, float]], training_args: TrainingArgument
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     model, processor = load_pretrained(args.model.model_name_or_path, args.patch_dropout.patch_dropout, args.loss)
     if args.finetune.task == "contrastive":
         return finetune_contrastive(model, processor, args)

@@ -87,12 +87,12 @@ def load(args: argparse.Namespace):
     device = args.device or (torch.accelerator.current_accelerator().type if torch.accelerator.is_available()
                              else "cpu")
     if args.index is not None:
-        from ..cli import missing_train_extra
+        from ..cli import missing_search_extra
 
-        missing = missing_train_extra()
+        missing = missing_search_extra()
         if missing:
-            sys.exit(f"hf-clip-serve --index needs the training extra (datasets, accelerate), and "
-                     f"{', '.join(missing)} missing. Install it with: pip install \"hf-clip[serve,train]\"")
+            sys.exit(f"hf-clip-serve --index needs the search extra, and {', '.join(missing)} is missing. Install "
+                     'it with: pip install "hf-clip[serve,search]"')
         from hf_clip_train.search import ImageTextIndex
 
         index = ImageTextIndex.load(args.index, model_name_or_path=args.model_name_or_path, revision=args.revision)

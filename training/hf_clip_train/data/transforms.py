@@ -1,0 +1,156 @@
+"""Decoding and augmenting one image: `ImageTransform` (training crops to uint8 pixels, decoded at a reduced JPEG
+scale where the crop allows; CLIP's evaluation preprocessing), and `normalize_pixels`, which turns a batch of
+training pixels into the model's input on the device."""
+
+import functools
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hf_clip.collators import BAD_SAMPLE_ERRORS, decode_image, pick_caption
+
+from .sources import ImageTextColumns
+
+
+@dataclass
+class ImageTransform:
+    """An image -> a (3, size, size) tensor.
+
+    Training (`train=True`): a random resized crop to uint8 pixels, resampled once (bicubic) from the crop box, which
+    is drawn with `rng` from the original size. An encoded JPEG (bytes, a path, a datasets {"bytes", "path"} cell) is
+    decoded at 1/2, 1/4 or 1/8 scale (libjpeg's reduced DCT through `Image.draft`) whenever the crop still spans at
+    least `size` pixels at that scale, so no full-size image is built. `normalize_pixels` turns a batch of them into
+    the model's input, on the device.
+    Evaluation (`train=False`): CLIP's preprocessing, as the CLIP image processor: resize the short side,
+    centre-crop, normalise; float32.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train: bool
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (0.9, 1 / 0.9)
+
+    def crop_box(self, width: int, height: int, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
+        if self.train and rng is not None:
+            area = width * height
+            for _ in range(10):
+                target = area * rng.uniform(*self.crop_scale)
+                aspect = math.exp(rng.uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])))
+                w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+                if 0 < w <= width and 0 < h <= height:
+                    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+                    return left, top, left + w, top + h
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return left, top, left + side, top + side
+
+    def __call__(self, image: Any, rng: np.random.Generator | None = None,
+                 base_dir: str | os.PathLike | None = None) -> torch.Tensor:
+        """`image`: anything `hf_clip.decode_image` reads; relative paths are read from `base_dir`. Returns uint8
+        (training) or normalised float32 (evaluation) pixels (3, size, size)."""
+        if self.train:
+            jpeg = _lazy_jpeg(image, base_dir)
+            if jpeg is not None:
+                with jpeg:
+                    return self._reduced_crop(jpeg, rng)
+        image = decode_image(image, base_dir)
+        box = self.crop_box(*image.size, rng)
+        resized = image.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
+        if self.train:
+            return _uint8_pixels(resized)
+        array = np.asarray(resized, dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+    def _reduced_crop(self, jpeg: Image.Image, rng: np.random.Generator | None) -> torch.Tensor:
+        """The crop of a not yet decoded JPEG, decoded at the smallest DCT scale that keeps `size` pixels across it."""
+        width, height = jpeg.size
+        box = self.crop_box(width, height, rng)
+        wanted = (math.ceil(width * self.size / (box[2] - box[0])), math.ceil(height * self.size / (box[3] - box[1])))
+        drafted = jpeg.draft("RGB", wanted)
+        if drafted is not None:
+            _, (_, _, reduced_width, reduced_height) = drafted
+            box = (box[0] * reduced_width / width, box[1] * reduced_height / height,
+                   box[2] * reduced_width / width, box[3] * reduced_height / height)
+        resized = jpeg.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
+        return _uint8_pixels(resized if resized.mode == "RGB" else resized.convert("RGB"))
+
+
+# A JPEG is cropped from its reduced-scale decode only when it is at most this elongated; `hf_clip.decode_image` cuts
+# far more elongated images (beyond 16:1) to their centre first, and such images take that path so that their crop
+# box is drawn from the same size as before.
+REDUCED_DECODE_MAX_ASPECT_RATIO = 4
+
+
+def _lazy_jpeg(image: Any, base_dir: str | os.PathLike | None) -> Image.Image | None:
+    """`image` opened but not decoded, when it is an encoded RGB or greyscale JPEG (bytes, a path, or a datasets
+    {"bytes", "path"} cell) of moderate aspect ratio; None otherwise, and when it cannot be opened (`decode_image`
+    then names the problem)."""
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        source = io.BytesIO(image)
+    elif isinstance(image, (str, os.PathLike)):
+        source = os.path.join(base_dir, image) if base_dir is not None else image
+    else:
+        return None
+    try:
+        opened = Image.open(source)
+    except BAD_SAMPLE_ERRORS:
+        return None
+    width, height = opened.size
+    if (opened.format == "JPEG" and opened.mode in ("RGB", "L") and min(width, height) > 0
+            and max(width, height) <= REDUCED_DECODE_MAX_ASPECT_RATIO * min(width, height)):
+        return opened
+    opened.close()
+    return None
+
+
+def _uint8_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W): a view of its (H, W, 3) pixels; stacking a batch makes the one copy."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+@functools.cache
+def _channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
+def normalize_pixels(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels (batch, 3, H, W) from the training transform -> the model's float32 input
+    (pixel_values / 255 - mean) / std, computed where the pixels are (on the device in training, so a batch crosses
+    to it as bytes). The values are those the host computed from the same pixels before, bit for bit."""
+    if pixel_values.dtype != torch.uint8:
+        raise TypeError(f"normalize_pixels takes the training transform's uint8 pixels, got {pixel_values.dtype}.")
+    pixels = pixel_values.float() / 255.0
+    device = pixels.device
+    return ((pixels - _channel_constants(tuple(mean), device)) / _channel_constants(tuple(std), device)).contiguous()
+
+
+def image_transform_for(processor, train: bool, crop_scale_min: float = 0.8) -> ImageTransform:
+    """The `ImageTransform` with the size and normalisation of `processor`'s image processor."""
+    image_processor = processor.image_processor
+    return ImageTransform(
+        size=image_processor.crop_size["height"],
+        mean=tuple(image_processor.image_mean),
+        std=tuple(image_processor.image_std),
+        train=train,
+        crop_scale=(crop_scale_min, 1.0),
+    )
+
+
+def decode_row(row: dict[str, Any], columns: ImageTextColumns, transform: ImageTransform,
+               rng: np.random.Generator | None) -> tuple[torch.Tensor, str]:
+    """One dataset row -> (pixel_values (3, size, size), caption); the image cell reaches `transform` undecoded.
+    Raises one of BAD_SAMPLE_ERRORS if unusable."""
+    caption = pick_caption(row[columns.caption], rng)
+    return transform(row[columns.image], rng, columns.base_dir), caption
