@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
@@ -38,7 +39,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, has_file
+from transformers.utils import ModelOutput, TransformersKwargs, has_file, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
@@ -55,8 +56,11 @@ from .towers import (
     build_backbone,
     build_projection,
     is_builtin,
+    load_pretrained_tower,
     output_width,
 )
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -467,7 +471,15 @@ class HFClipPreTrainedModel(PreTrainedModel):
             weight_mapping = _source_weight_mapping(pretrained_model_name_or_path, kwargs)
         token = _SOURCE_WEIGHT_MAPPING.set(weight_mapping)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            if weight_mapping is not None and model.config.loss_type != "siglip":
+                logger.warning(
+                    f"{pretrained_model_name_or_path!r} is a SigLIP checkpoint loaded with loss_type "
+                    f"{model.config.loss_type!r}: its logit_bias is dropped (a softmax loss has none), so logits and "
+                    "sigmoid probabilities change; embeddings and rankings do not."
+                )
+                model.config.logit_bias_init_value = None
+            return model
         except SafetensorError as error:
             raise OSError(
                 f"The safetensors weights of {pretrained_model_name_or_path!r} are truncated or corrupt ({error}). "
@@ -692,6 +704,52 @@ class HFClipModel(HFClipPreTrainedModel):
         if config.loss_type == "siglip":
             self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
         self.post_init()
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        projection_dim: int = 512,
+        *,
+        vision_pooling: str | None = None,
+        text_pooling: str | None = None,
+        vision_projection_type: str = "linear",
+        text_projection_type: str = "linear",
+        hub_kwargs: dict[str, Any] | None = None,
+        **config_kwargs,
+    ) -> "HFClipModel":
+        """An hf_clip model whose towers are the pretrained backbones at `vision_model_name_or_path` and
+        `text_model_name_or_path` (local folders or Hub ids; a CLIP or SigLIP folder gives its vision or text tower),
+        with new projections into `projection_dim` and a new temperature (as `VisionTextDualEncoderModel.
+        from_vision_text_pretrained`). Poolings default to each backbone family's own (`towers.default_pooling`);
+        `config_kwargs` set other `HFClipConfig` fields (`loss_type`, `logit_scale_init_value`, ...); `hub_kwargs`
+        (`revision`, `token`, `cache_dir`, `local_files_only`) go to every `from_pretrained` call.
+
+        Raises `ValueError` naming the problem: a backbone AutoModel cannot build, a pooling the backbone cannot do,
+        or towers whose widths differ from `projection_dim` with a projection type of "none".
+        """
+        hub_kwargs = hub_kwargs or {}
+        vision_model, _ = load_pretrained_tower(vision_model_name_or_path, "vision", **hub_kwargs)
+        text_model, text_missing = load_pretrained_tower(text_model_name_or_path, "text", **hub_kwargs)
+        try:
+            config = HFClipConfig(
+                vision_config=vision_model.config, text_config=text_model.config, projection_dim=projection_dim,
+                vision_pooling=vision_pooling, text_pooling=text_pooling, vision_projection_type=vision_projection_type,
+                text_projection_type=text_projection_type, **config_kwargs,
+            )
+        except StrictDataclassClassValidationError as error:
+            raise ValueError(str(error.__cause__ or error)) from None
+        for modality, missing in (("text", text_missing),):
+            if getattr(config, f"{modality}_pooling") == "pooler" and any(key.startswith("pooler.") for key in missing):
+                logger.warning(
+                    f"The {modality} checkpoint {text_model_name_or_path!r} holds no pooler weights, so its pooler "
+                    f"(the default {modality}_pooling 'pooler') starts random; pass {modality}_pooling='cls' or "
+                    "'mean' to pool its hidden states instead."
+                )
+        model = cls(config)
+        model.vision_model, model.text_model = vision_model, text_model
+        return model
 
     @can_return_tuple
     def get_text_features(

@@ -17,7 +17,7 @@ Poolings (`POOLINGS`):
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig
+from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 BUILTIN_MODEL_TYPES = {"text": "hf_clip_text_model", "vision": "hf_clip_vision_model"}
 POOLINGS = ("cls", "mean", "eos", "last", "attention", "pooler")
@@ -129,18 +129,57 @@ def check_tower(config: PreTrainedConfig, modality: str, pooling: str | None, pr
 def build_backbone(config: PreTrainedConfig) -> nn.Module:
     """`AutoModel.from_config(config)`; for a tower config AutoModel does not map (`SiglipTextConfig`), the model
     class named after it (`SiglipTextModel`). An error names the family when neither exists."""
-    try:
+    if type(config) in AutoModel._model_mapping:
         return AutoModel.from_config(config)
-    except ValueError:
-        model_class_name = type(config).__name__.removesuffix("Config") + "Model"
-        model_class = getattr(transformers, model_class_name, None)
-        if model_class is None:
-            raise ValueError(
-                f"hf_clip: Transformers' AutoModel cannot build a {config.model_type!r} backbone "
-                f"({type(config).__name__}), and Transformers has no {model_class_name}; pass a config of a "
-                "vision or text model AutoModel knows (e.g. ViTConfig, BertConfig)."
-            ) from None
-        return model_class._from_config(config)
+    model_class_name = type(config).__name__.removesuffix("Config") + "Model"
+    model_class = getattr(transformers, model_class_name, None)
+    if model_class is None:
+        raise ValueError(
+            f"hf_clip: Transformers' AutoModel cannot build a {config.model_type!r} backbone "
+            f"({type(config).__name__}), and Transformers has no {model_class_name}; pass a config of a vision or "
+            "text model AutoModel knows (e.g. ViTConfig, BertConfig)."
+        )
+    return model_class._from_config(config)
+
+
+# Dual encoders whose folders hold both towers: the tower class to take out of them for each modality.
+_TOWER_OF_DUAL_ENCODER = {
+    "clip": {"vision": "CLIPVisionModel", "text": "CLIPTextModel"},
+    "siglip": {"vision": "SiglipVisionModel", "text": "SiglipTextModel"},
+}
+
+
+def load_pretrained_tower(name_or_path: str, modality: str, **hub_kwargs) -> tuple[nn.Module, list[str]]:
+    """The `modality` ("vision"/"text") backbone saved at `name_or_path` (a local folder or a Hub id), loaded with
+    `AutoModel.from_pretrained` (the vision or text tower class for a CLIP or SigLIP folder), and the names of the
+    weights its checkpoint did not hold."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"hf_clip: cannot read the {modality} model's config at {name_or_path!r}: {error}") from error
+    tower_class_name = _TOWER_OF_DUAL_ENCODER.get(config.model_type, {}).get(modality)
+    if tower_class_name is None and type(config) not in AutoModel._model_mapping:
+        tower_class_name = type(config).__name__.removesuffix("Config") + "Model"
+    tower_class = AutoModel if tower_class_name is None else getattr(transformers, tower_class_name, None)
+    if tower_class is None:
+        raise ValueError(
+            f"hf_clip: Transformers' AutoModel cannot build the {modality} backbone at {name_or_path!r} "
+            f"(model_type {config.model_type!r}, and Transformers has no {tower_class_name}); pass a folder of a "
+            f"{modality} model AutoModel knows."
+        )
+    tower, info = tower_class.from_pretrained(name_or_path, output_loading_info=True, **hub_kwargs)
+    return tower, list(info.get("missing_keys", []))
+
+
+def text_context_length(config: PreTrainedConfig) -> int | None:
+    """How many tokens a text backbone of `config` takes: its learned positions (RoBERTa-likes keep
+    `pad_token_id + 1` of them for the padding offset), or None when it has no such limit."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    if config.model_type in ("roberta", "xlm-roberta", "camembert") and config.pad_token_id is not None:
+        return positions - config.pad_token_id - 1
+    return positions
 
 
 class HFClipProjectionMLP(nn.Module):
