@@ -685,7 +685,7 @@ class HFClipModel(HFClipPreTrainedModel):
             self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
         else:
             self.text_embed_dim = output_width(config.text_config, config.text_pooling)
-            self.text_model = build_backbone(config.text_config)
+            self.text_model = build_backbone(config.text_config, config.text_pooling)
             self.text_pooling = HFClipTowerPooling(config.text_config, config.text_pooling)
             self.text_projection = build_projection(config.text_projection_type, self.text_embed_dim,
                                                     config.projection_dim)
@@ -695,7 +695,7 @@ class HFClipModel(HFClipPreTrainedModel):
             self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
         else:
             self.vision_embed_dim = output_width(config.vision_config, config.vision_pooling)
-            self.vision_model = build_backbone(config.vision_config)
+            self.vision_model = build_backbone(config.vision_config, config.vision_pooling)
             self.vision_pooling = HFClipTowerPooling(config.vision_config, config.vision_pooling)
             self.visual_projection = build_projection(config.vision_projection_type, self.vision_embed_dim,
                                                       config.projection_dim)
@@ -730,8 +730,8 @@ class HFClipModel(HFClipPreTrainedModel):
         or towers whose widths differ from `projection_dim` with a projection type of "none".
         """
         hub_kwargs = hub_kwargs or {}
-        vision_model, _ = load_pretrained_tower(vision_model_name_or_path, "vision", **hub_kwargs)
-        text_model, text_missing = load_pretrained_tower(text_model_name_or_path, "text", **hub_kwargs)
+        vision_model, _ = load_pretrained_tower(vision_model_name_or_path, "vision", vision_pooling, **hub_kwargs)
+        text_model, text_missing = load_pretrained_tower(text_model_name_or_path, "text", text_pooling, **hub_kwargs)
         try:
             config = HFClipConfig(
                 vision_config=vision_model.config, text_config=text_model.config, projection_dim=projection_dim,

@@ -126,11 +126,21 @@ def check_tower(config: PreTrainedConfig, modality: str, pooling: str | None, pr
         )
 
 
-def build_backbone(config: PreTrainedConfig) -> nn.Module:
-    """`AutoModel.from_config(config)`; for a tower config AutoModel does not map (`SiglipTextConfig`), the model
-    class named after it (`SiglipTextModel`). An error names the family when neither exists."""
+# Families whose pooler is optional (`add_pooling_layer`): built without it unless the tower pools with it, so that
+# no parameter goes unused (which data-parallel training refuses) and checkpoints saved without one load exactly.
+_OPTIONAL_POOLER = {"vit", "bert", "roberta", "xlm-roberta"}
+
+
+def _backbone_kwargs(config: PreTrainedConfig, pooling: str) -> dict:
+    return {"add_pooling_layer": False} if config.model_type in _OPTIONAL_POOLER and pooling != "pooler" else {}
+
+
+def build_backbone(config: PreTrainedConfig, pooling: str) -> nn.Module:
+    """`AutoModel.from_config(config)` (without its optional pooler when `pooling` is not "pooler"); for a tower
+    config AutoModel does not map (`SiglipTextConfig`), the model class named after it (`SiglipTextModel`). An error
+    names the family when neither exists."""
     if type(config) in AutoModel._model_mapping:
-        return AutoModel.from_config(config)
+        return AutoModel.from_config(config, **_backbone_kwargs(config, pooling))
     model_class_name = type(config).__name__.removesuffix("Config") + "Model"
     model_class = getattr(transformers, model_class_name, None)
     if model_class is None:
@@ -149,10 +159,12 @@ _TOWER_OF_DUAL_ENCODER = {
 }
 
 
-def load_pretrained_tower(name_or_path: str, modality: str, **hub_kwargs) -> tuple[nn.Module, list[str]]:
+def load_pretrained_tower(name_or_path: str, modality: str, pooling: str | None = None,
+                          **hub_kwargs) -> tuple[nn.Module, list[str]]:
     """The `modality` ("vision"/"text") backbone saved at `name_or_path` (a local folder or a Hub id), loaded with
-    `AutoModel.from_pretrained` (the vision or text tower class for a CLIP or SigLIP folder), and the names of the
-    weights its checkpoint did not hold."""
+    `AutoModel.from_pretrained` (the vision or text tower class for a CLIP or SigLIP folder; without its optional
+    pooler unless it pools with `pooling`, default the family's), and the names of the weights its checkpoint did
+    not hold."""
     try:
         config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
     except (OSError, ValueError) as error:
@@ -167,7 +179,9 @@ def load_pretrained_tower(name_or_path: str, modality: str, **hub_kwargs) -> tup
             f"(model_type {config.model_type!r}, and Transformers has no {tower_class_name}); pass a folder of a "
             f"{modality} model AutoModel knows."
         )
-    tower, info = tower_class.from_pretrained(name_or_path, output_loading_info=True, **hub_kwargs)
+    pooling = pooling or default_pooling(config)
+    tower, info = tower_class.from_pretrained(name_or_path, output_loading_info=True, **hub_kwargs,
+                                              **_backbone_kwargs(config, pooling))
     return tower, list(info.get("missing_keys", []))
 
 

@@ -371,3 +371,53 @@ def test_context_length_and_inputs_come_from_the_text_model(folders):
     processor = HFClipProcessor.from_vision_text_pretrained(str(folders("vit")), str(folders("roberta")))
     assert processor.tokenizer.model_max_length == CONTEXT
     assert "token_type_ids" not in processor(text=TEXTS, padding=True)
+
+
+def test_end_of_text_pooling_needs_an_end_of_text_id_in_the_config(folders):
+    with pytest.raises(ValueError, match="neither an `eos_token_id` nor a `sep_token_id`; use 'last'"):
+        _compose(folders, "vit", "bert", text_pooling="eos")  # BERT configs name no [SEP] id
+    model, processor = _compose(folders, "vit", "clip_text_model", text_pooling="eos")
+    tokens = processor.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model.get_text_features(**tokens).pooler_output,
+                           model.text_projection(model.text_model(**tokens).pooler_output))
+
+
+@pytest.mark.parametrize("text_pooling", ["cls", "mean", "last", "attention"])
+def test_text_poolings_are_their_formulas_and_ignore_padding(folders, text_pooling):
+    model, processor = _compose(folders, "vit", "bert", text_pooling=text_pooling, text_projection_type="mlp")
+    assert not hasattr(model.text_model, "pooler") or model.text_model.pooler is None  # no unused parameters
+    tokens = processor.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    longer = processor.tokenizer(TEXTS, padding="max_length", max_length=CONTEXT, return_tensors="pt")
+    with torch.no_grad():
+        features = model.get_text_features(**tokens).pooler_output
+        padded = model.get_text_features(**longer).pooler_output
+        hidden = model.text_model(**tokens).last_hidden_state
+    torch.testing.assert_close(padded, features, atol=1e-5, rtol=1e-5)
+    mask = tokens["attention_mask"]
+    lengths = mask.sum(-1)
+    rows = torch.arange(len(TEXTS))
+    expected_pooled = {
+        "cls": hidden[:, 0],
+        "mean": (hidden * mask[..., None]).sum(1) / lengths[:, None],
+        "last": hidden[rows, lengths - 1],
+    }.get(text_pooling)
+    if expected_pooled is not None:
+        projection = model.text_projection
+        expected = projection.fc2(F.gelu(projection.fc1(expected_pooled)))
+        torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("vision", "vision_pooling"), [("vit", "mean"), ("convnext", "attention"), ("swin", "mean")])
+def test_vision_poolings_over_tokens_and_feature_maps(folders, vision, vision_pooling):
+    model, processor = _compose(folders, vision, "bert", vision_pooling=vision_pooling)
+    pixel_values = _batch(processor)["pixel_values"]
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixel_values).pooler_output
+        hidden = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    assert features.shape == (len(pixel_values), PROJECTION_DIM)
+    if vision_pooling == "mean":
+        torch.testing.assert_close(features, hidden.mean(1) @ model.visual_projection.weight.T, atol=1e-6, rtol=1e-5)
+    model.train()
+    model(**_batch(processor), return_loss=True).loss.backward()
+    assert model.vision_pooling.attention is None or model.vision_pooling.attention.probe.grad is not None
