@@ -17,6 +17,7 @@ import torch
 from transformers import (
     CLIPConfig,
     CLIPModel,
+    PreTrainedConfig,
     SiglipConfig,
     SiglipModel,
     VisionTextDualEncoderConfig,
@@ -26,6 +27,7 @@ from transformers import (
 
 from .configuration_hf_clip import HFClipConfig, clip_config_dict_to_hf_clip
 from .modeling_hf_clip import HFClipModel
+from .towers import default_pooling
 
 _HF_CLIP_ONLY_FIELDS = (
     "logit_scale_max", "label_smoothing", "loss_type", "logit_bias_init_value", "loss_chunk_size", "text_pooling",
@@ -250,6 +252,21 @@ def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
     return len({m.group(1) for key in state_dict if (m := pattern.match(key))})
 
 
+def _vision_config_from_openai_state_dict(state_dict: dict[str, torch.Tensor], head_width: int,
+                                          hidden_act: str) -> dict:
+    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
+    grid_size = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    return {
+        "hidden_size": vision_width,
+        "intermediate_size": state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        "num_hidden_layers": _count_blocks(state_dict, "visual."),
+        "num_attention_heads": vision_width // head_width,
+        "image_size": grid_size * patch_size,
+        "patch_size": patch_size,
+        "hidden_act": hidden_act,
+    }
+
+
 def config_from_openai_state_dict(
     state_dict: dict[str, torch.Tensor],
     *,
@@ -268,8 +285,6 @@ def config_from_openai_state_dict(
     missing = [key for key in required if key not in state_dict]
     if missing:
         raise ValueError(f"Not an OpenAI/open_clip CLIP state dict: missing {missing}.")
-    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
-    grid_size = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     vocab_size, text_width = state_dict["token_embedding.weight"].shape
     text_config = {
         "vocab_size": vocab_size,
@@ -283,15 +298,7 @@ def config_from_openai_state_dict(
         "bos_token_id": vocab_size - 2,
         "pad_token_id": 0,
     }
-    vision_config = {
-        "hidden_size": vision_width,
-        "intermediate_size": state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        "num_hidden_layers": _count_blocks(state_dict, "visual."),
-        "num_attention_heads": vision_width // vision_head_width,
-        "image_size": grid_size * patch_size,
-        "patch_size": patch_size,
-        "hidden_act": hidden_act,
-    }
+    vision_config = _vision_config_from_openai_state_dict(state_dict, vision_head_width, hidden_act)
     text_config.update(overrides.pop("text_config", {}))
     vision_config.update(overrides.pop("vision_config", {}))
     projection_dim = state_dict["text_projection"].shape[1]
@@ -311,12 +318,78 @@ def hf_clip_from_openai_state_dict(
     return model
 
 
+# open_clip's `hf_pooler_type` -> hf_clip's pooling. "cls_pooler" takes the backbone's pooler_output where it has
+# one (open_clip builds BERT-likes with their pooler for it) and the first token otherwise.
+_OPEN_CLIP_POOLERS = {"mean_pooler": "mean", "cls_pooler": "pooler", "cls_last_hidden_state_pooler": "cls"}
+_OPEN_CLIP_PROJECTIONS = {"mlp": "mlp", "linear": "linear", None: "none", "none": "none"}
+_OPEN_CLIP_TEXT_KEYS = {
+    "text.proj.weight": "text_projection.weight",
+    "text.proj.0.weight": "text_projection.fc1.weight",
+    "text.proj.2.weight": "text_projection.fc2.weight",
+}
+
+
+def hf_clip_from_open_clip_hf_text(
+    state_dict: dict[str, torch.Tensor],
+    text_config: PreTrainedConfig,
+    *,
+    pooler_type: str = "mean_pooler",
+    proj_type: str | None = "mlp",
+    vision_head_width: int = 64,
+    hidden_act: str = "gelu",
+    **config_kwargs,
+) -> HFClipModel:
+    """An `HFClipModel` from an open_clip model whose text tower is a Transformers model (`hf_model_name` in its
+    `text_cfg`: the multilingual XLM-RoBERTa CLIPs, RoBERTa, PubMedBERT...) and whose image tower is open_clip's ViT.
+
+    `state_dict` is the open_clip model's (`visual.*`, `text.transformer.*`, `text.proj*`, `logit_scale`);
+    `text_config` is the text backbone's config (`AutoConfig.from_pretrained(text_cfg["hf_model_name"])`, from a
+    local folder offline); `pooler_type` and `proj_type` are the text_cfg's `hf_pooler_type` and `hf_proj_type`
+    (open_clip's defaults). The image tower becomes hf_clip's built-in ViT (`vision_head_width`: its head width, 64
+    in open_clip's ViTs; `hidden_act` "quick_gelu" for models trained with QuickGELU). Raises `ValueError` naming an
+    unsupported pooler or projection, and the keys it cannot place.
+    """
+    if pooler_type not in _OPEN_CLIP_POOLERS:
+        raise ValueError(f"hf_clip_from_open_clip_hf_text: hf_pooler_type {pooler_type!r} has no hf_clip pooling; "
+                         f"supported: {sorted(_OPEN_CLIP_POOLERS)}.")
+    if proj_type not in _OPEN_CLIP_PROJECTIONS:
+        raise ValueError(f"hf_clip_from_open_clip_hf_text: hf_proj_type {proj_type!r} is not one of "
+                         f"{sorted(key for key in _OPEN_CLIP_PROJECTIONS if key)} or None.")
+    text_pooling = _OPEN_CLIP_POOLERS[pooler_type]
+    if text_pooling == "pooler" and default_pooling(text_config) != "pooler":
+        text_pooling = "cls"
+    converted, rest = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith("text.transformer."):
+            converted["text_model." + key.removeprefix("text.transformer.")] = value
+        elif key in _OPEN_CLIP_TEXT_KEYS:
+            converted[_OPEN_CLIP_TEXT_KEYS[key]] = value
+        else:
+            rest[key] = value
+    converted.update(convert_openai_state_dict(rest))
+    config = HFClipConfig(
+        vision_config=_vision_config_from_openai_state_dict(state_dict, vision_head_width, hidden_act),
+        text_config=text_config, projection_dim=state_dict["visual.proj"].shape[1], text_pooling=text_pooling,
+        text_projection_type=_OPEN_CLIP_PROJECTIONS[proj_type], **config_kwargs,
+    )
+    model = HFClipModel(config)
+    buffers = {name for name, _ in model.named_buffers()}
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [key for key in missing if key not in buffers]
+    unexpected = [key for key in unexpected if not key.endswith(("position_ids", "token_type_ids"))]
+    if missing or unexpected:
+        raise ValueError(f"hf_clip_from_open_clip_hf_text: the state dict does not fit the composed model: missing "
+                         f"{sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}.")
+    return model
+
+
 __all__ = [
     "clip_config_from_hf_clip_config",
     "config_from_openai_state_dict",
     "convert_openai_state_dict",
     "export_dual_encoder",
     "hf_clip_config_from_clip_config",
+    "hf_clip_from_open_clip_hf_text",
     "hf_clip_from_openai_state_dict",
     "hf_clip_from_transformers",
     "transformers_from_composed",

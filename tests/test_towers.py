@@ -421,3 +421,42 @@ def test_vision_poolings_over_tokens_and_feature_maps(folders, vision, vision_po
     model.train()
     model(**_batch(processor), return_loss=True).loss.backward()
     assert model.vision_pooling.attention is None or model.vision_pooling.attention.probe.grad is not None
+
+
+@pytest.mark.parametrize(("text", "pooler_type", "proj_type"),
+                         [("xlm-roberta", "mean_pooler", "mlp"), ("bert", "cls_pooler", "linear")])
+def test_open_clip_model_with_an_hf_text_tower_converts_exactly(folders, tmp_path, text, pooler_type, proj_type):
+    """open_clip built offline: its `hf_model_name` is a local folder, from which it reads the text config."""
+    open_clip = pytest.importorskip("open_clip")
+    from transformers import AutoConfig
+
+    from hf_clip.convert import hf_clip_from_open_clip_hf_text
+
+    model_config = {
+        "embed_dim": PROJECTION_DIM,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"hf_model_name": str(folders(text)), "hf_tokenizer_name": str(folders(text)),
+                     "hf_model_pretrained": False, "hf_pooler_type": pooler_type, "hf_proj_type": proj_type},
+    }
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny-hf-text.json").write_text(json.dumps(model_config))
+    open_clip.add_model_config(tmp_path / "configs")
+    torch.manual_seed(4)
+    reference = open_clip.create_model("tiny-hf-text", pretrained=None).eval()
+    model = hf_clip_from_open_clip_hf_text(reference.state_dict(), AutoConfig.from_pretrained(folders(text)),
+                                           pooler_type=pooler_type, proj_type=proj_type, vision_head_width=16).eval()
+    processor = HFClipProcessor.from_vision_text_pretrained(str(folders("vit")), str(folders(text)))
+    tokens = processor.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    pixel_values = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        image_features, text_features, scale = reference(pixel_values, tokens["input_ids"])[:3]
+        outputs = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                        pixel_values=pixel_values)
+    torch.testing.assert_close(outputs.image_embeds, image_features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs.text_embeds, text_features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs.logits_per_image, scale * image_features @ text_features.T, atol=1e-5,
+                               rtol=1e-5)
+    model.save_pretrained(tmp_path / "converted")
+    reloaded = AutoModel.from_pretrained(tmp_path / "converted").eval()
+    torch.testing.assert_close(_outputs(reloaded, {**tokens, "pixel_values": pixel_values}).logits_per_image,
+                               outputs.logits_per_image, atol=1e-6, rtol=1e-6)
