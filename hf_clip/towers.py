@@ -95,6 +95,11 @@ def check_tower(config: PreTrainedConfig, modality: str, pooling: str | None, pr
                 f"{pooling!r} and {projection_type!r}."
             )
         return
+    if modality == "vision" and getattr(config, "patch_dropout", 0):
+        raise ValueError(
+            f"HFClipConfig: patch dropout ({config.patch_dropout}) drops the patch tokens of hf_clip's built-in ViT; "
+            f"a composed {family!r} vision tower has no such step. Train without it."
+        )
     if pooling not in POOLINGS:
         raise ValueError(f"HFClipConfig: unknown `{modality}_pooling` {pooling!r}; use one of {POOLINGS}.")
     if projection_type not in PROJECTION_TYPES:

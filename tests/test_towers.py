@@ -29,7 +29,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, grad_cache_backward
+from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, grad_cache_backward, match_special_tokens
 from hf_clip.convert import export_dual_encoder, transformers_from_composed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,6 +343,8 @@ def test_bad_compositions_say_what_is_wrong(folders, tmp_path):
         _compose(folders, "vit", "bert", vision_pooling="eos")
     with pytest.raises(StrictDataclassClassValidationError, match="projection_type` is 'none'"):
         HFClipConfig(vision_config=vision_config("vit"), vision_projection_type="none", projection_dim=7)
+    with pytest.raises(StrictDataclassClassValidationError, match="patch dropout .0.5. drops the patch tokens"):
+        HFClipConfig(vision_config={**vision_config("convnext").to_dict(), "patch_dropout": 0.5})
     with pytest.raises(ValueError, match="does not know"):
         HFClipConfig(text_config={"model_type": "not_a_backbone"})
 
@@ -371,6 +373,23 @@ def test_context_length_and_inputs_come_from_the_text_model(folders):
     processor = HFClipProcessor.from_vision_text_pretrained(str(folders("vit")), str(folders("roberta")))
     assert processor.tokenizer.model_max_length == CONTEXT
     assert "token_type_ids" not in processor(text=TEXTS, padding=True)
+    model, _ = _compose(folders, "vit", "roberta")
+    match_special_tokens(model, processor.tokenizer)  # the tokenizer has no eos; the tower pools with its pooler
+    assert model.config.text_config.pad_token_id == processor.tokenizer.pad_token_id
+
+
+def test_feature_extraction_pipelines_on_a_composed_folder(folders, tmp_path):
+    model, processor = _compose(folders, "vit", "bert")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    image_pipe = pipeline("image-feature-extraction", model=str(tmp_path / "model"))
+    text_pipe = pipeline("feature-extraction", model=str(tmp_path / "model"))
+    with torch.no_grad():
+        image_features = model.get_image_features(**processor(images=probe_image(), return_tensors="pt"))
+        text_tokens = model.text_model(**processor(text=TEXTS[0], return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(image_pipe(probe_image(), pool=True, return_tensors=True),
+                               image_features.pooler_output, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(text_pipe(TEXTS[0], return_tensors=True), text_tokens, atol=1e-6, rtol=1e-6)
 
 
 def test_end_of_text_pooling_needs_an_end_of_text_id_in_the_config(folders):
