@@ -479,3 +479,25 @@ def test_open_clip_model_with_an_hf_text_tower_converts_exactly(folders, tmp_pat
     reloaded = AutoModel.from_pretrained(tmp_path / "converted").eval()
     torch.testing.assert_close(_outputs(reloaded, {**tokens, "pixel_values": pixel_values}).logits_per_image,
                                outputs.logits_per_image, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_composed_model_matches_pytorch(folders, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    from hf_clip.export import export_onnx
+
+    model, processor = _compose(folders, "vit", "bert")
+    written = export_onnx(model, processor, tmp_path / "onnx")
+    tokens = processor.tokenizer(TEXTS, padding=True, return_tensors="np")
+    pixel_values = _batch(processor)["pixel_values"]
+    text_session = onnxruntime.InferenceSession(str(written["text_model.onnx"]))
+    vision_session = onnxruntime.InferenceSession(str(written["vision_model.onnx"]))
+    text_embeds = text_session.run(None, {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]})
+    image_embeds = vision_session.run(None, {"pixel_values": pixel_values.numpy()})
+    with torch.no_grad():
+        expected_text = model.get_text_features(**{k: torch.tensor(v) for k, v in tokens.items()}).pooler_output
+        expected_image = model.get_image_features(pixel_values=pixel_values).pooler_output
+    torch.testing.assert_close(torch.tensor(text_embeds[0]), expected_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(image_embeds[0]), expected_image, atol=1e-5, rtol=1e-5)
