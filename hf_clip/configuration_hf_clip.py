@@ -237,6 +237,14 @@ class HFClipConfig(PreTrainedConfig):
     cross-entropies. `loss_chunk_size` is the loss's `chunk_size`: None picks dense or chunked from the batch size,
     0 is dense, k > 0 is k rows per panel.
 
+    A tower config is hf_clip's built-in one (`HFClipTextConfig`, `HFClipVisionConfig`) or, in a composed model, the
+    config of any Transformers backbone (`BertConfig`, `ViTConfig`, ... saved with its `model_type` and rebuilt with
+    `AutoConfig.for_model`). A composed tower pools with `text_pooling` / `vision_pooling` (`towers.POOLINGS`; None
+    takes the family's own, `towers.default_pooling`) and projects with `text_projection_type` /
+    `vision_projection_type` ("linear", "mlp" or "none"); built-in towers leave these unset and "linear".
+    `tower_sources` records where `HFClipModel.from_vision_text_pretrained` took each tower from:
+    {"vision"/"text": {"name_or_path", "revision"}} (revision: the Hub commit, None for a local folder).
+
     The config carries the `auto_map` of every Auto class hf_clip registers (`REMOTE_CODE_AUTO_MAP`; entries it was
     loaded with are kept), so a saved checkpoint loads with `trust_remote_code=True` where hf_clip is not installed.
     """
@@ -259,6 +267,7 @@ class HFClipConfig(PreTrainedConfig):
     vision_pooling: str | None = None
     text_projection_type: str = "linear"
     vision_projection_type: str = "linear"
+    tower_sources: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.loss_type == "siglip":

@@ -31,7 +31,7 @@ from .towers import default_pooling
 
 _HF_CLIP_ONLY_FIELDS = (
     "logit_scale_max", "label_smoothing", "loss_type", "logit_bias_init_value", "loss_chunk_size", "text_pooling",
-    "vision_pooling", "text_projection_type", "vision_projection_type",
+    "vision_pooling", "text_projection_type", "vision_projection_type", "tower_sources",
 )
 
 

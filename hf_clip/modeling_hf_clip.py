@@ -736,7 +736,12 @@ class HFClipModel(HFClipPreTrainedModel):
             config = HFClipConfig(
                 vision_config=vision_model.config, text_config=text_model.config, projection_dim=projection_dim,
                 vision_pooling=vision_pooling, text_pooling=text_pooling, vision_projection_type=vision_projection_type,
-                text_projection_type=text_projection_type, **config_kwargs,
+                text_projection_type=text_projection_type, tower_sources={
+                    "vision": {"name_or_path": str(vision_model_name_or_path),
+                               "revision": getattr(vision_model.config, "_commit_hash", None)},
+                    "text": {"name_or_path": str(text_model_name_or_path),
+                             "revision": getattr(text_model.config, "_commit_hash", None)},
+                }, **config_kwargs,
             )
         except StrictDataclassClassValidationError as error:
             raise ValueError(str(error.__cause__ or error)) from None

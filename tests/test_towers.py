@@ -138,6 +138,7 @@ def _check_pair(folders, vision: str, text: str, tmp_path: Path) -> None:
     processor.save_pretrained(tmp_path / "composed")
     reloaded = AutoModel.from_pretrained(tmp_path / "composed").eval()
     assert type(reloaded) is HFClipModel and reloaded.config.text_config.model_type == text
+    assert reloaded.config.tower_sources["text"]["name_or_path"] == str(folders(text))
     reloaded_processor = AutoProcessor.from_pretrained(tmp_path / "composed")
     again = _outputs(reloaded, _batch(reloaded_processor))
     torch.testing.assert_close(again.logits_per_image, trained.logits_per_image, atol=1e-6, rtol=1e-6)
