@@ -502,3 +502,17 @@ def test_onnx_export_of_a_composed_model_matches_pytorch(folders, tmp_path):
         expected_image = model.get_image_features(pixel_values=pixel_values).pooler_output
     torch.testing.assert_close(torch.tensor(text_embeds[0]), expected_text, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.tensor(image_embeds[0]), expected_image, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sentence_transformers_embeds_with_a_composed_folder(folders, tmp_path):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    model, processor = _compose(folders, "vit", "bert")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    encoder = sentence_transformers.SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    with torch.no_grad():
+        text_features = model.get_text_features(**processor(text=TEXTS, padding=True, return_tensors="pt"))
+        image_features = model.get_image_features(**processor(images=probe_image(), return_tensors="pt"))
+    torch.testing.assert_close(encoder.encode(TEXTS, convert_to_tensor=True), text_features.pooler_output)
+    torch.testing.assert_close(encoder.encode([probe_image()], convert_to_tensor=True), image_features.pooler_output)
