@@ -516,3 +516,29 @@ def test_sentence_transformers_embeds_with_a_composed_folder(folders, tmp_path):
         image_features = model.get_image_features(**processor(images=probe_image(), return_tensors="pt"))
     torch.testing.assert_close(encoder.encode(TEXTS, convert_to_tensor=True), text_features.pooler_output)
     torch.testing.assert_close(encoder.encode([probe_image()], convert_to_tensor=True), image_features.pooler_output)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_of_a_composed_model_matches_one_process(tmp_path):
+    """2 gloo ranks under real DDP, each with half the batch: the loss and every parameter gradient of a ViT + BERT
+    model (dropout off, so both runs draw the same network) equal one process's on the whole batch."""
+    from conftest import run_two_ranks
+    from tiny_towers import wordpiece_tokenizer
+
+    tokenizer = wordpiece_tokenizer(tmp_path / "vocab")
+    text = text_config("bert", tokenizer)
+    text.hidden_dropout_prob = text.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    model = HFClipModel(HFClipConfig(vision_config=vision_config("vit"), text_config=text,
+                                     projection_dim=PROJECTION_DIM, label_smoothing=0.1)).train()
+    captions = [f"a {size} {color} circle" for size in ("small", "big") for color in ("red", "green", "blue", "yellow")]
+    tokens = tokenizer(captions, padding=True, return_tensors="pt", return_token_type_ids=False)
+    batch = {**tokens, "pixel_values": torch.randn(len(captions), 3, 16, 16)}
+    features = {"image": F.normalize(torch.randn(8, 16), dim=-1), "text": F.normalize(torch.randn(8, 16), dim=-1),
+                "scale": torch.tensor(30.0)}
+    result = run_two_ranks("ddp_contrastive_step", tmp_path, model, batch, extra_files={"features": features})
+    loss = model(**batch, return_loss=True).loss
+    loss.backward()
+    torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-5, rtol=0)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(result[f"grad.{name}"], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
