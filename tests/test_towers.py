@@ -542,3 +542,12 @@ def test_two_process_ddp_of_a_composed_model_matches_one_process(tmp_path):
     torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-5, rtol=0)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(result[f"grad.{name}"], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_model_card_of_a_composed_model_names_its_towers(folders):
+    from hf_clip import render_model_card
+
+    model, _ = _compose(folders, "vit", "bert", text_pooling="mean")
+    card = str(render_model_card(model, "me/vit-bert-clip"))
+    assert f"| composed from | `{folders('vit')}` | `{folders('bert')}` |" in card
+    assert "| backbone | `vit` | `bert` |" in card and "| pooling, projection | pooler, linear | mean, linear |" in card
