@@ -51,6 +51,7 @@ from .loss import image_text_loss, loss_settings
 # module beside every saved model, where the `AutoProcessor` entry of the config's `auto_map` points.
 from .processing_hf_clip import HFClipProcessor  # noqa: F401
 from .towers import (
+    HFClipAttentionPooling,
     HFClipProjectionMLP,
     HFClipTowerPooling,
     build_backbone,
@@ -530,6 +531,10 @@ class HFClipPreTrainedModel(PreTrainedModel):
             width = module.config.hidden_size
             init.normal_(module.fc1.weight, std=(2 * width) ** -0.5 * factor)
             init.normal_(module.fc2.weight, std=width**-0.5 * (2 * module.config.num_hidden_layers) ** -0.5 * factor)
+        elif isinstance(module, HFClipAttentionPooling):
+            init.normal_(module.probe, std=module.probe.shape[-1] ** -0.5 * factor)
+            init.xavier_uniform_(module.attention.in_proj_weight)
+            init.zeros_(module.attention.in_proj_bias)
         elif isinstance(module, HFClipModel):
             for projection, width in ((module.text_projection, module.text_embed_dim),
                                       (module.visual_projection, module.vision_embed_dim)):
