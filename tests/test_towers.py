@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hub_workers import LABELS, probe_image
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from safetensors.torch import load_file
 from tiny_towers import (
     CONTEXT,
     TEXT_FAMILIES,
@@ -261,7 +262,7 @@ def test_siglip_folder_with_the_clip_loss_says_the_bias_is_dropped(folders, tmp_
     assert HFClipModel.from_pretrained(tmp_path / "clip_loss").config.loss_type == "clip"
 
 
-def test_lock_image_tower_on_a_composed_tower_is_lit(folders):
+def test_lock_image_tower_on_a_composed_tower_is_lit(folders, tmp_path):
     model, processor = _compose(folders, "vit", "bert")
     vision_before = {name: tensor.clone() for name, tensor in model.vision_model.state_dict().items()}
     model.lock_image_tower()
@@ -278,6 +279,10 @@ def test_lock_image_tower_on_a_composed_tower_is_lit(folders):
     for name, tensor in model.vision_model.state_dict().items():
         assert torch.equal(tensor, vision_before[name]), name
     assert not torch.equal(model.text_projection.weight, text_before)
+    model.save_pretrained(tmp_path / "lit")
+    saved = load_file(tmp_path / "lit" / "model.safetensors")
+    for name, tensor in load_file(folders("vit") / "model.safetensors").items():
+        assert torch.equal(saved[f"vision_model.{name}"], tensor), name  # the pretrained file's tensors, bit for bit
     with pytest.raises(ValueError, match="locked whole"):
         model.lock_text_tower(unlocked_layers=1)
 
