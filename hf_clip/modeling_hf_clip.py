@@ -54,6 +54,7 @@ from .towers import (
     HFClipAttentionPooling,
     HFClipProjectionMLP,
     HFClipTowerPooling,
+    block_list,
     build_backbone,
     build_projection,
     is_builtin,
@@ -851,8 +852,10 @@ class HFClipModel(HFClipPreTrainedModel):
 
     def lock_image_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the image tower and its projection, except its last `unlocked_layers` blocks (plus, when any
-        are unlocked, the post-LN and the projection that follow them). A composed (backbone) tower is locked
-        whole (LiT): no gradients, eval mode kept through `train()`, run under `no_grad`."""
+        are unlocked, the post-LN and the projection that follow them). A composed (backbone) tower locked whole
+        (LiT, `unlocked_layers=0`) has no gradients, stays in eval mode through `train()` and runs under `no_grad`;
+        with blocks unlocked, the last ones of its block list (`towers.block_list`), every parameter registered
+        after them (final norm, pooler, head), its pooling and its projection train."""
         if self.vision_pooling is not None:
             self._lock_composed_tower("vision", unlocked_layers)
             return
@@ -873,16 +876,25 @@ class HFClipModel(HFClipPreTrainedModel):
         return self.text_model, self.text_pooling, self.text_projection
 
     def _lock_composed_tower(self, modality: str, unlocked_layers: int) -> None:
-        if unlocked_layers:
-            raise ValueError(
-                f"unlocked_layers={unlocked_layers}: a composed {modality} tower "
-                f"({getattr(self.config, f'{modality}_config').model_type}) is locked whole; unlock its last blocks "
-                "with requires_grad_(True) on them, or pass unlocked_layers=0."
-            )
-        for module in self._composed_tower_modules(modality):
+        modules = self._composed_tower_modules(modality)
+        for module in modules:
             module.requires_grad_(False)
-            module.eval()
-        self.locked_towers.add(modality)
+        if unlocked_layers == 0:
+            for module in modules:
+                module.eval()
+            self.locked_towers.add(modality)
+            return
+        blocks_name, blocks = block_list(modules[0])
+        if not 0 <= unlocked_layers <= len(blocks):
+            raise ValueError(f"unlocked_layers must be in [0, {len(blocks)}] for this {modality} tower's "
+                             f"{len(blocks)} blocks (`{blocks_name}`), got {unlocked_layers}.")
+        first_unlocked = f"{blocks_name}.{len(blocks) - unlocked_layers}."
+        parameters = list(modules[0].named_parameters())
+        start = next(index for index, (name, _) in enumerate(parameters) if name.startswith(first_unlocked))
+        for _, parameter in parameters[start:]:  # the last blocks, and the norms and heads registered after them
+            parameter.requires_grad_(True)
+        for module in modules[1:]:
+            module.requires_grad_(True)
 
     def train(self, mode: bool = True) -> "HFClipModel":
         """`nn.Module.train`; a locked composed tower stays in eval mode (its dropout and norms frozen)."""

@@ -157,6 +157,20 @@ def build_backbone(config: PreTrainedConfig, pooling: str) -> nn.Module:
     return model_class._from_config(config)
 
 
+_BLOCK_LIST_NAMES = ("layer", "layers", "stages", "blocks", "block")
+
+
+def block_list(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The outermost `nn.ModuleList` of a backbone's blocks (`encoder.layer`, `encoder.layers`, `layers`,
+    `encoder.stages`, ...) and its name; `ValueError` when there is none."""
+    candidates = [(name, module) for name, module in backbone.named_modules()
+                  if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES]
+    if not candidates:
+        raise ValueError(f"{type(backbone).__name__} has no list of blocks ({_BLOCK_LIST_NAMES}) to unlock the last "
+                         "of; lock it whole (unlocked_layers=0) or set requires_grad on its modules yourself.")
+    return min(candidates, key=lambda candidate: candidate[0].count("."))
+
+
 # Dual encoders whose folders hold both towers: the tower class to take out of them for each modality.
 _TOWER_OF_DUAL_ENCODER = {
     "clip": {"vision": "CLIPVisionModel", "text": "CLIPTextModel"},

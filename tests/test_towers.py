@@ -283,8 +283,21 @@ def test_lock_image_tower_on_a_composed_tower_is_lit(folders, tmp_path):
     saved = load_file(tmp_path / "lit" / "model.safetensors")
     for name, tensor in load_file(folders("vit") / "model.safetensors").items():
         assert torch.equal(saved[f"vision_model.{name}"], tensor), name  # the pretrained file's tensors, bit for bit
-    with pytest.raises(ValueError, match="locked whole"):
-        model.lock_text_tower(unlocked_layers=1)
+    with pytest.raises(ValueError, match=r"unlocked_layers must be in \[0, 1\]"):
+        model.lock_text_tower(unlocked_layers=2)
+
+
+@pytest.mark.parametrize("vision", ["vit", "convnext", "clip_vision_model"])
+def test_lock_image_tower_with_its_last_block_unlocked(folders, vision):
+    model, _ = _compose(folders, vision, "bert")
+    model.lock_image_tower(unlocked_layers=1)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert not any(".embeddings." in name for name in trainable if name.startswith("vision_model."))
+    last_block = {"vit": "vision_model.layers.0.", "convnext": "vision_model.encoder.stages.1.",
+                  "clip_vision_model": "vision_model.encoder.layers.0."}[vision]
+    assert any(name.startswith(last_block) for name in trainable)
+    assert {name for name in trainable if name.startswith("visual_projection.")}
+    assert "vision" not in model.locked_towers and model.train().vision_model.training
 
 
 @pytest.mark.parametrize("loss_type", ["clip", "siglip"])
