@@ -9,10 +9,12 @@ import math
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
 from transformers.activations import ACT2FN
-from transformers.configuration_utils import PreTrainedConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .loss import check_loss_settings
+from .towers import check_tower, default_pooling, is_builtin
 
 
 def _check_width_and_heads(config: PreTrainedConfig) -> None:
@@ -203,6 +205,22 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoProcessor": "processing_hf_clip.HFClipProcessor",
 }
 
+class _TowerConfigSpec(SubConfigSpec):
+    """A tower config: hf_clip's built-in one, or any Transformers backbone config (a dict naming its `model_type`,
+    rebuilt with `AutoConfig.for_model`, as `VisionTextDualEncoderConfig` does)."""
+
+    def create_subconfig(self, key, subconfig=None, **kwargs):
+        if isinstance(subconfig, dict) and subconfig.get("model_type", self.model_type) != self.model_type:
+            subconfig = dict(subconfig)
+            try:
+                return AutoConfig.for_model(subconfig.pop("model_type"), **subconfig), kwargs
+            except ValueError as error:
+                raise ValueError(
+                    f"HFClipConfig: `{key}` names a backbone Transformers does not know ({error})."
+                ) from None
+        return super().create_subconfig(key, subconfig, **kwargs)
+
+
 _CLIP_MODEL_TYPES = {
     "clip": "hf_clip", "clip_text_model": "hf_clip_text_model", "clip_vision_model": "hf_clip_vision_model"
 }
@@ -219,15 +237,24 @@ class HFClipConfig(PreTrainedConfig):
     cross-entropies. `loss_chunk_size` is the loss's `chunk_size`: None picks dense or chunked from the batch size,
     0 is dense, k > 0 is k rows per panel.
 
+    A tower config is hf_clip's built-in one (`HFClipTextConfig`, `HFClipVisionConfig`) or, in a composed model, the
+    config of any Transformers backbone (`BertConfig`, `ViTConfig`, ... saved with its `model_type` and rebuilt with
+    `AutoConfig.for_model`). A composed tower pools with `text_pooling` / `vision_pooling` (`towers.POOLINGS`; None
+    takes the family's own, `towers.default_pooling`) and projects with `text_projection_type` /
+    `vision_projection_type` ("linear", "mlp" or "none"); built-in towers leave these unset and "linear".
+    `tower_sources` records where `HFClipModel.from_vision_text_pretrained` took each tower from:
+    {"vision"/"text": {"name_or_path", "revision"}} (revision: the Hub commit, None for a local folder).
+
     The config carries the `auto_map` of every Auto class hf_clip registers (`REMOTE_CODE_AUTO_MAP`; entries it was
     loaded with are kept), so a saved checkpoint loads with `trust_remote_code=True` where hf_clip is not installed.
     """
 
     model_type = "hf_clip"
-    sub_configs_defaults = {"text_config": HFClipTextConfig, "vision_config": HFClipVisionConfig}
+    sub_configs_defaults = {"text_config": _TowerConfigSpec(HFClipTextConfig),
+                            "vision_config": _TowerConfigSpec(HFClipVisionConfig)}
 
-    text_config: dict | HFClipTextConfig | None = None
-    vision_config: dict | HFClipVisionConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
     projection_dim: int | None = 512
     logit_scale_init_value: float | int | None = math.log(1 / 0.07)
     logit_scale_max: float | int = 100.0
@@ -236,6 +263,11 @@ class HFClipConfig(PreTrainedConfig):
     loss_type: str = "clip"
     logit_bias_init_value: float | int | None = None
     loss_chunk_size: int | None = None
+    text_pooling: str | None = None
+    vision_pooling: str | None = None
+    text_projection_type: str = "linear"
+    vision_projection_type: str = "linear"
+    tower_sources: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.loss_type == "siglip":
@@ -244,10 +276,24 @@ class HFClipConfig(PreTrainedConfig):
             if self.logit_bias_init_value is None:
                 self.logit_bias_init_value = -10.0
         super().__post_init__(**kwargs)
+        for modality in ("text", "vision"):
+            tower_config = getattr(self, f"{modality}_config")
+            if not is_builtin(tower_config) and getattr(self, f"{modality}_pooling") is None:
+                setattr(self, f"{modality}_pooling", default_pooling(tower_config))
         self.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     def validate_architecture(self) -> None:
         _check_positive(self, "projection_dim", "initializer_factor")
+
+    def validate_towers(self) -> None:
+        for modality in ("text", "vision"):
+            check_tower(getattr(self, f"{modality}_config"), modality, getattr(self, f"{modality}_pooling"),
+                        getattr(self, f"{modality}_projection_type"), self.projection_dim)
+
+    @property
+    def is_composed(self) -> bool:
+        """Whether a tower is a Transformers backbone rather than hf_clip's built-in one."""
+        return not (is_builtin(self.text_config) and is_builtin(self.vision_config))
 
     def validate_loss(self) -> None:
         try:
@@ -304,7 +350,39 @@ class HFClipConfig(PreTrainedConfig):
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
         """Reads `config.json`; a Transformers CLIP config (`model_type: "clip"`) is mapped onto hf_clip's."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        return clip_config_dict_to_hf_clip(config_dict), kwargs
+        return dual_encoder_config_dict_to_hf_clip(clip_config_dict_to_hf_clip(config_dict)), kwargs
+
+
+# Transformers' SiglipModel does not clamp its temperature; trained SigLIPs go past CLIP's bound of 100.
+SIGLIP_LOGIT_SCALE_MAX = 1000.0
+
+
+def dual_encoder_config_dict_to_hf_clip(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Map a Transformers `VisionTextDualEncoderConfig` or `SiglipConfig` dict onto a composed hf_clip config with
+    the same towers, pooling and projections (other dicts are returned as they are).
+
+    A dual encoder pools with each backbone's `pooler_output` and projects linearly. SigLIP pools with its own
+    heads (the vision attention-pooling head, the text head over the last position), has no projection, and
+    trains with the sigmoid loss and its bias; its temperature is clamped at `SIGLIP_LOGIT_SCALE_MAX`.
+    """
+    model_type = config_dict.get("model_type")
+    if model_type not in ("vision-text-dual-encoder", "siglip"):
+        return config_dict
+    config_dict = copy.deepcopy(config_dict)
+    for key in ("architectures", "auto_map", "text_config_dict", "vision_config_dict"):
+        config_dict.pop(key, None)
+    config_dict.update(model_type="hf_clip", text_pooling="pooler", vision_pooling="pooler")
+    if model_type == "siglip":
+        text_config = config_dict.setdefault("text_config", {})
+        text_config.setdefault("model_type", "siglip_text_model")
+        config_dict.setdefault("vision_config", {}).setdefault("model_type", "siglip_vision_model")
+        config_dict.update(
+            loss_type="siglip", text_projection_type="none", vision_projection_type="none",
+            projection_dim=text_config.get("projection_size") or text_config.get("hidden_size", 768),
+            logit_scale_init_value=math.log(10.0), logit_bias_init_value=-10.0,
+            logit_scale_max=SIGLIP_LOGIT_SCALE_MAX,
+        )
+    return config_dict
 
 
 def clip_config_dict_to_hf_clip(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -5,16 +5,33 @@ layout (also used by open_clip's `CLIP` class) fuses q/k/v into `in_proj_weight`
 (width, embed_dim) matrices used as `x @ proj`, which are transposed into `nn.Linear` weights here.
 """
 
+import copy
+import math
+import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    PreTrainedConfig,
+    SiglipConfig,
+    SiglipModel,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+    VisionTextDualEncoderProcessor,
+)
 
 from .configuration_hf_clip import HFClipConfig, clip_config_dict_to_hf_clip
 from .modeling_hf_clip import HFClipModel
+from .towers import default_pooling
 
 _HF_CLIP_ONLY_FIELDS = (
-    "logit_scale_max", "label_smoothing", "loss_type", "logit_bias_init_value", "loss_chunk_size"
+    "logit_scale_max", "label_smoothing", "loss_type", "logit_bias_init_value", "loss_chunk_size", "text_pooling",
+    "vision_pooling", "text_projection_type", "vision_projection_type", "tower_sources",
 )
 
 
@@ -25,6 +42,12 @@ def hf_clip_config_from_clip_config(clip_config: CLIPConfig) -> HFClipConfig:
 
 def clip_config_from_hf_clip_config(config: HFClipConfig) -> CLIPConfig:
     """Field-for-field copy of an `HFClipConfig` as a Transformers `CLIPConfig`."""
+    if config.is_composed:
+        raise ValueError(
+            f"A composed model ({config.vision_config.model_type} + {config.text_config.model_type} towers) has no "
+            "CLIPConfig; write it as a VisionTextDualEncoderModel or SiglipModel folder with "
+            "hf_clip.convert.export_dual_encoder."
+        )
     config_dict = config.to_dict()
     for key in ("model_type", "auto_map", "architectures", *_HF_CLIP_ONLY_FIELDS):
         config_dict.pop(key, None)
@@ -52,6 +75,106 @@ def transformers_from_hf_clip(model: HFClipModel) -> CLIPModel:
     clip_model = CLIPModel(clip_config_from_hf_clip_config(model.config))
     clip_model.load_state_dict(model.state_dict(), strict=True)
     return clip_model
+
+
+_SIGLIP_TOWERS = ("siglip_vision_model", "siglip_text_model")
+
+
+def _dual_encoder_blockers(config: HFClipConfig) -> list[str]:
+    """Why `VisionTextDualEncoderModel` cannot hold a model of `config` (empty when it can)."""
+    reasons = []
+    for modality in ("vision", "text"):
+        tower = getattr(config, f"{modality}_config")
+        if getattr(config, f"{modality}_pooling") != "pooler":
+            reasons.append(f"the {modality} tower ({tower.model_type}) pools with "
+                           f"{getattr(config, f'{modality}_pooling')!r}, a dual encoder with its pooler_output")
+        if getattr(config, f"{modality}_projection_type") != "linear":
+            reasons.append(f"the {modality} projection is {getattr(config, f'{modality}_projection_type')!r}, a dual "
+                           "encoder's is linear")
+    if config.text_config.model_type == "siglip_text_model":
+        reasons.append("AutoModel, which VisionTextDualEncoderModel builds its towers with, has no SigLIP text model")
+    if config.loss_type != "clip":
+        reasons.append(f"loss_type {config.loss_type!r} has a logit_bias the dual encoder cannot hold")
+    return reasons
+
+
+def _siglip_blockers(config: HFClipConfig) -> list[str]:
+    reasons = []
+    if (config.vision_config.model_type, config.text_config.model_type) != _SIGLIP_TOWERS:
+        reasons.append(f"its towers are {config.vision_config.model_type} + {config.text_config.model_type}, not "
+                       "SigLIP's")
+    if (config.vision_pooling, config.text_pooling) != ("pooler", "pooler"):
+        reasons.append("SigLIP pools with its own heads (pooling 'pooler')")
+    if (config.vision_projection_type, config.text_projection_type) != ("none", "none"):
+        reasons.append("SigLIP has no projections (projection type 'none')")
+    if config.loss_type != "siglip":
+        reasons.append("SiglipModel scores with a logit_bias, which a CLIP-loss model has not learned")
+    return reasons
+
+
+def transformers_from_composed(model: HFClipModel) -> VisionTextDualEncoderModel | SiglipModel:
+    """The Transformers model with `model`'s weights and outputs: a `SiglipModel` for SigLIP towers with their own
+    heads and the sigmoid loss, else a `VisionTextDualEncoderModel` (both towers pooled with their backbone's
+    `pooler_output`, linear projections, CLIP loss). The temperature is stored clamped to `logit_scale_max`, as
+    neither clamps. Raises `ValueError` listing what neither can hold."""
+    config = model.config
+    if not config.is_composed:
+        raise ValueError("transformers_from_composed: this model has hf_clip's built-in towers; export it as a "
+                         "CLIPModel with hf_clip.convert.transformers_from_hf_clip.")
+    state_dict = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    state_dict["logit_scale"] = state_dict["logit_scale"].clamp(max=math.log(config.logit_scale_max))
+    if not _siglip_blockers(config):
+        siglip = SiglipModel(SiglipConfig(text_config=config.text_config.to_dict(),
+                                          vision_config=config.vision_config.to_dict()))
+        renamed = {}
+        for name, tensor in state_dict.items():
+            for tower in ("vision_model", "text_model"):
+                name = name.replace(f"{tower}.{tower}.", f"{tower}.", 1) if name.startswith(f"{tower}.") else name
+            renamed[name] = tensor.reshape(1) if name in ("logit_scale", "logit_bias") else tensor
+        siglip.load_state_dict(renamed, strict=True)
+        return siglip
+    blockers = _dual_encoder_blockers(config)
+    if blockers:
+        raise ValueError("Neither VisionTextDualEncoderModel nor SiglipModel can hold this model: "
+                         f"{'; '.join(blockers)}; and for SiglipModel: {'; '.join(_siglip_blockers(config))}.")
+    dual_encoder = VisionTextDualEncoderModel(VisionTextDualEncoderConfig.from_vision_text_configs(
+        config.vision_config, config.text_config, projection_dim=config.projection_dim,
+        logit_scale_init_value=config.logit_scale_init_value))
+    dual_encoder.load_state_dict(state_dict, strict=True)
+    return dual_encoder
+
+
+def export_dual_encoder(model: HFClipModel, processor, output_dir: str | os.PathLike) -> Path:
+    """Write `output_dir` as a plain Transformers folder of a composed model (`transformers_from_composed`: a
+    `SiglipModel`, or a `VisionTextDualEncoderModel` with its `VisionTextDualEncoderProcessor`), with no custom code
+    and nothing naming hf_clip. The folder is written beside `output_dir` and moved into place whole, so a refusal
+    or a failure leaves nothing half-written. Returns `output_dir`."""
+    transformers_model = transformers_from_composed(model)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"export_dual_encoder: {output_dir} exists and is not empty; pick a new folder.")
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    for key in ("auto_map", "processor_class"):
+        tokenizer.init_kwargs.pop(key, None)
+    image_processor = copy.deepcopy(processor.image_processor)
+    image_processor.__dict__.pop("auto_map", None)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        transformers_model.save_pretrained(staging)
+        if isinstance(transformers_model, VisionTextDualEncoderModel):
+            VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+                staging)
+        else:
+            tokenizer.save_pretrained(staging)
+        image_processor.save_pretrained(staging)
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
 
 
 _OPENAI_IGNORED_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
@@ -129,6 +252,21 @@ def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
     return len({m.group(1) for key in state_dict if (m := pattern.match(key))})
 
 
+def _vision_config_from_openai_state_dict(state_dict: dict[str, torch.Tensor], head_width: int,
+                                          hidden_act: str) -> dict:
+    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
+    grid_size = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    return {
+        "hidden_size": vision_width,
+        "intermediate_size": state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        "num_hidden_layers": _count_blocks(state_dict, "visual."),
+        "num_attention_heads": vision_width // head_width,
+        "image_size": grid_size * patch_size,
+        "patch_size": patch_size,
+        "hidden_act": hidden_act,
+    }
+
+
 def config_from_openai_state_dict(
     state_dict: dict[str, torch.Tensor],
     *,
@@ -147,8 +285,6 @@ def config_from_openai_state_dict(
     missing = [key for key in required if key not in state_dict]
     if missing:
         raise ValueError(f"Not an OpenAI/open_clip CLIP state dict: missing {missing}.")
-    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
-    grid_size = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     vocab_size, text_width = state_dict["token_embedding.weight"].shape
     text_config = {
         "vocab_size": vocab_size,
@@ -162,15 +298,7 @@ def config_from_openai_state_dict(
         "bos_token_id": vocab_size - 2,
         "pad_token_id": 0,
     }
-    vision_config = {
-        "hidden_size": vision_width,
-        "intermediate_size": state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        "num_hidden_layers": _count_blocks(state_dict, "visual."),
-        "num_attention_heads": vision_width // vision_head_width,
-        "image_size": grid_size * patch_size,
-        "patch_size": patch_size,
-        "hidden_act": hidden_act,
-    }
+    vision_config = _vision_config_from_openai_state_dict(state_dict, vision_head_width, hidden_act)
     text_config.update(overrides.pop("text_config", {}))
     vision_config.update(overrides.pop("vision_config", {}))
     projection_dim = state_dict["text_projection"].shape[1]
@@ -190,12 +318,80 @@ def hf_clip_from_openai_state_dict(
     return model
 
 
+# open_clip's `hf_pooler_type` -> hf_clip's pooling. "cls_pooler" takes the backbone's pooler_output where it has
+# one (open_clip builds BERT-likes with their pooler for it) and the first token otherwise.
+_OPEN_CLIP_POOLERS = {"mean_pooler": "mean", "cls_pooler": "pooler", "cls_last_hidden_state_pooler": "cls"}
+_OPEN_CLIP_PROJECTIONS = {"mlp": "mlp", "linear": "linear", None: "none", "none": "none"}
+_OPEN_CLIP_TEXT_KEYS = {
+    "text.proj.weight": "text_projection.weight",
+    "text.proj.0.weight": "text_projection.fc1.weight",
+    "text.proj.2.weight": "text_projection.fc2.weight",
+}
+
+
+def hf_clip_from_open_clip_hf_text(
+    state_dict: dict[str, torch.Tensor],
+    text_config: PreTrainedConfig,
+    *,
+    pooler_type: str = "mean_pooler",
+    proj_type: str | None = "mlp",
+    vision_head_width: int = 64,
+    hidden_act: str = "gelu",
+    **config_kwargs,
+) -> HFClipModel:
+    """An `HFClipModel` from an open_clip model whose text tower is a Transformers model (`hf_model_name` in its
+    `text_cfg`: the multilingual XLM-RoBERTa CLIPs, RoBERTa, PubMedBERT...) and whose image tower is open_clip's ViT.
+
+    `state_dict` is the open_clip model's (`visual.*`, `text.transformer.*`, `text.proj*`, `logit_scale`);
+    `text_config` is the text backbone's config (`AutoConfig.from_pretrained(text_cfg["hf_model_name"])`, from a
+    local folder offline); `pooler_type` and `proj_type` are the text_cfg's `hf_pooler_type` and `hf_proj_type`
+    (open_clip's defaults). The image tower becomes hf_clip's built-in ViT (`vision_head_width`: its head width, 64
+    in open_clip's ViTs; `hidden_act` "quick_gelu" for models trained with QuickGELU). Raises `ValueError` naming an
+    unsupported pooler or projection, and the keys it cannot place.
+    """
+    if pooler_type not in _OPEN_CLIP_POOLERS:
+        raise ValueError(f"hf_clip_from_open_clip_hf_text: hf_pooler_type {pooler_type!r} has no hf_clip pooling; "
+                         f"supported: {sorted(_OPEN_CLIP_POOLERS)}.")
+    if proj_type not in _OPEN_CLIP_PROJECTIONS:
+        raise ValueError(f"hf_clip_from_open_clip_hf_text: hf_proj_type {proj_type!r} is not one of "
+                         f"{sorted(key for key in _OPEN_CLIP_PROJECTIONS if key)} or None.")
+    text_pooling = _OPEN_CLIP_POOLERS[pooler_type]
+    if text_pooling == "pooler" and default_pooling(text_config) != "pooler":
+        text_pooling = "cls"
+    converted, rest = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith("text.transformer."):
+            converted["text_model." + key.removeprefix("text.transformer.")] = value
+        elif key in _OPEN_CLIP_TEXT_KEYS:
+            converted[_OPEN_CLIP_TEXT_KEYS[key]] = value
+        else:
+            rest[key] = value
+    converted.update(convert_openai_state_dict(rest))
+    config = HFClipConfig(
+        vision_config=_vision_config_from_openai_state_dict(state_dict, vision_head_width, hidden_act),
+        text_config=text_config, projection_dim=state_dict["visual.proj"].shape[1], text_pooling=text_pooling,
+        text_projection_type=_OPEN_CLIP_PROJECTIONS[proj_type], **config_kwargs,
+    )
+    model = HFClipModel(config)
+    buffers = {name for name, _ in model.named_buffers()}
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [key for key in missing if key not in buffers]
+    unexpected = [key for key in unexpected if not key.endswith(("position_ids", "token_type_ids"))]
+    if missing or unexpected:
+        raise ValueError(f"hf_clip_from_open_clip_hf_text: the state dict does not fit the composed model: missing "
+                         f"{sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}.")
+    return model
+
+
 __all__ = [
     "clip_config_from_hf_clip_config",
     "config_from_openai_state_dict",
     "convert_openai_state_dict",
+    "export_dual_encoder",
     "hf_clip_config_from_clip_config",
+    "hf_clip_from_open_clip_hf_text",
     "hf_clip_from_openai_state_dict",
     "hf_clip_from_transformers",
+    "transformers_from_composed",
     "transformers_from_hf_clip",
 ]

@@ -220,7 +220,7 @@ def _staged_folder(output: Path) -> Iterator[Path]:
 def _example_text(model: HFClipModel) -> tuple[torch.Tensor, torch.Tensor]:
     """Two right-padded rows of ordinary ids, each ending in end-of-text, for tracing."""
     text_config = model.config.text_config
-    eos_ids = text_config.eos_token_id
+    eos_ids = text_config.eos_token_id if text_config.eos_token_id is not None else text_config.vocab_size - 1
     eos_token_id = eos_ids if isinstance(eos_ids, int) else eos_ids[0]
     length = min(8, text_config.max_position_embeddings)
     input_ids = torch.full((2, length), text_config.pad_token_id if text_config.pad_token_id is not None else 0)

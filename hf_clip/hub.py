@@ -269,6 +269,25 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def _tower_rows(config) -> dict[str, dict[str, str]]:
+    """The model card's rows for each tower of a composed model: backbone family, where it was taken from and at
+    which revision (`HFClipConfig.tower_sources`), pooling and projection."""
+    rows = {}
+    for modality in ("vision", "text"):
+        source = (config.tower_sources or {}).get(modality)
+        where = "–" if source is None else f"`{source['name_or_path']}`"
+        if source is not None and source.get("revision"):
+            where += f" at revision `{source['revision']}`"
+        pooling = getattr(config, f"{modality}_pooling")
+        projection = getattr(config, f"{modality}_projection_type")
+        rows[modality] = {
+            "backbone": f"`{getattr(config, f'{modality}_config').model_type}`",
+            "source": where,
+            "pooling": "built-in" if pooling is None else f"{pooling}, {projection}",
+        }
+    return rows
+
+
 def render_model_card(
     model,
     repo_id: str,
@@ -330,6 +349,8 @@ def render_model_card(
         projection_dim=config.projection_dim,
         vision=config.vision_config,
         text=config.text_config,
+        composed=config.is_composed,
+        towers=_tower_rows(config),
         vision_parameters=f"{vision_parameters / 1e6:.2f} M",
         text_parameters=f"{text_parameters / 1e6:.2f} M",
         total_parameters=f"{model.num_parameters() / 1e6:.2f} M",

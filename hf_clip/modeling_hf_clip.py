@@ -17,6 +17,9 @@ Differences from Transformers' CLIP:
 """
 
 import contextlib
+import contextvars
+import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,16 +27,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming, WeightTransform
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, has_file
+from transformers.utils import ModelOutput, TransformersKwargs, has_file, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
@@ -44,6 +50,19 @@ from .loss import image_text_loss, loss_settings
 # Transformers saves a model's code with the modules it imports relatively, so this import puts the processor's
 # module beside every saved model, where the `AutoProcessor` entry of the config's `auto_map` points.
 from .processing_hf_clip import HFClipProcessor  # noqa: F401
+from .towers import (
+    HFClipAttentionPooling,
+    HFClipProjectionMLP,
+    HFClipTowerPooling,
+    block_list,
+    build_backbone,
+    build_projection,
+    is_builtin,
+    load_pretrained_tower,
+    output_width,
+)
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -416,6 +435,45 @@ def check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | No
         _check_end_of_text(is_eos, config.eos_token_id)
 
 
+def _check_backbone_accepts(backbone: nn.Module, argument: str) -> None:
+    if argument not in inspect.signature(backbone.forward).parameters:
+        raise ValueError(f"{type(backbone).__name__} does not take `{argument}`; feed it images at the size of its "
+                         "image processor.")
+
+
+# Transformers' SiglipModel (and CLIPModel) keep each tower's inner transformer under the tower's name, where the
+# backbone `AutoModel` builds (`SiglipVisionModel`) holds it one level down.
+_FLAT_TOWER_KEY_MAPPING = {r"^vision_model\.": "vision_model.vision_model.", r"^text_model\.": "text_model.text_model."}
+# The weight transforms of the folder `from_pretrained` is loading, for `_load_pretrained_model`.
+_SOURCE_WEIGHT_MAPPING: contextvars.ContextVar[list | None] = contextvars.ContextVar("source_weight_mapping",
+                                                                                   default=None)
+_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+class _ToScalar(ConversionOps):
+    """SigLIP stores `logit_scale` and `logit_bias` with shape (1,); hf_clip's are scalars."""
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
+        tensors = next(iter(input_dict.values()))
+        tensor = tensors[0] if isinstance(tensors, list) else tensors
+        return {target_patterns[0]: tensor.reshape(())}
+
+
+def _source_weight_mapping(pretrained_model_name_or_path, kwargs: dict) -> list[WeightTransform] | None:
+    """The weight transforms a folder of another model type needs to load into hf_clip's layout (a `SiglipModel`
+    folder: the towers one level down, `_FLAT_TOWER_KEY_MAPPING`, and scalar temperature and bias), or None."""
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(
+            pretrained_model_name_or_path, **{key: kwargs[key] for key in _DOWNLOAD_KWARGS if key in kwargs})
+    except (OSError, ValueError):
+        return None
+    if config_dict.get("model_type") != "siglip":
+        return None
+    return [*(WeightRenaming(source, target) for source, target in _FLAT_TOWER_KEY_MAPPING.items()),
+            *(WeightConverter(f"^{name}$", name, [_ToScalar()]) for name in ("logit_scale", "logit_bias"))]
+
+
 def _pickled_weights_file(pretrained_model_name_or_path, kwargs: dict) -> str | None:
     """The name of the pickled weights file a local folder or Hub repo holds (`pytorch_model.bin` or its index),
     or None. A Hub repo is asked with the caller's revision and token; a failed request counts as no file."""
@@ -456,8 +514,20 @@ class HFClipPreTrainedModel(PreTrainedModel):
         checkpoint is never unpickled by default. A truncated or corrupt weights file raises `OSError` naming it."""
         safetensors_by_default = "use_safetensors" not in kwargs
         kwargs.setdefault("use_safetensors", True)
+        weight_mapping = None
+        if kwargs.get("key_mapping") is None and pretrained_model_name_or_path is not None:
+            weight_mapping = _source_weight_mapping(pretrained_model_name_or_path, kwargs)
+        token = _SOURCE_WEIGHT_MAPPING.set(weight_mapping)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            if weight_mapping is not None and model.config.loss_type != "siglip":
+                logger.warning(
+                    f"{pretrained_model_name_or_path!r} is a SigLIP checkpoint loaded with loss_type "
+                    f"{model.config.loss_type!r}: its logit_bias is dropped (a softmax loss has none), so logits and "
+                    "sigmoid probabilities change; embeddings and rankings do not."
+                )
+                model.config.logit_bias_init_value = None
+            return model
         except SafetensorError as error:
             raise OSError(
                 f"The safetensors weights of {pretrained_model_name_or_path!r} are truncated or corrupt ({error}). "
@@ -477,6 +547,8 @@ class HFClipPreTrainedModel(PreTrainedModel):
                 f"    {cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}, "
                 "use_safetensors=False).save_pretrained('converted')  # writes model.safetensors"
             ) from error
+        finally:
+            _SOURCE_WEIGHT_MAPPING.reset(token)
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, then, on the main process, the folder's integrity manifest of the weight
@@ -515,9 +587,18 @@ class HFClipPreTrainedModel(PreTrainedModel):
             width = module.config.hidden_size
             init.normal_(module.fc1.weight, std=(2 * width) ** -0.5 * factor)
             init.normal_(module.fc2.weight, std=width**-0.5 * (2 * module.config.num_hidden_layers) ** -0.5 * factor)
+        elif isinstance(module, HFClipAttentionPooling):
+            init.normal_(module.probe, std=module.probe.shape[-1] ** -0.5 * factor)
+            init.xavier_uniform_(module.attention.in_proj_weight)
+            init.zeros_(module.attention.in_proj_bias)
         elif isinstance(module, HFClipModel):
-            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
-            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+            for projection, width in ((module.text_projection, module.text_embed_dim),
+                                      (module.visual_projection, module.vision_embed_dim)):
+                if isinstance(projection, nn.Linear):
+                    init.normal_(projection.weight, std=width**-0.5 * factor)
+                elif isinstance(projection, HFClipProjectionMLP):
+                    init.normal_(projection.fc1.weight, std=width**-0.5 * factor)
+                    init.normal_(projection.fc2.weight, std=projection.fc1.out_features**-0.5 * factor)
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
             if module.logit_bias is not None:
                 init.constant_(module.logit_bias, module.config.logit_bias_init_value)
@@ -536,8 +617,16 @@ class HFClipPreTrainedModel(PreTrainedModel):
         the resolved weight files), after checking those files against their folder's manifest when it has one
         (`integrity.verify_loaded_files`): flipped bytes in a saved weights file raise instead of loading."""
         verify_loaded_files(checkpoint_files)
-        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args,
-                                                      **kwargs)
+        source_mapping = _SOURCE_WEIGHT_MAPPING.get()
+        if source_mapping is not None:
+            load_config = dataclasses.replace(
+                load_config, weight_mapping=[*source_mapping, *(load_config.weight_mapping or [])])
+        loaded = PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args,
+                                                        **kwargs)
+        if source_mapping is not None:  # the model saves in hf_clip's own layout, not back into the source's
+            model._weight_conversions = [transform for transform in getattr(model, "_weight_conversions", None) or []
+                                         if not any(transform is source for source in source_mapping)]
+        return loaded
 
 
 class HFClipTextModel(HFClipPreTrainedModel):
@@ -645,17 +734,83 @@ class HFClipModel(HFClipPreTrainedModel):
 
     def __init__(self, config: HFClipConfig):
         super().__init__(config)
-        self.text_embed_dim = config.text_config.hidden_size
-        self.vision_embed_dim = config.vision_config.hidden_size
-        self.text_model = HFClipTextModel._from_config(config.text_config)
-        self.vision_model = HFClipVisionModel._from_config(config.vision_config)
-        self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
-        self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
+        self.text_pooling = self.vision_pooling = None
+        self.locked_towers: set[str] = set()
+        # Registration order (towers, then projections) fixes the state dict's order and the draws of initialisation.
+        if is_builtin(config.text_config):
+            self.text_embed_dim = config.text_config.hidden_size
+            self.text_model = HFClipTextModel._from_config(config.text_config)
+        else:
+            self.text_embed_dim = output_width(config.text_config, config.text_pooling)
+            self.text_model = build_backbone(config.text_config, config.text_pooling)
+            self.text_pooling = HFClipTowerPooling(config.text_config, config.text_pooling)
+        if is_builtin(config.vision_config):
+            self.vision_embed_dim = config.vision_config.hidden_size
+            self.vision_model = HFClipVisionModel._from_config(config.vision_config)
+        else:
+            self.vision_embed_dim = output_width(config.vision_config, config.vision_pooling)
+            self.vision_model = build_backbone(config.vision_config, config.vision_pooling)
+            self.vision_pooling = HFClipTowerPooling(config.vision_config, config.vision_pooling)
+        text_projection_type = "linear" if is_builtin(config.text_config) else config.text_projection_type
+        vision_projection_type = "linear" if is_builtin(config.vision_config) else config.vision_projection_type
+        self.text_projection = build_projection(text_projection_type, self.text_embed_dim, config.projection_dim)
+        self.visual_projection = build_projection(vision_projection_type, self.vision_embed_dim, config.projection_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.logit_bias = None
         if config.loss_type == "siglip":
             self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
         self.post_init()
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        projection_dim: int = 512,
+        *,
+        vision_pooling: str | None = None,
+        text_pooling: str | None = None,
+        vision_projection_type: str = "linear",
+        text_projection_type: str = "linear",
+        hub_kwargs: dict[str, Any] | None = None,
+        **config_kwargs,
+    ) -> "HFClipModel":
+        """An hf_clip model whose towers are the pretrained backbones at `vision_model_name_or_path` and
+        `text_model_name_or_path` (local folders or Hub ids; a CLIP or SigLIP folder gives its vision or text tower),
+        with new projections into `projection_dim` and a new temperature (as `VisionTextDualEncoderModel.
+        from_vision_text_pretrained`). Poolings default to each backbone family's own (`towers.default_pooling`);
+        `config_kwargs` set other `HFClipConfig` fields (`loss_type`, `logit_scale_init_value`, ...); `hub_kwargs`
+        (`revision`, `token`, `cache_dir`, `local_files_only`) go to every `from_pretrained` call.
+
+        Raises `ValueError` naming the problem: a backbone AutoModel cannot build, a pooling the backbone cannot do,
+        or towers whose widths differ from `projection_dim` with a projection type of "none".
+        """
+        hub_kwargs = hub_kwargs or {}
+        vision_model, _ = load_pretrained_tower(vision_model_name_or_path, "vision", vision_pooling, **hub_kwargs)
+        text_model, text_missing = load_pretrained_tower(text_model_name_or_path, "text", text_pooling, **hub_kwargs)
+        try:
+            config = HFClipConfig(
+                vision_config=vision_model.config, text_config=text_model.config, projection_dim=projection_dim,
+                vision_pooling=vision_pooling, text_pooling=text_pooling, vision_projection_type=vision_projection_type,
+                text_projection_type=text_projection_type, tower_sources={
+                    "vision": {"name_or_path": str(vision_model_name_or_path),
+                               "revision": getattr(vision_model.config, "_commit_hash", None)},
+                    "text": {"name_or_path": str(text_model_name_or_path),
+                             "revision": getattr(text_model.config, "_commit_hash", None)},
+                }, **config_kwargs,
+            )
+        except StrictDataclassClassValidationError as error:
+            raise ValueError(str(error.__cause__ or error)) from None
+        for modality, missing in (("text", text_missing),):
+            if getattr(config, f"{modality}_pooling") == "pooler" and any(key.startswith("pooler.") for key in missing):
+                logger.warning(
+                    f"The {modality} checkpoint {text_model_name_or_path!r} holds no pooler weights, so its pooler "
+                    f"(the default {modality}_pooling 'pooler') starts random; pass {modality}_pooling='cls' or "
+                    "'mean' to pool its hidden states instead."
+                )
+        model = cls(config)
+        model.vision_model, model.text_model = vision_model, text_model
+        return model
 
     @can_return_tuple
     def get_text_features(
@@ -668,6 +823,15 @@ class HFClipModel(HFClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         """Text tower output whose `pooler_output` is the projected (unnormalised) embedding (batch, proj_dim).
         `padding_side`: as in `HFClipTextModel.forward`."""
+        if self.text_pooling is not None:
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids
+            with torch.no_grad() if "text" in self.locked_towers else contextlib.nullcontext():
+                text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                                               **kwargs)
+                pooled = self.text_pooling(text_outputs, attention_mask, input_ids)
+                text_outputs.pooler_output = self.text_projection(pooled)
+            return text_outputs
         text_outputs = self.text_model(input_ids, attention_mask, position_ids, padding_side, return_dict=True,
                                        **kwargs)
         text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
@@ -681,16 +845,30 @@ class HFClipModel(HFClipPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling | tuple:
         """Vision tower output whose `pooler_output` is the projected (unnormalised) embedding (batch, proj_dim)."""
+        if self.vision_pooling is not None:
+            if interpolate_pos_encoding:
+                _check_backbone_accepts(self.vision_model, "interpolate_pos_encoding")
+                kwargs["interpolate_pos_encoding"] = True
+            with torch.no_grad() if "vision" in self.locked_towers else contextlib.nullcontext():
+                vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+                pooled = self.vision_pooling(vision_outputs)
+                vision_outputs.pooler_output = self.visual_projection(pooled)
+            return vision_outputs
         vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
         vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
         return vision_outputs
 
     def get_input_embeddings(self) -> nn.Module:
         """The text tower's token embedding, as in Transformers' `SiglipModel`."""
+        if self.text_pooling is not None:
+            return self.text_model.get_input_embeddings()
         return self.text_model.embeddings.token_embedding
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_model.embeddings.token_embedding = value
+        if self.text_pooling is not None:
+            self.text_model.set_input_embeddings(value)
+        else:
+            self.text_model.embeddings.token_embedding = value
 
     def loss_from_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
                              gather_distributed: bool = False) -> torch.Tensor:
@@ -724,13 +902,57 @@ class HFClipModel(HFClipPreTrainedModel):
 
     def lock_image_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the image tower and its projection, except its last `unlocked_layers` blocks (plus, when any
-        are unlocked, the post-LN and the projection that follow them)."""
+        are unlocked, the post-LN and the projection that follow them). A composed (backbone) tower locked whole
+        (LiT, `unlocked_layers=0`) has no gradients, stays in eval mode through `train()` and runs under `no_grad`;
+        with blocks unlocked, the last ones of its block list (`towers.block_list`), every parameter registered
+        after them (final norm, pooler, head), its pooling and its projection train."""
+        if self.vision_pooling is not None:
+            self._lock_composed_tower("vision", unlocked_layers)
+            return
         self._lock_tower(self.vision_model, self.visual_projection, self.vision_model.post_layernorm, unlocked_layers)
 
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the text tower and its projection, except its last `unlocked_layers` blocks (plus, when any
-        are unlocked, the final LN and the projection that follow them)."""
+        are unlocked, the final LN and the projection that follow them). A composed tower is locked whole, as in
+        `lock_image_tower`."""
+        if self.text_pooling is not None:
+            self._lock_composed_tower("text", unlocked_layers)
+            return
         self._lock_tower(self.text_model, self.text_projection, self.text_model.final_layer_norm, unlocked_layers)
+
+    def _composed_tower_modules(self, modality: str) -> tuple[nn.Module, ...]:
+        if modality == "vision":
+            return self.vision_model, self.vision_pooling, self.visual_projection
+        return self.text_model, self.text_pooling, self.text_projection
+
+    def _lock_composed_tower(self, modality: str, unlocked_layers: int) -> None:
+        modules = self._composed_tower_modules(modality)
+        for module in modules:
+            module.requires_grad_(False)
+        if unlocked_layers == 0:
+            for module in modules:
+                module.eval()
+            self.locked_towers.add(modality)
+            return
+        blocks_name, blocks = block_list(modules[0])
+        if not 0 <= unlocked_layers <= len(blocks):
+            raise ValueError(f"unlocked_layers must be in [0, {len(blocks)}] for this {modality} tower's "
+                             f"{len(blocks)} blocks (`{blocks_name}`), got {unlocked_layers}.")
+        first_unlocked = f"{blocks_name}.{len(blocks) - unlocked_layers}."
+        parameters = list(modules[0].named_parameters())
+        start = next(index for index, (name, _) in enumerate(parameters) if name.startswith(first_unlocked))
+        for _, parameter in parameters[start:]:  # the last blocks, and the norms and heads registered after them
+            parameter.requires_grad_(True)
+        for module in modules[1:]:
+            module.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "HFClipModel":
+        """`nn.Module.train`; a locked composed tower stays in eval mode (its dropout and norms frozen)."""
+        super().train(mode)
+        for modality in self.locked_towers:
+            for module in self._composed_tower_modules(modality):
+                module.eval()
+        return self
 
     @staticmethod
     def _lock_tower(tower: nn.Module, projection: nn.Module, final_norm: nn.Module, unlocked_layers: int) -> None:
@@ -905,6 +1127,12 @@ class HFClipForImageClassification(HFClipPreTrainedModel):
     ]
 
     def __init__(self, config: HFClipConfig):
+        if not is_builtin(config.vision_config):
+            raise ValueError(
+                f"HFClipForImageClassification needs hf_clip's built-in image tower; this config's is a composed "
+                f"{config.vision_config.model_type!r} backbone. Use HFClipModel (zero-shot) or Transformers' "
+                "AutoModelForImageClassification on the vision backbone."
+            )
         super().__init__(config)
         self.num_labels = config.num_labels
         self.vision_embed_dim = config.vision_config.hidden_size

@@ -284,6 +284,44 @@ class HFClipProcessor(ProcessorMixin):
         )
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **hub_kwargs
+    ) -> "HFClipProcessor":
+        """The text model's tokenizer and the vision model's image processor (local folders or Hub ids), as
+        `HFClipModel.from_vision_text_pretrained` composes their models. The tokenizer keeps its own context length,
+        capped at the text model's positions when its `model_max_length` is unset, and returns no `token_type_ids`
+        (every text is one segment). `hub_kwargs` (`revision`, `token`, ...) go to each `from_pretrained`."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        from .towers import text_context_length
+
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"The vision model {vision_model_name_or_path!r} has no image processor AutoImageProcessor can load "
+                f"({str(error).splitlines()[0][:200]}). Pass one: HFClipProcessor(image_processor=AutoImageProcessor."
+                "from_pretrained(FOLDER_WITH_preprocessor_config.json), tokenizer=...)."
+            ) from None
+        missing_tokenizer = (
+            f"The text model {text_model_name_or_path!r} has no tokenizer AutoTokenizer can load ({{}}). Pass one: "
+            "HFClipProcessor(image_processor=..., tokenizer=AutoTokenizer.from_pretrained(FOLDER_WITH_THE_TOKENIZER))."
+        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(missing_tokenizer.format(str(error).splitlines()[0][:200])) from None
+        if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # Transformers 5 builds one from the config alone
+            raise ValueError(missing_tokenizer.format("its folder holds no vocabulary, only the model's config"))
+        context = text_context_length(AutoConfig.from_pretrained(text_model_name_or_path, **hub_kwargs))
+        if context is not None and tokenizer.model_max_length > context:
+            tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = context
+        if "token_type_ids" in tokenizer.model_input_names:
+            tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name != "token_type_ids"]
+            tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names
+        return cls(image_processor=image_processor, tokenizer=tokenizer)
+
     def __call__(
         self,
         images: Any = None,

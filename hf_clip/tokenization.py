@@ -93,10 +93,13 @@ def match_special_tokens(model, tokenizer) -> None:
     """Set the text config's eos/bos/pad ids to the tokenizer's where it defines them, as
     `Trainer(processing_class=...)` would, after checking that the text tower still pools at the same token.
 
+    A composed text tower that does not pool with "eos" (`HFClipConfig.text_pooling`) is left as it is.
     Legacy CLIP configs (eos_token_id 2) pool at the highest token id, which is the first end-of-text token only when
     end-of-text is the tokenizer's last id. Any other disagreement raises `ValueError`, since the model and the
     tokenizer would then disagree on where a text ends.
     """
+    if getattr(model.config, "text_pooling", None) not in (None, "eos"):
+        return  # a composed text tower that pools elsewhere than at the end-of-text token: nothing depends on ids
     text_config = model.config.get_text_config()
     eos_token_id = tokenizer.eos_token_id
     if eos_token_id is None:

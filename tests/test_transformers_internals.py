@@ -155,11 +155,13 @@ def test_custom_object_save_keeps_the_configs_auto_map_so_no_model_save_override
 def test_relative_imports_decide_which_modules_travel_with_a_saved_model(tmp_path, tiny_config):
     """`get_relative_imports` finds `from .x import` lines by regex; the model module's import of the processor
     module is what puts `processing_hf_clip.py` beside every saved model (and its import of `integrity`, which
-    checks loaded files against their manifest, puts `integrity.py` there)."""
+    checks loaded files against their manifest, puts `integrity.py` there; its import of `towers`, the composed
+    towers, puts `towers.py` there)."""
     assert "processing_hf_clip" in get_relative_imports(hf_clip.modeling_hf_clip.__file__)
     HFClipModel(tiny_config).save_pretrained(tmp_path)
     assert {path.name for path in tmp_path.glob("*.py")} == {
-        "configuration_hf_clip.py", "modeling_hf_clip.py", "loss.py", "processing_hf_clip.py", "integrity.py"}
+        "configuration_hf_clip.py", "modeling_hf_clip.py", "loss.py", "processing_hf_clip.py", "integrity.py",
+        "towers.py"}
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == REMOTE_CODE_AUTO_MAP
 
 
