@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 3. Model, processor, optimizer and schedule, restored from the checkpoint (after comparing recipes) when resuming.
     model, processor = build_model_and_processor(args, train_split, columns, accelerator,
                                                  resuming=checkpoint is not None)
-    recipe = resume_recipe(args, accelerator.num_processes, model.config.loss_type)
+    num_workers = worker_count(args.loader.dataloader_num_workers)
+    recipe = resume_recipe(args, accelerator.num_processes, model.config.loss_type, stream_workers=max(1, num_workers))
     resume_changes = list(saved.get("resume_changes", []))
     if checkpoint is not None:
         resume_changes += check_resume(checkpoint, saved, recipe, run.allow_resume_changes)
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                                         max_rows=data.max_train_samples, shuffle_buffer_size=data.shuffle_buffer_size)
     collator = ContrastiveDataCollator(processor, columns.image, columns.caption)
     train_batches = TrainBatches(train_dataset, collator, run.per_device_train_batch_size, seed=run.seed,
-                                 num_workers=worker_count(args.loader.dataloader_num_workers), process=process)
+                                 num_workers=num_workers, process=process)
     batches = train_batches.iterate(micro_step, stream_state)
     accelerator.init_trackers("hf_clip", config={k: v for k, v in args.flat().items()
                                                   if isinstance(v, (int, float, str, bool))})
