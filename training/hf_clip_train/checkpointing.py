@@ -24,7 +24,7 @@ from accelerate.utils import gather_object
 
 from hf_clip.integrity import CHECKPOINT_MARKER, FILES_KEY, CorruptFileError, file_manifest, verify_files
 
-from .args import RunArguments, TrainScriptArguments, warmup_step_count
+from .args import InputError, MissingInputError, RunArguments, TrainScriptArguments, warmup_step_count
 from .data import ProcessShare, TrainBatches
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def verify_checkpoint(checkpoint: str | Path) -> dict:
     checkpoint = Path(checkpoint)
     marker = _marker(checkpoint)
     if not marker.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
+        raise MissingInputError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
     try:
         state = json.loads(marker.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -85,7 +85,7 @@ def resolve_checkpoint(output_dir: str | Path, requested: str) -> Path:
         return Path(requested)
     checkpoints = complete_checkpoints(output_dir)
     if not checkpoints:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
+        raise MissingInputError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
     damaged = []
     for checkpoint in reversed(checkpoints):
         try:
@@ -217,13 +217,13 @@ def check_resume(checkpoint: Path, saved: dict, recipe: dict, allow_changes: boo
                if key in saved_recipe and saved_recipe[key] != value}
     described = "; ".join(f"{_flag(key)} {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
     if any(key in NEVER_CHANGED_ON_RESUME for key in changed):
-        raise ValueError(
+        raise InputError(
             f"Cannot resume from {checkpoint}: {described}. The loss type cannot change in a resume, even with "
             "--allow_resume_changes: the checkpoint's weights and optimizer state belong to its loss (a SigLIP model "
             "has a logit_bias, a CLIP model none). To switch, start a new run from a saved model with "
             "--model_name_or_path and --loss_type.")
     if changed and not allow_changes:
-        raise ValueError(
+        raise InputError(
             f"Cannot resume from {checkpoint} with flags that differ from those it was saved with: {described}. "
             f"Resume with the checkpoint's values, or pass --allow_resume_changes to apply the new ones from step "
             f"{saved['step']} on (each is logged and recorded in the model card).")

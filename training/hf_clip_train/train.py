@@ -39,6 +39,7 @@ from hf_clip.hub import error_summary
 from .args import TRAIN_ARGUMENT_CLASSES as ARGUMENT_CLASSES
 from .args import (
     DatasetArguments,
+    InputError,
     RunArguments,
     TrainScriptArguments,
     default_batch_size,
@@ -135,7 +136,7 @@ def cpu_has_native_bf16() -> bool:
 def resolve_mixed_precision(requested: str) -> str:
     """'auto' -> bf16 where the hardware runs it natively (CUDA with bf16, AVX512-BF16/AMX CPUs), else 'no'."""
     if requested not in ("auto", "no", "bf16", "fp16"):
-        raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {requested!r}.")
+        raise InputError(f"--mixed_precision must be auto, no, bf16 or fp16, got {requested!r}.")
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         model.compile_towers(backend=run.torch_compile_backend, mode=run.torch_compile_mode)
     optimizer = build_optimizer(model, run)
     if run.nonfinite_loss == "skip" and not optimizer.defaults.get("fused"):
-        raise ValueError("--nonfinite_loss skip needs torch's fused AdamW, which this device lacks; use "
+        raise InputError("--nonfinite_loss skip needs torch's fused AdamW, which this device lacks; use "
                          "--nonfinite_loss stop.")
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_step_count(run.warmup_steps, run.max_steps),
                                                 run.max_steps)
@@ -542,4 +543,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_script
+
+    run_script(main, "train")
