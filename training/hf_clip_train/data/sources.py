@@ -72,7 +72,7 @@ def load_split(data_args: "DatasetArguments", split: str, streaming: bool = Fals
             builder, data_files = _FILE_BUILDERS[suffix], name
             if "://" not in name and not glob.glob(os.path.expanduser(name)):
                 raise MissingInputError(f"--dataset_name {name!r} matches no file.")
-        elif "://" not in name and not is_hub_repo_id(name):
+        elif "://" not in name and not glob.glob(os.path.expanduser(name)) and not is_hub_repo_id(name):
             raise MissingInputError(f"--dataset_name {name!r}: no such file or folder, and not a Hub dataset id "
                                     "('name' or 'namespace/name').")
         try:
