@@ -17,7 +17,6 @@ from transformers import pipeline
 
 from hf_clip import PHOTO_TEMPLATES, ContrastiveDataCollator, retrieval_recall, top_k_accuracy, zero_shot_classifier
 
-from .args import InputError
 from .data.batches import ImageTextDataset, worker_count
 from .data.sources import (
     ImageTextColumns,
@@ -109,7 +108,7 @@ def embed_split(model, processor, dataset, *, columns: ImageTextColumns = ImageT
         parts = gathered
     usable = [part for part in parts if part[0] is not None]
     if not usable:
-        raise InputError(f"No usable row among the {len(dataset)} rows of the split (image column "
+        raise ValueError(f"No usable row among the {len(dataset)} rows of the split (image column "
                          f"{columns.image!r}, caption column {columns.caption!r}).")
     return SplitEmbeddings(torch.cat([p[0] for p in usable]), torch.cat([p[1] for p in usable]),
                            torch.cat([p[2] for p in usable]), sum(p[3] for p in parts))
