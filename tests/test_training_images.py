@@ -130,3 +130,17 @@ def test_decompression_bombs_are_skipped_and_counted_in_a_training_run_and_its_e
     warned = [record.getMessage() for record in caplog.records if "more than the 89478485 allowed" in record.message]
     assert len(warned) >= len(train_bombs) and all("12000x12000" in message for message in warned)
 
+
+
+def test_evaluation_of_a_large_jpeg_decoded_at_a_reduced_scale_keeps_the_full_decodes_pixels():
+    """The evaluation transform decodes a 3000 x 2000 JPEG at 1/8 scale for 224 pixels (still 375 x 250); its pixels
+    stay those of the full-size decode through the same resize, to within JPEG's own rounding."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (2000, 3000, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(6))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    evaluation = ImageTransform(224, MEAN, STD, train=False)
+    full = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    full.info.pop("exif", None)
+    reduced, reference = evaluation(buffer.getvalue()), evaluation(full)
+    assert (reduced - reference).abs().mean() < 0.02
