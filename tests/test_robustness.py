@@ -424,9 +424,10 @@ def test_a_wrong_hub_token_is_refused_at_start_up(hub_server, tmp_path):
     result = run_python(["-m", "hf_clip_train.train", "--output_dir", str(out), *FAST_TRAINING_ARGS, *SMALL,
                          "--dataset_name", data, "--max_steps", "2", "--push_to_hub", "--hub_model_id",
                          "never-trained"], cwd=REPO, env=env, timeout=300)
-    assert result.returncode == 1
-    assert (f"PermissionError: --push_to_hub: The Hub at {hub_server.url} refused the push to 'never-trained' "
-            "(HTTP 401") in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # a user error (issue 29): one line
+    assert result.stderr.splitlines()[-1].startswith(
+        f"hf-clip-train: error: --push_to_hub: The Hub at {hub_server.url} refused the push to 'never-trained' "
+        "(HTTP 401")
     assert not (out / "metrics.jsonl").exists() and wrong not in result.stdout + result.stderr
 
 

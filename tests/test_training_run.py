@@ -247,6 +247,42 @@ def test_streaming_webdataset_with_corrupt_images_trains_from_scratch_and_counts
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="2 DataLoader workers need 2 CPUs")
+def test_a_streamed_resume_refuses_another_dataloader_worker_count_and_keeps_exact_skip_counts_with_the_same(
+        tmp_path):
+    """Issue 29: a streamed run resumed from 2 DataLoader workers to 0 counted 2 skipped rows where the uninterrupted
+    run counted 9 (each worker's place in its own shards cannot carry over to another count, and the epoch was read
+    again). Such a resume is now refused, naming both counts and the flag; with the same count the resumed run's
+    losses and skip counts are the uninterrupted run's; --allow_resume_changes reads the epoch again, as logged and
+    recorded in the card."""
+    shards = tmp_path / "shards"
+    _webdataset_shards(shards, shards=2, rows=40, corrupt_jpg=lambda p: p % 9 == 4, corrupt_png=lambda p: False)
+    streamed = ["--dataset_name", str(shards), "--streaming", "--image_column", "jpg", "--caption_column", "txt",
+                "--shuffle_buffer_size", "1", "--eval_splits", "none", "--max_steps", "4"]
+    straight = tmp_path / "straight"
+    _train(straight, *streamed, "--dataloader_num_workers", "2", "--save_steps", "2")
+    skipped = {line["step"]: line["skipped_samples"] for line in _log_lines(straight / "metrics.jsonl")}
+    assert skipped[4] > skipped[2] > 0
+
+    def resume(name, *flags):
+        resumed = tmp_path / name
+        resumed.mkdir()
+        shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+        shutil.copytree(straight / ".tokenizer", resumed / ".tokenizer")
+        _train(resumed, *streamed, "--resume_from_checkpoint", "latest", *flags)
+        return resumed
+
+    same = resume("same", "--dataloader_num_workers", "2")
+    assert {line["step"]: (line["loss"], line["skipped_samples"]) for line in _log_lines(same / "metrics.jsonl")} == {
+        step: (loss, skipped[step]) for step, loss in _losses(straight).items() if step > 2}
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-2 with flags that differ .*: the "
+                                         r"DataLoader workers reading the streamed split \(--dataloader_num_workers, "
+                                         r"0 counted as 1 and capped at the CPU count\) 2 in the checkpoint, 1 now"):
+        resume("fewer", "--dataloader_num_workers", "0")
+    allowed = resume("allowed", "--dataloader_num_workers", "0", "--allow_resume_changes")
+    assert "step 2: the DataLoader workers reading the streamed split" in (allowed / "README.md").read_text()
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """2 ranks × 8 rows vs 1 process × 16 rows: different data per rank, same losses and weights."""
     steps = ["--max_steps", "3", "--log_sample_ids", "--eval_splits", "test"]

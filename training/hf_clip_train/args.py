@@ -26,9 +26,22 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser
 
 from hf_clip import HFClipConfig
+from hf_clip.cli import UsageError
 from hf_clip.grad_cache import check_micro_batches
 from hf_clip.hub import is_hub_repo_id
 from hf_clip.zero_shot import check_templates
+
+
+class InputError(UsageError, ValueError):
+    """Input the scripts refuse, with a message for the user: a flag's value or combination, a config file, a dataset,
+    split or column that the flags name, data without a usable row, a resume with another recipe. A `ValueError`,
+    and a `hf_clip.cli.UsageError`, which the console scripts report as one line and exit status 2."""
+
+
+class MissingInputError(UsageError, FileNotFoundError):
+    """A file, folder or checkpoint that a flag names and that does not exist (a `FileNotFoundError`, and a
+    `UsageError`)."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -276,13 +289,13 @@ class RunArguments:
                            "logging_steps")
         for name in ("save_steps", "eval_steps"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be 0 (never) or a positive number of steps, got "
+                raise InputError(f"--{name} must be 0 (never) or a positive number of steps, got "
                                  f"{getattr(self, name)}.")
         if self.max_bad_fraction is not None and not 0 <= self.max_bad_fraction < 1:
-            raise ValueError(f"--max_bad_fraction must be in [0, 1) (a fraction of the rows read), got "
+            raise InputError(f"--max_bad_fraction must be in [0, 1) (a fraction of the rows read), got "
                              f"{self.max_bad_fraction}.")
         if self.nonfinite_loss not in NONFINITE_LOSS_ACTIONS:
-            raise ValueError(f"--nonfinite_loss must be one of {NONFINITE_LOSS_ACTIONS}, got {self.nonfinite_loss!r}.")
+            raise InputError(f"--nonfinite_loss must be one of {NONFINITE_LOSS_ACTIONS}, got {self.nonfinite_loss!r}.")
         warmup_step_count(self.warmup_steps, self.max_steps)
         if self.per_device_train_batch_size is not None:
             self.check_grad_cache()
@@ -292,7 +305,7 @@ class RunArguments:
         try:
             check_micro_batches(self.grad_cache_micro_batches, self.per_device_train_batch_size)
         except ValueError as error:
-            raise ValueError(f"--grad_cache_micro_batches (with --per_device_train_batch_size "
+            raise InputError(f"--grad_cache_micro_batches (with --per_device_train_batch_size "
                              f"{self.per_device_train_batch_size}): {error}") from None
 
 
@@ -321,7 +334,7 @@ class IndexArguments:
         default=0.95,
         metadata={"help": "With --index_type ivf_pq: probe twice the fewest inverted lists at which the recall@10 "
                           "against exact search of the collection's image and caption queries reaches this on "
-                          "average, with their worst 5% no more than 0.15 below it (all lists if none does)."},
+                          "average, with their worst 5%% no more than 0.15 below it (all lists if none does)."},
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a finished or half-built index in --output_dir."}
@@ -383,7 +396,7 @@ def check_config_value(flag: str, value, overrides: dict) -> None:
     try:
         HFClipConfig(**overrides)
     except (StrictDataclassError, ValueError, TypeError) as error:
-        raise ValueError(f"--{flag} {value!r}: {config_error(error)}") from None
+        raise InputError(f"--{flag} {value!r}: {config_error(error)}") from None
 
 
 def image_geometry(scratch: FromScratchArguments, data_image_size: int | None) -> dict[str, int]:
@@ -400,7 +413,7 @@ def image_geometry(scratch: FromScratchArguments, data_image_size: int | None) -
     if scratch.image_size is None:
         image_size = min(preset.image_size, math.ceil(image_size / patch_size) * patch_size)
     if image_size % patch_size:
-        raise ValueError(f"--image_size ({image_size}) must be a multiple of --patch_size ({patch_size}).")
+        raise InputError(f"--image_size ({image_size}) must be a multiple of --patch_size ({patch_size}).")
     return {"image_size": image_size, "patch_size": patch_size}
 
 
@@ -409,7 +422,7 @@ def check_model_name_or_path(model_name_or_path: str | None) -> None:
     if model_name_or_path is None or Path(model_name_or_path).expanduser().exists():
         return
     if not is_hub_repo_id(model_name_or_path):
-        raise FileNotFoundError(f"--model_name_or_path {model_name_or_path!r}: no such directory, and not a Hub repo "
+        raise MissingInputError(f"--model_name_or_path {model_name_or_path!r}: no such directory, and not a Hub repo "
                                 "id ('name' or 'namespace/name').")
 
 
@@ -417,7 +430,7 @@ def warmup_step_count(warmup_steps: float, max_steps: int) -> int:
     """`--warmup_steps` as a number of steps: whole numbers as they are, fractions in [0, 1) of `max_steps`
     (rounded up, as `transformers.TrainingArguments.get_warmup_steps` does)."""
     if warmup_steps < 0 or (warmup_steps >= 1 and warmup_steps != int(warmup_steps)):
-        raise ValueError(f"--warmup_steps must be a whole number of steps or a fraction in [0, 1), got {warmup_steps}.")
+        raise InputError(f"--warmup_steps must be a whole number of steps or a fraction in [0, 1), got {warmup_steps}.")
     return int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * max_steps)
 
 
@@ -436,7 +449,7 @@ def check_at_least_one(arguments, *names: str) -> None:
     for name in names:
         value = getattr(arguments, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}.")
+            raise InputError(f"--{name} must be at least 1, got {value}.")
 
 
 def rename_deprecated(argv: list[str], renamed: Mapping[str, str]) -> list[str]:
@@ -461,10 +474,17 @@ def parse_with_config_file(classes: Iterable[type], argv: list[str] | None, rena
     parser.set_defaults(**defaults)
     if argv and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
         path = Path(argv.pop(0))
+        if not path.is_file():
+            raise MissingInputError(f"Config file {str(path)!r} does not exist (a first argument ending in "
+                                    f"{path.suffix} is read as a file of arguments).")
         text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        try:
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise InputError(f"Config file {str(path)!r} is not valid {path.suffix[1:].upper()}: "
+                             f"{' '.join(str(error).split())}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of argument names to values.")
+            raise InputError(f"{path} must hold a mapping of argument names to values.")
         for old in set(values) & set(renamed):
             logger.warning("%s: %r is deprecated and will be removed in the next release; use %r.", path, old,
                            renamed[old])
@@ -472,6 +492,6 @@ def parse_with_config_file(classes: Iterable[type], argv: list[str] | None, rena
         known = {f.name for cls in classes for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown argument(s) {unknown}.")
+            raise InputError(f"{path}: unknown argument(s) {unknown}.")
         parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

@@ -24,7 +24,7 @@ from accelerate.utils import gather_object
 
 from hf_clip.integrity import CHECKPOINT_MARKER, FILES_KEY, CorruptFileError, file_manifest, verify_files
 
-from .args import RunArguments, TrainScriptArguments, warmup_step_count
+from .args import InputError, MissingInputError, RunArguments, TrainScriptArguments, warmup_step_count
 from .data import ProcessShare, TrainBatches
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def verify_checkpoint(checkpoint: str | Path) -> dict:
     checkpoint = Path(checkpoint)
     marker = _marker(checkpoint)
     if not marker.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
+        raise MissingInputError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
     try:
         state = json.loads(marker.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -85,7 +85,7 @@ def resolve_checkpoint(output_dir: str | Path, requested: str) -> Path:
         return Path(requested)
     checkpoints = complete_checkpoints(output_dir)
     if not checkpoints:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
+        raise MissingInputError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
     damaged = []
     for checkpoint in reversed(checkpoints):
         try:
@@ -154,8 +154,14 @@ RESUME_FIXED_FLAGS = (
     "learning_rate", "warmup_steps", "max_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
     "per_device_train_batch_size", "gradient_accumulation_steps", "num_processes", "seed", "dataset_name",
     "dataset_config_name", "train_split", "image_column", "caption_column", "max_train_samples", "streaming",
-    "shuffle_buffer_size", "embedded_num_train", "loss_type",
+    "shuffle_buffer_size", "embedded_num_train", "loss_type", "stream_workers",
 )
+# How a resume names the recipe keys that are not flags of their own.
+_RECIPE_KEY_NAMES = {
+    "num_processes": "the process count (accelerate launch --num_processes)",
+    "stream_workers": "the DataLoader workers reading the streamed split (--dataloader_num_workers, 0 counted as 1 "
+                      "and capped at the CPU count)",
+}
 # Refused even with --allow_resume_changes: the checkpoint's weights and optimizer state belong to its loss.
 NEVER_CHANGED_ON_RESUME = ("loss_type",)
 
@@ -168,18 +174,21 @@ def dataset_identity(dataset_name: str | None) -> str | None:
     return os.path.abspath(expanded) if Path(expanded).exists() or glob.glob(expanded) else dataset_name
 
 
-def resume_recipe(args: TrainScriptArguments, num_processes: int, loss_type: str) -> dict:
-    """The values of `RESUME_FIXED_FLAGS` in this run; `loss_type` is the model's."""
+def resume_recipe(args: TrainScriptArguments, num_processes: int, loss_type: str, stream_workers: int) -> dict:
+    """The values of `RESUME_FIXED_FLAGS` in this run; `loss_type` is the model's, `stream_workers` the number of
+    DataLoader workers that read a streamed split (`TrainBatches.streams`; recorded for streamed data only: each
+    worker's position in its own shards is what a streamed resume restores, so another count cannot continue it)."""
     run, data = args.run, args.data
     values = {**args.flat(), "warmup_steps": warmup_step_count(run.warmup_steps, run.max_steps),
               "num_processes": num_processes, "dataset_name": dataset_identity(data.dataset_name),
               "loss_type": loss_type, "shuffle_buffer_size": data.shuffle_buffer_size if data.streaming else None,
-              "embedded_num_train": data.embedded_num_train if data.dataset_name is None else None}
+              "embedded_num_train": data.embedded_num_train if data.dataset_name is None else None,
+              "stream_workers": stream_workers if data.streaming else None}
     return {key: values[key] for key in RESUME_FIXED_FLAGS}
 
 
 def _flag(key: str) -> str:
-    return "the process count" if key == "num_processes" else f"--{key}"
+    return _RECIPE_KEY_NAMES.get(key, f"--{key}")
 
 
 def take_unset_flags_from_checkpoint(args: TrainScriptArguments, saved: dict) -> None:
@@ -208,13 +217,13 @@ def check_resume(checkpoint: Path, saved: dict, recipe: dict, allow_changes: boo
                if key in saved_recipe and saved_recipe[key] != value}
     described = "; ".join(f"{_flag(key)} {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
     if any(key in NEVER_CHANGED_ON_RESUME for key in changed):
-        raise ValueError(
+        raise InputError(
             f"Cannot resume from {checkpoint}: {described}. The loss type cannot change in a resume, even with "
             "--allow_resume_changes: the checkpoint's weights and optimizer state belong to its loss (a SigLIP model "
             "has a logit_bias, a CLIP model none). To switch, start a new run from a saved model with "
             "--model_name_or_path and --loss_type.")
     if changed and not allow_changes:
-        raise ValueError(
+        raise InputError(
             f"Cannot resume from {checkpoint} with flags that differ from those it was saved with: {described}. "
             f"Resume with the checkpoint's values, or pass --allow_resume_changes to apply the new ones from step "
             f"{saved['step']} on (each is logged and recorded in the model card).")

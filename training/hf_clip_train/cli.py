@@ -1,6 +1,9 @@
 """Console scripts `hf-clip-train`, `hf-clip-evaluate`, `hf-clip-finetune`, `hf-clip-index` and `hf-clip-search`:
 they check for the `[train]` extra before importing the scripts, which need it; `hf-clip-serve` checks for the
-`[serve]` extra."""
+`[serve]` extra. Each runs its script through `hf_clip.cli.run_cli`: a user error (a `hf_clip.cli.UsageError`, such
+as `hf_clip_train.args.InputError` and `MissingInputError`, or a file that does not match its saved checksum) is one
+line "hf-clip-NAME: error: ..." on stderr and exit status 2, as argparse reports bad flags; any other exception is a
+bug and keeps its traceback."""
 
 import importlib
 import importlib.util
@@ -36,7 +39,15 @@ def _run(script: str, name: str, function: str = "main") -> None:
         verb = "is" if len(missing) == 1 else "are"
         sys.exit(f"hf-clip-{name} needs the training extra, and {', '.join(missing)} {verb} not "
                  'installed. Install it with: pip install "hf-clip[train]"')
-    getattr(importlib.import_module(f"{__package__}.{script}"), function)()
+    run_script(getattr(importlib.import_module(f"{__package__}.{script}"), function), name)
+
+
+def run_script(main, name: str) -> None:
+    """`main()` of the script `hf-clip-{name}` (also what `python -m` runs) through `hf_clip.cli.run_cli`."""
+    from hf_clip.cli import run_cli
+    from hf_clip.integrity import CorruptFileError
+
+    run_cli(main, None, prog=f"hf-clip-{name}", user_errors=(CorruptFileError,))
 
 
 def train() -> None:
@@ -65,4 +76,4 @@ def serve() -> None:
         verb = "is" if len(missing) == 1 else "are"
         sys.exit(f"hf-clip-serve needs the serve extra, and {', '.join(missing)} {verb} not installed. Install it "
                  'with: pip install "hf-clip[serve]" (and "hf-clip[serve,search]" to serve an index)')
-    importlib.import_module(f"{__package__}.serve.main").main()
+    run_script(importlib.import_module(f"{__package__}.serve.main").main, "serve")

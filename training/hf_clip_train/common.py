@@ -5,7 +5,7 @@ from transformers import AutoProcessor
 
 from hf_clip import HFClipConfig, HFClipModel, HFClipProcessor, match_special_tokens
 
-from .args import LossArguments, TowerLockArguments, config_error
+from .args import InputError, LossArguments, TowerLockArguments, config_error
 
 
 def config_overrides(patch_dropout: float | None = None, loss_args: LossArguments | None = None) -> dict:
@@ -45,7 +45,7 @@ def load_pretrained(model_name_or_path: str, patch_dropout: float | None = None,
     try:
         config = override_config(config, overrides)
     except (StrictDataclassError, ValueError, TypeError) as error:
-        raise ValueError(f"The config of {model_name_or_path!r} with {overrides}: {config_error(error)}") from None
+        raise InputError(f"The config of {model_name_or_path!r} with {overrides}: {config_error(error)}") from None
     model = HFClipModel.from_pretrained(model_name_or_path, config=config)
     loaded = AutoProcessor.from_pretrained(model_name_or_path)
     match_special_tokens(model, loaded.tokenizer)

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from transformers import AutoModel, AutoProcessor
 
-from .args import DatasetArguments, EvalArguments, LoaderArguments, ModelArguments, parse_with_config_file
+from .args import (
+    DatasetArguments,
+    EvalArguments,
+    InputError,
+    LoaderArguments,
+    ModelArguments,
+    parse_with_config_file,
+)
 from .data import check_label_columns, columns_of
 from .evaluation import evaluate_splits, format_results_table, load_eval_splits, zero_shot_templates
 from .runtime import process_state, setup_logging
@@ -35,7 +42,7 @@ def parse_args(argv: list[str] | None = None
         (ModelArguments, DatasetArguments, EvalArguments, LoaderArguments, OutputArguments), argv, RENAMED_FLAGS,
         defaults={"embedded_num_train": 0})
     if parsed[0].model_name_or_path is None:
-        raise ValueError("--model_name_or_path is required: the saved hf_clip or Transformers CLIP model to evaluate.")
+        raise InputError("--model_name_or_path is required: the saved hf_clip or Transformers CLIP model to evaluate.")
     return parsed
 
 
@@ -58,4 +65,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_script
+
+    run_script(main, "evaluate")

@@ -37,6 +37,7 @@ from hf_clip import (
 from .args import (
     DatasetArguments,
     EvalArguments,
+    InputError,
     LossArguments,
     ModelArguments,
     PatchDropoutArguments,
@@ -67,9 +68,9 @@ class FinetuneArguments:
 
     def __post_init__(self):
         if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}.")
+            raise InputError(f"--task must be one of {TASKS}, got {self.task!r}.")
         if self.wise_ft_alpha is not None and self.task != "image-classification":
-            raise ValueError("--wise_ft_alpha applies to --task image-classification only.")
+            raise InputError("--wise_ft_alpha applies to --task image-classification only.")
 
 
 @dataclass
@@ -85,9 +86,9 @@ class FinetuneScriptArguments:
 
     def __post_init__(self):
         if self.training.remove_unused_columns:
-            raise ValueError("--remove_unused_columns must stay False: the collators read the raw dataset columns.")
+            raise InputError("--remove_unused_columns must stay False: the collators read the raw dataset columns.")
         if self.finetune.task == "image-classification" and self.locks.lock_text:
-            raise ValueError("--lock_text: the image classifier has no text tower.")
+            raise InputError("--lock_text: the image classifier has no text tower.")
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneScriptArguments:
          TrainingArguments),
         argv, defaults={"remove_unused_columns": False, "embedded_num_train": 4_000}))
     if args.model.model_name_or_path is None:
-        raise ValueError("--model_name_or_path is required: the hf_clip or Transformers CLIP checkpoint to fine-tune.")
+        raise InputError("--model_name_or_path is required: the hf_clip or Transformers CLIP checkpoint to fine-tune.")
     return args
 
 
@@ -177,7 +178,7 @@ def finetune_contrastive(model, processor, args: FinetuneScriptArguments) -> dic
 def class_names_of(dataset, dataset_name: str | None, columns: ImageTextColumns) -> list[str]:
     feature = dataset.features[columns.label] if dataset.features is not None else None
     if not hasattr(feature, "names"):
-        raise ValueError(
+        raise InputError(
             f"Column {columns.label!r} of {dataset_label(dataset_name)!r} is not a ClassLabel, "
             "so it names no classes; cast it with dataset.cast_column(column, ClassLabel(names=[...]))."
         )
@@ -240,4 +241,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_script
+
+    run_script(main, "finetune")

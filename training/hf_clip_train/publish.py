@@ -8,6 +8,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from hf_clip import PUBLISHED_HYPERPARAMETERS, HFClipModel, HFClipProcessor, ModelCardInfo, push_to_hub
+from hf_clip.cli import UsageError
 from hf_clip.hub import check_push_access, error_summary, public_name
 from hf_clip.integrity import write_manifest
 
@@ -25,6 +26,10 @@ SCRIPT_CARD_KEYS = ("preset", "tokenizer_vocab_size", "context_length", "image_s
 CARD_KEYS = (*PUBLISHED_HYPERPARAMETERS, *SCRIPT_CARD_KEYS)
 
 
+class HubAccessError(UsageError, PermissionError):
+    """--push_to_hub with a token the Hub refuses, or a repo it may not write: found at start-up, before any step."""
+
+
 def check_hub_access(accelerator: Accelerator, repo_id: str, private: bool) -> None:
     """With --push_to_hub, at start-up: the token is valid and may write `repo_id` (`hf_clip.hub.check_push_access`,
     on the main process). A refusal stops every process now; a Hub that cannot be reached only warns."""
@@ -39,7 +44,7 @@ def check_hub_access(accelerator: Accelerator, repo_id: str, private: bool) -> N
                            error_summary(error))
     refusal = broadcast_object_list([refusal])[0]
     if refusal is not None:
-        raise PermissionError(refusal)
+        raise HubAccessError(refusal)
 
 
 def card_hyperparameters(args: TrainScriptArguments, accelerator: Accelerator, resume_changes: list[str] = (),

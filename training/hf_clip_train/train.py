@@ -39,6 +39,7 @@ from hf_clip.hub import error_summary
 from .args import TRAIN_ARGUMENT_CLASSES as ARGUMENT_CLASSES
 from .args import (
     DatasetArguments,
+    InputError,
     RunArguments,
     TrainScriptArguments,
     default_batch_size,
@@ -135,7 +136,7 @@ def cpu_has_native_bf16() -> bool:
 def resolve_mixed_precision(requested: str) -> str:
     """'auto' -> bf16 where the hardware runs it natively (CUDA with bf16, AVX512-BF16/AMX CPUs), else 'no'."""
     if requested not in ("auto", "no", "bf16", "fp16"):
-        raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {requested!r}.")
+        raise InputError(f"--mixed_precision must be auto, no, bf16 or fp16, got {requested!r}.")
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -378,7 +379,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 3. Model, processor, optimizer and schedule, restored from the checkpoint (after comparing recipes) when resuming.
     model, processor = build_model_and_processor(args, train_split, columns, accelerator,
                                                  resuming=checkpoint is not None)
-    recipe = resume_recipe(args, accelerator.num_processes, model.config.loss_type)
+    num_workers = worker_count(args.loader.dataloader_num_workers)
+    recipe = resume_recipe(args, accelerator.num_processes, model.config.loss_type, stream_workers=max(1, num_workers))
     resume_changes = list(saved.get("resume_changes", []))
     if checkpoint is not None:
         resume_changes += check_resume(checkpoint, saved, recipe, run.allow_resume_changes)
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         model.compile_towers(backend=run.torch_compile_backend, mode=run.torch_compile_mode)
     optimizer = build_optimizer(model, run)
     if run.nonfinite_loss == "skip" and not optimizer.defaults.get("fused"):
-        raise ValueError("--nonfinite_loss skip needs torch's fused AdamW, which this device lacks; use "
+        raise InputError("--nonfinite_loss skip needs torch's fused AdamW, which this device lacks; use "
                          "--nonfinite_loss stop.")
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_step_count(run.warmup_steps, run.max_steps),
                                                 run.max_steps)
@@ -414,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                                         max_rows=data.max_train_samples, shuffle_buffer_size=data.shuffle_buffer_size)
     collator = ContrastiveDataCollator(processor, columns.image, columns.caption)
     train_batches = TrainBatches(train_dataset, collator, run.per_device_train_batch_size, seed=run.seed,
-                                 num_workers=worker_count(args.loader.dataloader_num_workers), process=process)
+                                 num_workers=num_workers, process=process)
     batches = train_batches.iterate(micro_step, stream_state)
     accelerator.init_trackers("hf_clip", config={k: v for k, v in args.flat().items()
                                                   if isinstance(v, (int, float, str, bool))})
@@ -541,4 +543,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_script
+
+    run_script(main, "train")

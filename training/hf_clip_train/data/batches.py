@@ -32,6 +32,7 @@ from datasets.distributed import split_dataset_by_node
 
 from hf_clip import ContrastiveDataCollator
 from hf_clip.collators import BAD_SAMPLE_ERRORS
+from hf_clip.processing_hf_clip import ImageTooLargeError
 
 from .sources import ImageTextColumns, first_rows, prepare_columns
 from .transforms import ImageTransform, decode_row
@@ -81,6 +82,15 @@ def replacement_candidates(num_rows: int, excluded: set[int], rng: np.random.Gen
             yield row
 
 
+def log_skipped_row(row: str, error: Exception) -> None:
+    """Log an unusable row: at debug level, or as a warning for an image refused as a possible decompression bomb
+    (`ImageTooLargeError`), which is rare and worth seeing. Either way the row is counted with the skipped rows."""
+    if isinstance(error, ImageTooLargeError):
+        logger.warning("Skipping %s: %s", row, error)
+    else:
+        logger.debug("Skipping %s: %s", row, error)
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style rows -> samples {"pixel_values", caption column, "row_id", "skipped"}, decoded in the worker.
 
@@ -112,7 +122,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         try:
             pixel_values, caption = decode_row(self.dataset[row_id], self.columns, self.transform, rng)
         except BAD_SAMPLE_ERRORS as error:
-            logger.debug("Skipping row %d: %s", row_id, error)
+            log_skipped_row(f"row {row_id}", error)
             return None
         return {"pixel_values": pixel_values, self.columns.caption: caption, "row_id": row_id}
 
@@ -176,7 +186,7 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
             try:
                 pixel_values, caption = decode_row(row, self.columns, self.transform, rng)
             except BAD_SAMPLE_ERRORS as error:
-                logger.debug("Skipping streamed row %d: %s", position, error)
+                log_skipped_row(f"streamed row {position} of stream {stream}", error)
                 skipped += 1
                 continue
             yield {"pixel_values": pixel_values, self.columns.caption: caption, "row_id": -1, "skipped": skipped,

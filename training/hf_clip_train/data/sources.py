@@ -15,7 +15,9 @@ import numpy as np
 from PIL import Image
 
 from hf_clip.collators import BAD_SAMPLE_ERRORS, decode_image, pick_caption
+from hf_clip.hub import is_hub_repo_id
 
+from ..args import InputError, MissingInputError
 from ..synthetic import build_shapes_dataset
 
 if TYPE_CHECKING:
@@ -69,10 +71,15 @@ def load_split(data_args: "DatasetArguments", split: str, streaming: bool = Fals
         if suffix in _FILE_BUILDERS:
             builder, data_files = _FILE_BUILDERS[suffix], name
             if "://" not in name and not glob.glob(os.path.expanduser(name)):
-                raise FileNotFoundError(f"--dataset_name {name!r} matches no file.")
+                raise MissingInputError(f"--dataset_name {name!r} matches no file.")
+        elif "://" not in name and not glob.glob(os.path.expanduser(name)) and not is_hub_repo_id(name):
+            raise MissingInputError(f"--dataset_name {name!r}: no such file or folder, and not a Hub dataset id "
+                                    "('name' or 'namespace/name').")
         try:
             return datasets.load_dataset(builder, data_args.dataset_config_name, data_files=data_files, split=split,
                                          streaming=streaming)
+        except datasets.exceptions.DatasetNotFoundError as error:
+            raise MissingInputError(f"--dataset_name {name!r}: no such file or folder here, and {error}") from None
         except ValueError as error:
             if "Unknown split" in str(error) or "Bad split" in str(error):
                 return None
@@ -107,9 +114,9 @@ def columns_of(data_args: "DatasetArguments", caption: bool = True, label: bool 
                             base_dir=base_directory(data_args.dataset_name))
 
 
-def missing_split_error(dataset_name: str | None, split: str, flag: str | None = None) -> ValueError:
+def missing_split_error(dataset_name: str | None, split: str, flag: str | None = None) -> InputError:
     set_by = f" (set by --{flag})" if flag else ""
-    return ValueError(f"Dataset {dataset_label(dataset_name)!r} has no split {split!r}{set_by}.")
+    return InputError(f"Dataset {dataset_label(dataset_name)!r} has no split {split!r}{set_by}.")
 
 
 def load_checked_split(data_args: "DatasetArguments", split: str, columns: Mapping[str, str], *,
@@ -146,7 +153,7 @@ def check_columns(dataset, dataset_name: str | None, split: str, columns: Mappin
     found = column_names(dataset)
     for flag, column in columns.items():
         if column not in found:
-            raise ValueError(
+            raise InputError(
                 f"Dataset {dataset_label(dataset_name)!r} (split {split!r}) has no column {column!r} (set by "
                 f"--{flag}); found columns: {found}."
             )
@@ -180,7 +187,7 @@ def check_usable_rows(dataset, dataset_name: str | None, split: str, columns: Im
             return
         except BAD_SAMPLE_ERRORS as error:
             errors.append(str(error))
-    raise ValueError(
+    raise InputError(
         f"Dataset {dataset_label(dataset_name)!r} (split {split!r}) has no usable rows among the first "
         f"{len(errors)} (image column {columns.image!r}, caption column {columns.caption!r}). "
         f"First problem: {errors[0] if errors else 'the split is empty'}."
@@ -229,7 +236,7 @@ def check_label_columns(splits: dict, dataset_name: str | None, label: str | Non
             continue
         feature = (dataset.features or {}).get(label)
         if not hasattr(feature, "names"):
-            raise ValueError(
+            raise InputError(
                 f"Column {label!r} of {dataset_label(dataset_name)!r} (split {name!r}) is {feature}, not a "
                 f"ClassLabel, so it names no classes for zero-shot evaluation. Cast it with "
                 f"dataset.cast_column({label!r}, datasets.ClassLabel(names=[...])), or pass --label_column '' to "

@@ -3,7 +3,6 @@ scale where the crop allows; CLIP's evaluation preprocessing), and `normalize_pi
 training pixels into the model's input on the device."""
 
 import functools
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 
 from hf_clip.collators import BAD_SAMPLE_ERRORS, decode_image, pick_caption
+from hf_clip.processing_hf_clip import ImageTooLargeError, apply_exif_orientation, open_image, oriented_size
 
 from .sources import ImageTextColumns
 
@@ -23,13 +23,17 @@ from .sources import ImageTextColumns
 class ImageTransform:
     """An image -> a (3, size, size) tensor.
 
+    Every image is turned upright as its EXIF orientation says (as `datasets` and Transformers' `load_image` do), and
+    an encoded image whose header claims more than `hf_clip.processing_hf_clip.MAX_IMAGE_PIXELS` pixels is refused
+    with `ImageTooLargeError` before it is decoded.
     Training (`train=True`): a random resized crop to uint8 pixels, resampled once (bicubic) from the crop box, which
-    is drawn with `rng` from the original size. An encoded JPEG (bytes, a path, a datasets {"bytes", "path"} cell) is
-    decoded at 1/2, 1/4 or 1/8 scale (libjpeg's reduced DCT through `Image.draft`) whenever the crop still spans at
-    least `size` pixels at that scale, so no full-size image is built. `normalize_pixels` turns a batch of them into
-    the model's input, on the device.
+    is drawn with `rng` from the original upright size. An encoded JPEG (bytes, a path, a datasets {"bytes", "path"}
+    cell) is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's reduced DCT through `Image.draft`) whenever the crop still
+    spans at least `size` pixels at that scale, so no full-size image is built. `normalize_pixels` turns a batch of
+    them into the model's input, on the device.
     Evaluation (`train=False`): CLIP's preprocessing, as the CLIP image processor: resize the short side,
-    centre-crop, normalise; float32.
+    centre-crop, normalise; float32. A JPEG is decoded at the smallest reduced scale that keeps both sides at least
+    `size` pixels.
     """
 
     size: int
@@ -56,13 +60,15 @@ class ImageTransform:
     def __call__(self, image: Any, rng: np.random.Generator | None = None,
                  base_dir: str | os.PathLike | None = None) -> torch.Tensor:
         """`image`: anything `hf_clip.decode_image` reads; relative paths are read from `base_dir`. Returns uint8
-        (training) or normalised float32 (evaluation) pixels (3, size, size)."""
+        (training) or normalised float32 (evaluation) pixels (3, size, size), upright as the image's EXIF orientation
+        says. An encoded image whose header claims more than `MAX_IMAGE_PIXELS` raises `ImageTooLargeError` (one of
+        BAD_SAMPLE_ERRORS) before anything is decoded."""
         if self.train:
             jpeg = _lazy_jpeg(image, base_dir)
             if jpeg is not None:
                 with jpeg:
                     return self._reduced_crop(jpeg, rng)
-        image = decode_image(image, base_dir)
+        image = decode_image(image, base_dir, min_size=None if self.train else self.size)
         box = self.crop_box(*image.size, rng)
         resized = image.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
         if self.train:
@@ -72,16 +78,21 @@ class ImageTransform:
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
     def _reduced_crop(self, jpeg: Image.Image, rng: np.random.Generator | None) -> torch.Tensor:
-        """The crop of a not yet decoded JPEG, decoded at the smallest DCT scale that keeps `size` pixels across it."""
-        width, height = jpeg.size
+        """The crop of a not yet decoded JPEG, decoded at the smallest DCT scale that keeps `size` pixels across it.
+        The crop box is drawn from the upright size, and the reduced decode turned upright before it is cropped."""
+        width, height = oriented_size(jpeg)
         box = self.crop_box(width, height, rng)
         wanted = (math.ceil(width * self.size / (box[2] - box[0])), math.ceil(height * self.size / (box[3] - box[1])))
-        drafted = jpeg.draft("RGB", wanted)
-        if drafted is not None:
+        turned = (width, height) != jpeg.size
+        drafted = jpeg.draft("RGB", wanted[::-1] if turned else wanted)
+        if drafted is not None:  # libjpeg's scale is width / reduced_width exactly; the decoded size rounds it up
             _, (_, _, reduced_width, reduced_height) = drafted
+            if turned:
+                reduced_width, reduced_height = reduced_height, reduced_width
             box = (box[0] * reduced_width / width, box[1] * reduced_height / height,
                    box[2] * reduced_width / width, box[3] * reduced_height / height)
-        resized = jpeg.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
+        upright = apply_exif_orientation(jpeg)
+        resized = upright.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
         return _uint8_pixels(resized if resized.mode == "RGB" else resized.convert("RGB"))
 
 
@@ -92,19 +103,16 @@ REDUCED_DECODE_MAX_ASPECT_RATIO = 4
 
 
 def _lazy_jpeg(image: Any, base_dir: str | os.PathLike | None) -> Image.Image | None:
-    """`image` opened but not decoded, when it is an encoded RGB or greyscale JPEG (bytes, a path, or a datasets
-    {"bytes", "path"} cell) of moderate aspect ratio; None otherwise, and when it cannot be opened (`decode_image`
-    then names the problem)."""
-    if isinstance(image, dict):
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, (bytes, bytearray)):
-        source = io.BytesIO(image)
-    elif isinstance(image, (str, os.PathLike)):
-        source = os.path.join(base_dir, image) if base_dir is not None else image
-    else:
+    """`image` opened by `hf_clip.processing_hf_clip.open_image` but not decoded, when it is an encoded RGB or
+    greyscale JPEG (bytes, a path, or a datasets {"bytes", "path"} cell) of moderate aspect ratio; None otherwise,
+    and when it cannot be opened (`decode_image` then names the problem). Raises `ImageTooLargeError` when its
+    header claims more than `MAX_IMAGE_PIXELS` pixels."""
+    if not isinstance(image, (bytes, bytearray, str, os.PathLike, dict)):
         return None
     try:
-        opened = Image.open(source)
+        opened = open_image(image, base_dir)
+    except ImageTooLargeError:
+        raise
     except BAD_SAMPLE_ERRORS:
         return None
     width, height = opened.size

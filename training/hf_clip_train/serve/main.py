@@ -65,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model_name_or_path is None and args.index is None:
         parser.error("give --model_name_or_path (embeddings only) or --index (search, with the index's model), or "
                      "both.")
+    from hf_clip.hub import is_hub_repo_id
+
+    for flag, value in (("--model_name_or_path", args.model_name_or_path), ("--index", args.index)):
+        if value is not None and not os.path.exists(os.path.expanduser(value)) and not is_hub_repo_id(value):
+            parser.error(f"{flag} {value!r}: no such folder, and not a Hub repo id ('name' or 'namespace/name').")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}.")
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
