@@ -52,12 +52,13 @@ def test_lit_run_through_the_cli_saves_the_locked_tower_bit_identical_and_the_pi
     config = HFClipConfig.from_pretrained(out)
     assert config.tower_sources["vision"]["name_or_path"] == str(pretrained["vision"])
     card = (out / "README.md").read_text()
-    assert f"`{pretrained['vision']}`" in card
+    assert "| composed from | `local model vision-vit` |" in card and str(pretrained["vision"]) not in card
+    assert card.count("local model vision-vit") == 2  # the tower table and the recipe
     if text_tower == "bert":
         text = load_file(pretrained["text"] / "model.safetensors")
         assert any(not torch.equal(saved[f"text_model.{name}"], tensor) for name, tensor in text.items())
         assert config.tower_sources["text"]["name_or_path"] == str(pretrained["text"])
-        assert f"`{pretrained['text']}`" in card
+        assert "`local model text-bert` |" in card
         assert config.text_config.model_type == "bert"
     else:
         assert config.text_config.model_type == "hf_clip_text_model"
