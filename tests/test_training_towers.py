@@ -85,8 +85,8 @@ def test_training_path_gives_a_composed_vision_tower_the_pixels_of_its_own_image
 
     evaluation = image_transform_for(processor, train=False)(image)
     training = normalize_pixels(image_transform_for(processor, train=True)(image)[None], *_mean_std(processor))[0]
-    torch.testing.assert_close(evaluation, reference, atol=0.04, rtol=0)
-    assert (evaluation - reference).abs().mean() < 0.01
+    torch.testing.assert_close(evaluation, reference, atol=2 / 255 / 0.5, rtol=0)  # PIL's and torchvision's bilinear
+    assert (evaluation - reference).abs().mean() < 1e-3
     torch.testing.assert_close(training, evaluation, atol=1 / 255 / 0.5 + 1e-6, rtol=0)  # uint8 rounding
 
 
