@@ -2,7 +2,7 @@
 `transformers.Trainer` to name the colour and the shape of the embedded dataset's scenes (multi-label, 10 outputs).
 
     python examples/pretrain_vision.py outputs/vit-shapes                  # about 4 minutes on 2 idle CPU cores
-    python -m hf_clip_train.train --vision_model_name_or_path outputs/vit-shapes --lock_image ...   # LiT
+    python -m hf_clip_train.train --vision_model_name_or_path outputs/vit-shapes --vision_pooling cls --lock_image # LiT
 
 The folder holds `config.json`, `model.safetensors` and `preprocessor_config.json` (a `ViTImageProcessor`), as a
 pretrained ViT on the Hub does. The backbone never sees a caption, and never sees the `test_unseen` compositions

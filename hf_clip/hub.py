@@ -270,12 +270,13 @@ def _format_value(value: Any) -> str:
 
 
 def _tower_rows(config) -> dict[str, dict[str, str]]:
-    """The model card's rows for each tower of a composed model: backbone family, where it was taken from and at
-    which revision (`HFClipConfig.tower_sources`), pooling and projection."""
+    """The model card's rows for each tower of a composed model: backbone family, where it was taken from (a Hub id,
+    or "local model NAME": no local path is published) and at which revision (`HFClipConfig.tower_sources`), pooling
+    and projection."""
     rows = {}
     for modality in ("vision", "text"):
         source = (config.tower_sources or {}).get(modality)
-        where = "–" if source is None else f"`{source['name_or_path']}`"
+        where = "–" if source is None else f"`{public_name(source['name_or_path'], 'model')}`"
         if source is not None and source.get("revision"):
             where += f" at revision `{source['revision']}`"
         pooling = getattr(config, f"{modality}_pooling")

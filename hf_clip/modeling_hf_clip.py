@@ -773,6 +773,8 @@ class HFClipModel(HFClipPreTrainedModel):
         vision_projection_type: str = "linear",
         text_projection_type: str = "linear",
         hub_kwargs: dict[str, Any] | None = None,
+        vision_revision: str | None = None,
+        text_revision: str | None = None,
         **config_kwargs,
     ) -> "HFClipModel":
         """An hf_clip model whose towers are the pretrained backbones at `vision_model_name_or_path` and
@@ -780,14 +782,21 @@ class HFClipModel(HFClipPreTrainedModel):
         with new projections into `projection_dim` and a new temperature (as `VisionTextDualEncoderModel.
         from_vision_text_pretrained`). Poolings default to each backbone family's own (`towers.default_pooling`);
         `config_kwargs` set other `HFClipConfig` fields (`loss_type`, `logit_scale_init_value`, ...); `hub_kwargs`
-        (`revision`, `token`, `cache_dir`, `local_files_only`) go to every `from_pretrained` call.
+        (`revision`, `token`, `cache_dir`, `local_files_only`) go to every `from_pretrained` call; `vision_revision` /
+        `text_revision` override its revision for one tower.
 
         Raises `ValueError` naming the problem: a backbone AutoModel cannot build, a pooling the backbone cannot do,
         or towers whose widths differ from `projection_dim` with a projection type of "none".
         """
-        hub_kwargs = hub_kwargs or {}
-        vision_model, _ = load_pretrained_tower(vision_model_name_or_path, "vision", vision_pooling, **hub_kwargs)
-        text_model, text_missing = load_pretrained_tower(text_model_name_or_path, "text", text_pooling, **hub_kwargs)
+        vision_hub_kwargs, text_hub_kwargs = dict(hub_kwargs or {}), dict(hub_kwargs or {})
+        if vision_revision is not None:
+            vision_hub_kwargs["revision"] = vision_revision
+        if text_revision is not None:
+            text_hub_kwargs["revision"] = text_revision
+        vision_model, _ = load_pretrained_tower(vision_model_name_or_path, "vision", vision_pooling,
+                                                **vision_hub_kwargs)
+        text_model, text_missing = load_pretrained_tower(text_model_name_or_path, "text", text_pooling,
+                                                         **text_hub_kwargs)
         try:
             config = HFClipConfig(
                 vision_config=vision_model.config, text_config=text_model.config, projection_dim=projection_dim,

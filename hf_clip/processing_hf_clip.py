@@ -286,18 +286,22 @@ class HFClipProcessor(ProcessorMixin):
 
     @classmethod
     def from_vision_text_pretrained(
-        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **hub_kwargs
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str, *, vision_revision: str | None = None,
+        text_revision: str | None = None, **hub_kwargs
     ) -> "HFClipProcessor":
         """The text model's tokenizer and the vision model's image processor (local folders or Hub ids), as
         `HFClipModel.from_vision_text_pretrained` composes their models. The tokenizer keeps its own context length,
         capped at the text model's positions when its `model_max_length` is unset, and returns no `token_type_ids`
-        (every text is one segment). `hub_kwargs` (`revision`, `token`, ...) go to each `from_pretrained`."""
+        (every text is one segment). `hub_kwargs` (`revision`, `token`, ...) go to each `from_pretrained`;
+        `vision_revision` / `text_revision` override its revision for one model."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         from .towers import text_context_length
 
+        vision_hub_kwargs = {**hub_kwargs, **({"revision": vision_revision} if vision_revision is not None else {})}
+        hub_kwargs = {**hub_kwargs, **({"revision": text_revision} if text_revision is not None else {})}
         try:
-            image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path, **hub_kwargs)
+            image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path, **vision_hub_kwargs)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"The vision model {vision_model_name_or_path!r} has no image processor AutoImageProcessor can load "

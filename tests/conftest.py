@@ -241,11 +241,16 @@ def run_two_ranks(worker: str, tmp_path, model, batch: dict, *worker_args, extra
 
 
 def start_two_ranks(worker, *args) -> None:
-    """`worker(rank, *args)` in 2 processes forked from this one, which has paid the imports (spawned ones would
-    import torch and hf_clip again, seconds each); fails if either process fails."""
+    """`worker(rank, *args)` in 2 processes forked from a fork server that this test process starts once, with torch,
+    hf_clip and the training package imported (spawned processes would import them again, seconds each). A fork of
+    the test process itself fails in backward once an earlier test started autograd's device threads, as
+    `torch.export` does; the server never runs autograd. Fails if either process fails."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="fork")
+    multiprocessing.set_forkserver_preload(["torch", "hf_clip", "hf_clip_train.train", "distributed_workers"])
+    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="forkserver")
 
 
 # `make demo`'s recipe (16-pixel patches, 500 steps of 128 scenes, learning rate 1e-3, the default precision: bf16

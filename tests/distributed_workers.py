@@ -186,3 +186,66 @@ def streamed_rows_of_each_rank(rank: int, world_size: int, port: int, work_dir: 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def lit_ddp_step(rank: int, world_size: int, port: int, work_dir: str, vision_folder: str) -> None:
+    """One step of `hf_clip_train.train`'s LiT set-up (its model building, locking, optimiser, `accelerator.prepare`
+    into DDP and `train_step`) on this rank's 4 rows; rank 0 writes `lit_report.json`: the parameters DDP's gradient
+    buckets all-reduced (recorded by a comm hook), the trainable ones, those with optimiser state, the towers' modes,
+    whether image features carry a graph and whether the locked tower changed."""
+    import json
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from transformers import get_constant_schedule
+
+    from hf_clip_train.common import lock_towers
+    from hf_clip_train.train import build_model_and_processor, build_optimizer, parse_args, train_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    try:
+        args = parse_args(["--output_dir", work_dir, "--vision_model_name_or_path", vision_folder, "--lock_image",
+                           "--projection_dim", "16", "--context_length", "24", "--tokenizer_vocab_size", "700",
+                           "--per_device_train_batch_size", "4"])
+        model, processor = build_model_and_processor(args, None, None, accelerator, resuming=False)
+        lock_towers(model, args.locks)
+        names = {id(parameter): name for name, parameter in model.named_parameters()}
+        trainable = sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)
+        vision_before = {name: tensor.clone() for name, tensor in model.vision_model.state_dict().items()}
+        optimizer = build_optimizer(model, args.run)
+        scheduler = get_constant_schedule(optimizer)
+        ddp_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        all_reduced = set()
+
+        def recording_allreduce(state, bucket):
+            all_reduced.update(names[id(parameter)] for parameter in bucket.parameters())
+            return default_hooks.allreduce_hook(state, bucket)
+
+        ddp_model.register_comm_hook(None, recording_allreduce)
+        ddp_model.train()
+        generator = torch.Generator().manual_seed(rank)
+        captions = [f"a {color} circle" for color in ("red", "green", "blue", "yellow")]
+        inputs = {**processor(text=captions, padding=True, return_tensors="pt"),
+                  "pixel_values": torch.randn(4, 3, 16, 16, generator=generator)}
+        train_step(accelerator, ddp_model, optimizer, scheduler, inputs, args.run)
+        unwrapped = accelerator.unwrap_model(ddp_model)
+        image_features = unwrapped.get_image_features(inputs["pixel_values"]).pooler_output
+        report = {
+            "all_reduced": sorted(all_reduced), "trainable": trainable,
+            "optimiser_state": sorted(names[id(parameter)] for parameter in optimizer.optimizer.state),
+            "vision_training": unwrapped.vision_model.training, "text_training": unwrapped.text_model.training,
+            "image_features_require_grad": image_features.requires_grad,
+            "vision_unchanged": all(torch.equal(tensor, vision_before[name])
+                                    for name, tensor in unwrapped.vision_model.state_dict().items()),
+        }
+        if rank == 0:
+            with open(os.path.join(work_dir, "lit_report.json"), "w") as handle:
+                json.dump(report, handle)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -94,6 +94,13 @@ COMMANDS: dict[str, str] = {
         HERE + "test_common_tests_command_collects_them_for_transformers_clip",
     r"\.venv/bin/python benchmarks/gpu_suite\.py": HERE + "test_gpu_suite_command_runs_on_a_gpu_and_refuses_a_cpu",
     r"\.venv/bin/python benchmarks/gpu_suite\.py --smoke": "tests/test_gpu_suite.py::test_smoke_run_gives_every_row",
+    r"python -m hf_clip_train\.train --output_dir outputs/vit-roberta --vision_model_name_or_path \S+ "
+    r"--text_model_name_or_path .*":
+        "tests/test_training_towers.py::"
+        "test_lit_run_through_the_cli_saves_the_locked_tower_bit_identical_and_the_pipeline_reloads_it",
+    r"python examples/pretrain_vision\.py outputs/vit-shapes|"
+    r"python -m hf_clip_train\.train --output_dir outputs/(lit|scratch) .*":
+        "tests/test_training_towers.py::test_docs_lit_commands_pretrain_a_backbone_and_run_lit_as_written",
 }
 
 

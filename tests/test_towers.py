@@ -561,5 +561,6 @@ def test_the_model_card_of_a_composed_model_names_its_towers(folders):
 
     model, _ = _compose(folders, "vit", "bert", text_pooling="mean")
     card = str(render_model_card(model, "me/vit-bert-clip"))
-    assert f"| composed from | `{folders('vit')}` | `{folders('bert')}` |" in card
+    assert "| composed from | `local model vision-vit` | `local model text-bert` |" in card
+    assert str(folders("vit")) not in card
     assert "| backbone | `vit` | `bert` |" in card and "| pooling, projection | pooler, linear | mean, linear |" in card

@@ -307,6 +307,28 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(double_weights[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
 
 
+def test_torchrun_lit_on_a_composed_model_matches_one_process(tmp_path, tokenizer):
+    """LiT (a locked pretrained ViT beside the preset's text tower) in 2 torchrun processes × 8 rows and in 1 process
+    × 16 rows: the same losses and weights, and the locked tower saved as it was in the pretrained folder."""
+    from tiny_towers import save_vision_folder
+
+    vision = save_vision_folder(tmp_path, "vit")
+    steps = ["--max_steps", "3", "--eval_splits", "test", "--vision_model_name_or_path", str(vision), "--lock_image",
+             "--projection_dim", "16"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    _train(single, *steps, "--per_device_train_batch_size", "16")
+    _launch(double, *steps, "--per_device_train_batch_size", "8", launcher=_torchrun())
+    single_losses, double_losses = _losses(single), _losses(double)
+    assert set(double_losses) == set(single_losses) == {1, 2, 3}
+    for step in single_losses:
+        assert double_losses[step] == pytest.approx(single_losses[step], abs=1e-5), step
+    single_weights, double_weights = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    for name, tensor in single_weights.items():
+        torch.testing.assert_close(double_weights[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
+    for name, tensor in load_file(vision / "model.safetensors").items():
+        assert torch.equal(double_weights[f"vision_model.{name}"], tensor), name
+
+
 def test_fine_tune_a_transformers_clip_checkpoint_with_locked_towers(tmp_path, tokenizer):
     """--model_name_or_path with a Transformers CLIP directory; locked weights stay put, unlocked ones move."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor

@@ -29,6 +29,7 @@ from hf_clip import HFClipConfig
 from hf_clip.cli import UsageError
 from hf_clip.grad_cache import check_micro_batches
 from hf_clip.hub import is_hub_repo_id
+from hf_clip.towers import POOLINGS, PROJECTION_TYPES
 from hf_clip.zero_shot import check_templates
 
 
@@ -56,6 +57,78 @@ class ModelArguments:
 
     def __post_init__(self):
         check_model_name_or_path(self.model_name_or_path)
+
+
+@dataclass
+class PretrainedTowerArguments:
+    """A model composed from a pretrained Transformers vision backbone and, optionally, a pretrained text encoder
+    (`HFClipModel.from_vision_text_pretrained`); without a text model, the text tower is `--preset`'s built-in one with
+    a tokenizer trained on the captions, as in a from-scratch run (LiT needs no pretrained text model)."""
+
+    vision_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained Transformers vision backbone (folder or Hub id: ViT, DINOv2, ConvNeXt, Swin, the "
+                          "vision tower of a CLIP or SigLIP, ...) to compose the model from; its own image processor "
+                          "prepares the images. With --lock_image: LiT."},
+    )
+    text_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained Transformers text encoder (BERT, RoBERTa, XLM-R, ModernBERT, ...) for the text "
+                          "tower, used with its own tokenizer and context length. Unset: --preset's built-in text "
+                          "tower with a tokenizer trained on the captions. Needs --vision_model_name_or_path."},
+    )
+    vision_model_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit) of --vision_model_name_or_path."}
+    )
+    text_model_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit) of --text_model_name_or_path."}
+    )
+    projection_dim: int | None = field(
+        default=None,
+        metadata={"help": "Width of the shared embedding space of a composed or from-scratch model. Unset: 512 with "
+                          "two pretrained towers, else --preset's."},
+    )
+    vision_pooling: str | None = field(
+        default=None,
+        metadata={"help": f"Pooling of the pretrained vision tower: {', '.join(POOLINGS)}. Unset: its family's own "
+                          "(docs/towers.md)."},
+    )
+    text_pooling: str | None = field(
+        default=None,
+        metadata={"help": f"Pooling of the pretrained text tower: {', '.join(POOLINGS)}. Unset: its family's own."},
+    )
+    vision_projection_type: str = field(
+        default="linear",
+        metadata={"help": f"Projection of the pretrained vision tower: {', '.join(PROJECTION_TYPES)}."},
+    )
+    text_projection_type: str = field(
+        default="linear", metadata={"help": f"Projection of the pretrained text tower: {', '.join(PROJECTION_TYPES)}."}
+    )
+
+    def __post_init__(self):
+        check_at_least_one(self, "projection_dim")
+        for modality in ("vision", "text"):
+            name_or_path = getattr(self, f"{modality}_model_name_or_path")
+            check_model_name_or_path(name_or_path, f"--{modality}_model_name_or_path")
+            check_choice(f"--{modality}_pooling", getattr(self, f"{modality}_pooling"), POOLINGS)
+            check_choice(f"--{modality}_projection_type", getattr(self, f"{modality}_projection_type"),
+                         PROJECTION_TYPES)
+            if name_or_path is None:
+                given = [f"--{modality}_{name}" for name in ("model_revision", "pooling")
+                         if getattr(self, f"{modality}_{name}") is not None]
+                if getattr(self, f"{modality}_projection_type") != "linear":
+                    given.append(f"--{modality}_projection_type")
+                if given:
+                    raise InputError(f"{', '.join(given)} set(s) the pretrained {modality} tower, but "
+                                     f"--{modality}_model_name_or_path is not given.")
+        if self.text_model_name_or_path is not None and self.vision_model_name_or_path is None:
+            raise InputError("--text_model_name_or_path needs --vision_model_name_or_path: a composed model starts "
+                             "from a pretrained vision backbone (pass --model_name_or_path to start from a whole "
+                             "hf_clip or CLIP checkpoint).")
+
+    @property
+    def composed(self) -> bool:
+        return self.vision_model_name_or_path is not None
 
 
 @dataclass
@@ -358,6 +431,7 @@ class TrainScriptArguments:
     """Every argument of `hf_clip_train.train`, by group; checks the values that depend on several groups."""
 
     model: ModelArguments
+    towers: PretrainedTowerArguments
     locks: TowerLockArguments
     loss: LossArguments
     patch_dropout: PatchDropoutArguments
@@ -368,16 +442,43 @@ class TrainScriptArguments:
     run: RunArguments
 
     def __post_init__(self):
-        if self.model.model_name_or_path is None and self.scratch.image_size is not None:
-            image_geometry(self.scratch, None)
+        if self.towers.composed:
+            self.check_composed()
+        elif self.model.model_name_or_path is None:
+            if self.scratch.image_size is not None:
+                image_geometry(self.scratch, None)
+            if self.locks.lock_image:
+                raise InputError("--lock_image freezes a pretrained image tower, and a run from scratch (--preset) "
+                                 "has none: pass --vision_model_name_or_path (LiT: a pretrained vision backbone, "
+                                 "locked) or --model_name_or_path.")
+        elif self.towers.projection_dim is not None:
+            raise InputError("--projection_dim sets the width of a new model's embeddings; --model_name_or_path keeps "
+                             "its checkpoint's.")
+
+    def check_composed(self) -> None:
+        """Refuse the flags that cannot apply to a model composed from pretrained towers, naming them."""
+        if self.model.model_name_or_path is not None:
+            raise InputError("--model_name_or_path and --vision_model_name_or_path both say where the model starts; "
+                             "pass one (a whole checkpoint, or pretrained towers to compose).")
+        scratch_vision = [f"--{name}" for name in ("image_size", "patch_size") if getattr(self.scratch, name)]
+        if scratch_vision:
+            raise InputError(f"{' and '.join(scratch_vision)} shape a vision tower trained from scratch; the "
+                             f"pretrained vision tower {self.towers.vision_model_name_or_path!r} keeps its own (its "
+                             "image processor gives the input size).")
+        if self.patch_dropout.patch_dropout:
+            raise InputError(f"--patch_dropout {self.patch_dropout.patch_dropout}: patch dropout is a step of "
+                             "hf_clip's built-in ViT, and the vision tower "
+                             f"{self.towers.vision_model_name_or_path!r} is a Transformers backbone; leave it unset.")
 
     def flat(self) -> dict:
-        return {key: value for part in (self.model, self.locks, self.loss, self.patch_dropout, self.scratch, self.data,
-                                        self.eval, self.loader, self.run) for key, value in asdict(part).items()}
+        parts = (self.model, self.towers, self.locks, self.loss, self.patch_dropout, self.scratch, self.data, self.eval,
+                 self.loader, self.run)
+        return {key: value for part in parts for key, value in asdict(part).items()}
 
 
-TRAIN_ARGUMENT_CLASSES = (ModelArguments, TowerLockArguments, LossArguments, PatchDropoutArguments,
-                          FromScratchArguments, DatasetArguments, EvalArguments, LoaderArguments, RunArguments)
+TRAIN_ARGUMENT_CLASSES = (ModelArguments, PretrainedTowerArguments, TowerLockArguments, LossArguments,
+                          PatchDropoutArguments, FromScratchArguments, DatasetArguments, EvalArguments,
+                          LoaderArguments, RunArguments)
 
 
 NONFINITE_LOSS_ACTIONS = ("stop", "skip")
@@ -417,13 +518,19 @@ def image_geometry(scratch: FromScratchArguments, data_image_size: int | None) -
     return {"image_size": image_size, "patch_size": patch_size}
 
 
-def check_model_name_or_path(model_name_or_path: str | None) -> None:
-    """Refuse a `--model_name_or_path` that is neither an existing directory nor shaped like a Hub repo id."""
+def check_model_name_or_path(model_name_or_path: str | None, flag: str = "--model_name_or_path") -> None:
+    """Refuse a `flag` value that is neither an existing directory nor shaped like a Hub repo id."""
     if model_name_or_path is None or Path(model_name_or_path).expanduser().exists():
         return
     if not is_hub_repo_id(model_name_or_path):
-        raise MissingInputError(f"--model_name_or_path {model_name_or_path!r}: no such directory, and not a Hub repo "
-                                "id ('name' or 'namespace/name').")
+        raise MissingInputError(f"{flag} {model_name_or_path!r}: no such directory, and not a Hub repo id ('name' "
+                                "or 'namespace/name').")
+
+
+def check_choice(flag: str, value: str | None, choices: Iterable[str]) -> None:
+    """Refuse, naming the flag and the choices, a value (unset: None passes) that is not one of `choices`."""
+    if value is not None and value not in choices:
+        raise InputError(f"{flag} must be one of {', '.join(choices)}; got {value!r}.")
 
 
 def warmup_step_count(warmup_steps: float, max_steps: int) -> int:

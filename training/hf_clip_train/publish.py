@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 HUB_CHECKPOINT_BRANCH = "checkpoints"
 CHECKPOINT_PUSH_RETRIES = 2
 # This script's own recipe keys, published beside `hf_clip.PUBLISHED_HYPERPARAMETERS` (as `extra_hyperparameters`).
-SCRIPT_CARD_KEYS = ("preset", "tokenizer_vocab_size", "context_length", "image_size", "patch_size", "resume_changes",
-                    "nonfinite_steps_skipped")
+SCRIPT_CARD_KEYS = ("vision_model_name_or_path", "vision_model_revision", "text_model_name_or_path",
+                    "text_model_revision", "projection_dim", "preset", "tokenizer_vocab_size", "context_length",
+                    "image_size", "patch_size", "resume_changes", "nonfinite_steps_skipped")
 CARD_KEYS = (*PUBLISHED_HYPERPARAMETERS, *SCRIPT_CARD_KEYS)
 
 
@@ -50,17 +51,25 @@ def check_hub_access(accelerator: Accelerator, repo_id: str, private: bool) -> N
 def card_hyperparameters(args: TrainScriptArguments, accelerator: Accelerator, resume_changes: list[str] = (),
                          nonfinite_steps: int = 0) -> dict:
     """The recipe for the model card: `CARD_KEYS` that are set, plus the process count and global batch size; the
-    dataset and the starting model by Hub id, or as "local dataset NAME" / "local model NAME"; the flags changed on
-    resume and the updates skipped as non-finite, if any."""
-    run, data, model = args.run, args.data, args.model
+    dataset, the starting model and the pretrained towers by Hub id, or as "local dataset NAME" / "local model NAME";
+    the flags changed on resume and the updates skipped as non-finite, if any. A model with a pretrained text tower
+    publishes none of the caption tokenizer's flags, and one with a pretrained vision tower none of the image size's."""
+    run, data, model, towers = args.run, args.data, args.model, args.towers
+    tower_names = {name: value and public_name(value, "model") for name, value in (
+        ("vision_model_name_or_path", towers.vision_model_name_or_path),
+        ("text_model_name_or_path", towers.text_model_name_or_path))}
+    unused = set()
+    if towers.text_model_name_or_path is not None:
+        unused |= {"preset", "tokenizer_vocab_size", "context_length"}
     values = {**args.flat(), "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
               "warmup_steps": warmup_step_count(run.warmup_steps, run.max_steps),
               "global_batch_size": run.per_device_train_batch_size * accelerator.num_processes
               * run.gradient_accumulation_steps,
               "dataset_name": data.dataset_name and public_name(data.dataset_name, "dataset"),
               "model_name_or_path": model.model_name_or_path and public_name(model.model_name_or_path, "model"),
-              "resume_changes": "; ".join(resume_changes) or None, "nonfinite_steps_skipped": nonfinite_steps or None}
-    return {key: values[key] for key in CARD_KEYS if values.get(key) not in (None, False)
+              "resume_changes": "; ".join(resume_changes) or None, "nonfinite_steps_skipped": nonfinite_steps or None,
+              **tower_names}
+    return {key: values[key] for key in CARD_KEYS if values.get(key) not in (None, False) and key not in unused
             and not (key.endswith("_unlocked_layers") and not values.get(key.removesuffix("_unlocked_layers")))}
 
 

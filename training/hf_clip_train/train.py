@@ -60,7 +60,7 @@ from .checkpointing import (
     take_unset_flags_from_checkpoint,
     truncate_step_log,
 )
-from .common import config_overrides, load_pretrained, lock_towers
+from .common import compose_pretrained, compose_vision_pretrained, config_overrides, load_pretrained, lock_towers
 from .data import (
     ImageTextColumns,
     ImageTransform,
@@ -146,10 +146,35 @@ def resolve_mixed_precision(requested: str) -> str:
 
 def build_model_and_processor(args: TrainScriptArguments, train_split, columns: ImageTextColumns,
                               accelerator: Accelerator, resuming: bool) -> tuple[HFClipModel, HFClipProcessor]:
-    """Load `--model_name_or_path`, or build `--preset` from scratch with a tokenizer trained on the captions."""
+    """Load `--model_name_or_path`; or compose the model from `--vision_model_name_or_path` and
+    `--text_model_name_or_path`; or build `--preset` from scratch. A text tower that is not pretrained is `--preset`'s
+    built-in one, with a tokenizer trained on the captions."""
     if args.model.model_name_or_path:
         return load_pretrained(args.model.model_name_or_path, args.patch_dropout.patch_dropout, args.loss)
+    towers = args.towers
+    if towers.text_model_name_or_path is not None:
+        return compose_pretrained(towers, args.loss)
 
+    tokenizer = caption_tokenizer(args, train_split, columns, accelerator, resuming)
+    overrides = config_overrides(args.patch_dropout.patch_dropout, args.loss)
+    if towers.projection_dim is not None:
+        overrides["projection_dim"] = towers.projection_dim
+    if towers.composed:
+        return compose_vision_pretrained(towers, HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer,
+                                                                          **overrides), tokenizer)
+    geometry = image_geometry(args.scratch, typical_image_size(train_split, columns))
+    args.scratch.image_size, args.scratch.patch_size = geometry["image_size"], geometry["patch_size"]
+    logger.info("Image size %d, patch size %d", geometry["image_size"], geometry["patch_size"])
+    overrides["vision_config"] = {**overrides.get("vision_config", {}), **geometry}
+    config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer, **overrides)
+    model = HFClipModel(config)
+    return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
+
+
+def caption_tokenizer(args: TrainScriptArguments, train_split, columns: ImageTextColumns, accelerator: Accelerator,
+                      resuming: bool):
+    """A BPE tokenizer trained on the training captions (the embedded dataset's caption corpus) and the photo
+    templates, by the main process into `output_dir/.tokenizer` (kept there for a resumed run)."""
     tokenizer_dir = Path(args.run.output_dir) / ".tokenizer"
     if accelerator.is_main_process and not (resuming and tokenizer_dir.is_dir()):
         if args.data.dataset_name is None:
@@ -161,15 +186,7 @@ def build_model_and_processor(args: TrainScriptArguments, train_split, columns: 
                                          model_max_length=args.scratch.context_length)
         tokenizer.save_pretrained(tokenizer_dir)
     accelerator.wait_for_everyone()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    geometry = image_geometry(args.scratch, typical_image_size(train_split, columns))
-    args.scratch.image_size, args.scratch.patch_size = geometry["image_size"], geometry["patch_size"]
-    logger.info("Image size %d, patch size %d", geometry["image_size"], geometry["patch_size"])
-    overrides = config_overrides(args.patch_dropout.patch_dropout, args.loss)
-    overrides["vision_config"] = {**overrides.get("vision_config", {}), **geometry}
-    config = HFClipConfig.from_preset(args.scratch.preset, tokenizer=tokenizer, **overrides)
-    model = HFClipModel(config)
-    return model, HFClipProcessor.from_tokenizer(tokenizer, image_size=config.vision_config.image_size)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def build_optimizer(model: HFClipModel, run: RunArguments) -> torch.optim.Optimizer:

@@ -31,9 +31,10 @@ class ImageTransform:
     cell) is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's reduced DCT through `Image.draft`) whenever the crop still
     spans at least `size` pixels at that scale, so no full-size image is built. `normalize_pixels` turns a batch of
     them into the model's input, on the device.
-    Evaluation (`train=False`): CLIP's preprocessing, as the CLIP image processor: resize the short side,
-    centre-crop, normalise; float32. A JPEG is decoded at the smallest reduced scale that keeps both sides at least
-    `size` pixels.
+    Evaluation (`train=False`): the image processor's preprocessing: with `center_crop` (CLIP's), resize the short
+    side and centre-crop; without (ViT's), resize the whole image to `size`; then normalise; float32. A JPEG is
+    decoded at the smallest reduced scale that keeps both sides at least `size` pixels.
+    `resample` is the PIL filter of every resize (the image processor's).
     """
 
     size: int
@@ -42,6 +43,8 @@ class ImageTransform:
     train: bool
     crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (0.9, 1 / 0.9)
+    center_crop: bool = True
+    resample: Image.Resampling = Image.Resampling.BICUBIC
 
     def crop_box(self, width: int, height: int, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
         if self.train and rng is not None:
@@ -53,6 +56,8 @@ class ImageTransform:
                 if 0 < w <= width and 0 < h <= height:
                     left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
                     return left, top, left + w, top + h
+        if not self.center_crop:
+            return 0, 0, width, height
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
         return left, top, left + side, top + side
@@ -70,7 +75,7 @@ class ImageTransform:
                     return self._reduced_crop(jpeg, rng)
         image = decode_image(image, base_dir, min_size=None if self.train else self.size)
         box = self.crop_box(*image.size, rng)
-        resized = image.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
+        resized = image.resize((self.size, self.size), resample=self.resample, box=box)
         if self.train:
             return _uint8_pixels(resized)
         array = np.asarray(resized, dtype=np.float32) / 255.0
@@ -92,7 +97,7 @@ class ImageTransform:
             box = (box[0] * reduced_width / width, box[1] * reduced_height / height,
                    box[2] * reduced_width / width, box[3] * reduced_height / height)
         upright = apply_exif_orientation(jpeg)
-        resized = upright.resize((self.size, self.size), resample=Image.Resampling.BICUBIC, box=box)
+        resized = upright.resize((self.size, self.size), resample=self.resample, box=box)
         return _uint8_pixels(resized if resized.mode == "RGB" else resized.convert("RGB"))
 
 
@@ -145,14 +150,29 @@ def normalize_pixels(pixel_values: torch.Tensor, mean: Sequence[float], std: Seq
 
 
 def image_transform_for(processor, train: bool, crop_scale_min: float = 0.8) -> ImageTransform:
-    """The `ImageTransform` with the size and normalisation of `processor`'s image processor."""
+    """The `ImageTransform` with the size, crop, resampling filter and normalisation of `processor`'s image processor
+    (CLIP's, or a composed vision tower's own: a ViT's resizes the whole image, normalised with mean and std 0.5)."""
     image_processor = processor.image_processor
+    crop_size = getattr(image_processor, "crop_size", None)
+    center_crop = bool(getattr(image_processor, "do_center_crop", False) and crop_size)
+    size = crop_size if center_crop else image_processor.size
+    height, width = (size.get("height"), size.get("width")) if size.get("height") else (size.get("shortest_edge"),) * 2
+    if height is None or height != width:
+        raise ValueError(f"{type(image_processor).__name__} makes {size} images; the training and evaluation "
+                         "transforms make square ones (an image processor with a square crop_size, or size "
+                         "{'height': N, 'width': N} or {'shortest_edge': N}).")
+    try:
+        resample = Image.Resampling(int(getattr(image_processor, "resample", Image.Resampling.BICUBIC)))
+    except (TypeError, ValueError):
+        resample = Image.Resampling.BICUBIC
     return ImageTransform(
-        size=image_processor.crop_size["height"],
+        size=height,
         mean=tuple(image_processor.image_mean),
         std=tuple(image_processor.image_std),
         train=train,
         crop_scale=(crop_scale_min, 1.0),
+        center_crop=center_crop,
+        resample=resample,
     )
 
 
