@@ -10,8 +10,8 @@ of each file a query reads (`image.faiss` and every file of `embeddings/`) under
 3. `embeddings/` must hold `num_rows` rows of `dimension`-long vectors and exactly the kept columns
    (`check_embeddings`);
 4. `image.faiss` must be the recorded kind of index (flat inner product, or the IVF-PQ / PQ fast-scan of its
-   factory) over `num_rows` vectors of `dimension`; a flat index's vectors, read back at up to 64 rows spread over
-   it, must equal the stored embeddings (`check_faiss_index`).
+   factory) over `num_rows` vectors of `dimension`; a flat index's vectors must equal the stored image embeddings:
+   all of them in a folder with no checksums, 64 rows spread over it otherwise (`check_faiss_index`).
 
 Every refusal is a `CorruptIndexError` naming the folder and the file.
 """
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 FILES_KEY = "files"
 SPOT_CHECK_ROWS = 64
+ROWS_PER_CHECK = 65_536
 EMBEDDING_COLUMNS = ("row_id", "image_embedding", "text_embedding")
 REBUILD = ("Copy the folder again from where it was built, or rebuild it with hf-clip-index "
            "(--overwrite_output_dir).")
@@ -218,11 +219,30 @@ def check_faiss_index(path: Path, info: dict[str, Any], index, embeddings: datas
         raise CorruptIndexError(f"{file} has {faiss.extract_index_ivf(index).nlist} inverted lists; index_info.json "
                                 f"records {info['nlist']}. {REBUILD}")
     if expected == "flat" and index.ntotal:
-        positions = np.unique(np.linspace(0, index.ntotal - 1, SPOT_CHECK_ROWS).astype(np.int64))
-        stored = RowGather(embedding_chunks(embeddings, "image_embedding"))(positions)
-        indexed = np.stack([index.reconstruct(int(position)) for position in positions])
-        differ = np.flatnonzero(~np.all(indexed == stored, axis=1))
-        if len(differ):
-            raise CorruptIndexError(f"{file}: row {int(positions[differ[0]])} of the index is not the stored image "
-                                    f"embedding of that row ({len(differ)} of {len(positions)} rows checked differ): "
-                                    f"it is stale or damaged. {REBUILD}")
+        check_flat_vectors(file, index, embeddings, every_row=FILES_KEY not in info)
+
+
+def check_flat_vectors(file: str, index, embeddings: datasets.Dataset, every_row: bool) -> None:
+    """The vectors of a flat FAISS index equal the stored image embeddings: all of them (`every_row`, for a folder
+    with no checksums: as much work as one exact query), or SPOT_CHECK_ROWS rows spread over the index."""
+    stored = embedding_chunks(embeddings, "image_embedding")
+    if every_row:
+        offset = 0
+        for chunk in stored:
+            for start in range(0, len(chunk), ROWS_PER_CHECK):
+                block = np.asarray(chunk[start:start + ROWS_PER_CHECK])
+                differ = np.flatnonzero(~np.all(index.reconstruct_n(offset + start, len(block)) == block, axis=1))
+                if len(differ):
+                    _refuse_vectors(file, offset + start + int(differ[0]))
+            offset += len(chunk)
+        return
+    positions = np.unique(np.linspace(0, index.ntotal - 1, SPOT_CHECK_ROWS).astype(np.int64))
+    indexed = np.stack([index.reconstruct(int(position)) for position in positions])
+    differ = np.flatnonzero(~np.all(indexed == RowGather(stored)(positions), axis=1))
+    if len(differ):
+        _refuse_vectors(file, int(positions[differ[0]]))
+
+
+def _refuse_vectors(file: str, row: int) -> None:
+    raise CorruptIndexError(f"{file}: row {row} of the index is not the stored image embedding of that row: the index "
+                            f"or {EMBEDDINGS_DIR}/ is stale or damaged. {REBUILD}")

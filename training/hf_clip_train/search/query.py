@@ -92,13 +92,13 @@ class ImageTextIndex:
             path = download_index(str(path_or_repo_id), revision=revision, token=token)
         info = read_index_info(path)
         check_index_files(path, info, hashes=check_hashes)
+        embeddings = load_embeddings(path)
+        check_embeddings(path, info, embeddings)
         if model is None:
             model, processor = load_index_model(info, path, model_name_or_path, processor)
         elif processor is None:
             raise ValueError("Pass the processor with the model: ImageTextIndex.load(path, model, processor).")
         check_model_matches(model, info, path)
-        embeddings = load_embeddings(path)
-        check_embeddings(path, info, embeddings)
         faiss_index = None
         if info["backend"] == "faiss":
             faiss = import_faiss(None if info["index_type"] == "flat" else f"The {info['index_type']} index in {path}")
