@@ -125,16 +125,19 @@ def _other_vectors(path: Path, vectors: np.ndarray) -> None:
     _flat_index_of(other / np.linalg.norm(other, axis=1, keepdims=True))(path, vectors)
 
 
-@pytest.mark.parametrize("damage", [_overwritten, _random_bytes, _zeroed, _other_vectors],
-                         ids=["overwritten_bytes", "random_bytes", "zeroed_vectors", "another_valid_faiss_file"])
+NOT_STORED = "image.faiss: row {} of the index is not the stored image embedding"
+
+
+@pytest.mark.parametrize(("damage", "unhashed"), [
+    (_overwritten, NOT_STORED.format(296)), (_random_bytes, "image.faiss is not a FAISS index FAISS can read"),
+    (_zeroed, NOT_STORED.format(0)), (_other_vectors, NOT_STORED.format(0))],
+    ids=["overwritten_bytes", "random_bytes", "zeroed_vectors", "another_valid_faiss_file"])
 @pytest.mark.parametrize("hashed", [True, False], ids=["hashed", "written_before_checksums"])
-def test_damaged_or_replaced_image_faiss_is_refused_naming_it(indexes, tmp_path, damage, hashed):
+def test_damaged_or_replaced_image_faiss_is_refused_naming_it(indexes, tmp_path, damage, unhashed, hashed):
     folder = copy_of(indexes["full"], tmp_path, hashed)
     vectors = np.asarray(datasets.load_from_disk(str(folder / "embeddings"))["image_embedding"], dtype=np.float32)
     damage(folder / "image.faiss", vectors)
-    expected = {True: "image.faiss does not match its saved SHA-256|image.faiss has \\d+ bytes",
-                False: "image.faiss: row \\d+ of the index is not the stored image embedding|image.faiss is not a FAISS "
-                       "index FAISS can read|image.faiss is a .* index; index_info.json records a flat"}[hashed]
+    expected = "image.faiss (does not match its saved SHA-256|has \\d+ bytes)" if hashed else unhashed
     with pytest.raises(CorruptIndexError, match=expected):
         ImageTextIndex.load(folder)
 
@@ -201,6 +204,16 @@ def test_embeddings_with_fewer_rows_than_the_index_are_refused(indexes, tmp_path
     expected = ("embeddings/data-00000-of-00001.arrow (has \\d+ bytes|does not match)" if hashed
                 else f"embeddings/ holds {STALE_ROWS} rows; index_info.json records {NUM_ROWS}")
     with pytest.raises(CorruptIndexError, match=expected):
+        ImageTextIndex.load(folder)
+
+
+def test_an_approximate_index_is_checked_for_its_kind_and_rows(indexes, saved_checkpoint, tmp_path):
+    approximate = build_index(saved_checkpoint, image_rows(NUM_ROWS), tmp_path / "ivf_pq", index_type="ivf_pq")
+    assert type(approximate.faiss_index).__name__ in ("IndexIVFPQFastScan", "IndexPQFastScan")
+    folder = copy_of(tmp_path / "ivf_pq", tmp_path, hashed=False)
+    shutil.copy(indexes["full"] / "image.faiss", folder / "image.faiss")
+    with pytest.raises(CorruptIndexError, match="image.faiss is a flat index, where index_info.json records "
+                                                "index_type 'ivf_pq'"):
         ImageTextIndex.load(folder)
 
 

@@ -207,8 +207,8 @@ def check_faiss_index(path: Path, info: dict[str, Any], index, embeddings: datas
         expected = "IndexIVFPQFastScan" if info["nlist"] > 1 else "IndexPQFastScan"
     kind = _faiss_kind(index, faiss)
     if kind != expected:
-        raise CorruptIndexError(f"{file} is a {kind} index; index_info.json records a {info['index_type']} index "
-                                f"({expected}). {REBUILD}")
+        raise CorruptIndexError(f"{file} is a {kind} index, where index_info.json records index_type "
+                                f"{info['index_type']!r} ({expected}). {REBUILD}")
     if index.d != info["dimension"]:
         raise CorruptIndexError(f"{file} holds {index.d}-dimensional vectors; index_info.json records "
                                 f"{info['dimension']}. {REBUILD}")
