@@ -321,7 +321,7 @@ class IndexArguments:
         default=0.95,
         metadata={"help": "With --index_type ivf_pq: probe twice the fewest inverted lists at which the recall@10 "
                           "against exact search of the collection's image and caption queries reaches this on "
-                          "average, with their worst 5 percent no more than 0.15 below it (all lists if none does)."},
+                          "average, with their worst 5%% no more than 0.15 below it (all lists if none does)."},
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a finished or half-built index in --output_dir."}
