@@ -83,7 +83,8 @@ class ImageTextIndex:
         SHA-256 (`check_hashes=False` skips hashing, about a second per GB), the row counts, dimension and index type
         of `embeddings/` and `image.faiss`. A damaged, stale or edited folder raises `CorruptIndexError` naming the
         file; a missing one `IndexNotFoundError`; a model other than the one that built the index (different
-        weights) `ModelMismatchError`. All three are `IndexLoadError`s."""
+        weights) `ModelMismatchError`, and one that cannot be loaded `IndexModelNotFoundError`. All are
+        `IndexLoadError`s, the errors a command reports as the user's to fix."""
         path = Path(path_or_repo_id).expanduser()
         if not path.is_dir():
             if not is_hub_repo_id(str(path_or_repo_id)):
