@@ -270,6 +270,17 @@ cli.main(sys.argv[1:])
 """
 
 
+def test_python_m_search_on_a_missing_index_prints_one_line_and_exits_2(tmp_path, capsys):
+    from hf_clip_train.search import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["query", str(tmp_path / "missing"), "a red circle"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"hf-clip-search: error: No index folder at '{tmp_path / 'missing'}'")
+
+
+@pytest.mark.slow  # two interpreters that import the search stack (about 20 s)
 def test_search_cli_on_a_missing_index_or_another_model_prints_one_line(indexes, tmp_path):
     """`python -m hf_clip_train.search query` (the console scripts' code path): a user error is one line on stderr
     and exit status 2, with no traceback."""
