@@ -188,6 +188,11 @@ def _scrub_paths(text: str) -> str:
                              else match.group(0), text)
 
 
+def public_text(text: str) -> str:
+    """`text` with each absolute local path in it written as "local path NAME", as model cards publish free text."""
+    return _scrub_paths(text)
+
+
 def _public_value(value: Any) -> Any:
     if isinstance(value, str) and (_PATH_LIKE.match(value) or ("/" in value and Path(value).exists())):
         return public_name(value, "path")
@@ -529,6 +534,7 @@ __all__ = [
     "is_hub_repo_id",
     "is_private_key",
     "public_name",
+    "public_text",
     "push_to_hub",
     "render_model_card",
 ]

@@ -8,12 +8,14 @@ import shutil
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pytest
 import torch
 from conftest import script_in_process
 
 from hf_clip import HFClipModel, HFClipProcessor
 from hf_clip_train.checkpointing import verify_checkpoint
-from hf_clip_train.search import ImageTextIndex, index_main, search_main
+from hf_clip_train.search import CorruptIndexError, ImageTextIndex, index_main, search_main
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OLD = FIXTURES / "old_formats"
@@ -40,8 +42,9 @@ def _text_embedding(text: str) -> torch.Tensor:
     return torch.nn.functional.normalize(features, dim=-1)[0]
 
 
-def test_an_old_index_folder_loads_and_answers_as_exact_search_over_its_stored_embeddings(capsys):
+def test_an_old_index_folder_loads_and_answers_as_exact_search_over_its_stored_embeddings(capsys, caplog):
     index = ImageTextIndex.load(OLD / "index", model_name_or_path=str(MODEL))
+    assert "written before index folders recorded checksums" in caplog.text and "nothing in it is hashed" in caplog.text
     stored = datasets.load_from_disk(str(OLD / "index" / "embeddings"))
     query = "a red circle"
     scores = torch.tensor(stored["image_embedding"]) @ _text_embedding(query)
@@ -77,8 +80,9 @@ def test_the_same_index_built_now_matches_the_old_folder(tmp_path):
     assert new.features == old.features and new["row_id"] == old["row_id"] and new["caption"] == old["caption"]
     for column in ("image_embedding", "text_embedding"):
         torch.testing.assert_close(torch.tensor(new[column]), torch.tensor(old[column]), rtol=1e-5, atol=1e-6)
-    old_card = (OLD / "index" / "README.md").read_text().replace(old_info["model"]["name_or_path"], str(MODEL))
-    assert (tmp_path / "index" / "README.md").read_text() == old_card  # the model's path is where this clone is
+    # the card names the model as a published index does, with no local path
+    old_card = (OLD / "index" / "README.md").read_text().replace(old_info["model"]["name_or_path"], "local model model")
+    assert (tmp_path / "index" / "README.md").read_text() == old_card
 
 
 def test_an_old_checkpoint_verifies_and_resumes_with_the_old_runs_losses(tmp_path):
@@ -95,3 +99,24 @@ def test_an_old_checkpoint_verifies_and_resumes_with_the_old_runs_losses(tmp_pat
     # The old losses were computed on this kind of CPU; another one may round the last bits of its sums otherwise.
     torch.testing.assert_close(torch.tensor([resumed[3], resumed[4]]), torch.tensor([old[3], old[4]]), rtol=1e-4,
                                atol=0)
+
+
+def test_an_old_index_folder_with_a_stale_or_damaged_file_is_refused_without_checksums(tmp_path):
+    """The old folder recorded no checksums: its row counts, dimension and index type are still checked, and its flat
+    index's vectors against the stored embeddings."""
+    import faiss
+
+    folder = tmp_path / "index"
+    shutil.copytree(OLD / "index", folder)
+    stale = faiss.read_index(str(folder / "image.faiss"))
+    stale.remove_ids(np.arange(4, 12, dtype=np.int64))
+    faiss.write_index(stale, str(folder / "image.faiss"))
+    with pytest.raises(CorruptIndexError, match="image.faiss holds 4 rows beside 12 in embeddings/"):
+        ImageTextIndex.load(folder, model_name_or_path=str(MODEL))
+    shutil.copy(OLD / "index" / "image.faiss", folder / "image.faiss")
+    vectors = faiss.read_index(str(folder / "image.faiss"))
+    zeroed = faiss.IndexFlatIP(vectors.d)
+    zeroed.add(np.zeros((vectors.ntotal, vectors.d), dtype=np.float32))
+    faiss.write_index(zeroed, str(folder / "image.faiss"))
+    with pytest.raises(CorruptIndexError, match="image.faiss: row 0 of the index is not the stored image embedding"):
+        ImageTextIndex.load(folder, model_name_or_path=str(MODEL))

@@ -22,6 +22,7 @@ from PIL import Image
 from preloaded import run_python
 
 from hf_clip import HFClipModel, HFClipProcessor
+from hf_clip.cli import UsageError
 from hf_clip_train import cli, search
 from hf_clip_train.data import ImageTextColumns, _embedded_dataset, embed_split
 from hf_clip_train.search import ImageTextIndex, ModelMismatchError, index_main, search_main
@@ -145,8 +146,9 @@ def test_a_model_other_than_the_index_s_is_refused(shapes_index, trained_shapes_
     with pytest.raises(ModelMismatchError, match=r"holds 128-dimensional embeddings .*the query model embeds in 32 "
                                                  "dimensions"):
         ImageTextIndex.load(shapes_index, model_name_or_path=str(saved_checkpoint))
-    with pytest.raises(ModelMismatchError):
+    with pytest.raises(UsageError, match="the query model's weights differ") as refused:  # one line from the CLI
         search_main([str(shapes_index), "a red circle", "--model_name_or_path", str(other)])
+    assert isinstance(refused.value.__cause__, ModelMismatchError)
 
 
 @pytest.mark.slow  # the session's trained shapes model (conftest.trained_shapes_model)

@@ -3,6 +3,7 @@ checking it has the columns and usable rows a run needs, and reading its first r
 
 import functools
 import glob
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -55,6 +56,24 @@ def _embedded_dataset(num_train: int) -> datasets.DatasetDict:
 
 
 
+def _load_saved_split(path: Path) -> datasets.Dataset:
+    """A split saved with `save_to_disk`; one saved with no rows (`datasets` writes it with no Arrow file, and its
+    `load_from_disk` then fails with IndexError) as an empty dataset of its features."""
+    if not json.loads((path / "state.json").read_text()).get("_data_files"):
+        features = json.loads((path / "dataset_info.json").read_text()).get("features") or {}
+        return datasets.Dataset.from_dict({name: [] for name in features},
+                                          features=datasets.Features.from_dict(features) if features else None)
+    return datasets.load_from_disk(str(path))
+
+
+def _load_saved_splits(path: Path) -> datasets.DatasetDict:
+    """A dataset or dataset dict saved with `save_to_disk`, as a dict of splits (a lone dataset as "train")."""
+    if (path / "dataset_dict.json").is_file():
+        names = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        return datasets.DatasetDict({name: _load_saved_split(path / name) for name in names})
+    return datasets.DatasetDict({"train": _load_saved_split(path)})
+
+
 def load_split(data_args: "DatasetArguments", split: str, streaming: bool = False
                ) -> datasets.Dataset | datasets.IterableDataset | None:
     """One split of `--dataset_name` (or of the embedded dataset); None if the dataset has no such split."""
@@ -62,9 +81,7 @@ def load_split(data_args: "DatasetArguments", split: str, streaming: bool = Fals
     if name is None:
         splits = _embedded_dataset(data_args.embedded_num_train)
     elif _is_saved_to_disk(Path(name)):
-        splits = datasets.load_from_disk(name)
-        if isinstance(splits, datasets.Dataset):
-            splits = datasets.DatasetDict({"train": splits})
+        splits = _load_saved_splits(Path(name))
     else:
         builder, data_files = name, None
         suffix = Path(name.replace("*", "x")).suffix

@@ -20,7 +20,10 @@ One job per module:
 - `layout`: the index folder's files and the model fingerprint it records;
 - `embed`: embedding a dataset in resumable shards, and the shard format;
 - `ann`: FAISS settings, exact top-k, and the recall probe that tunes an approximate index;
-- `folder`: building an index folder (plan, shards, merge, index, dataset card);
+- `folder`: building an index folder (plan, shards, merge, index);
+- `checks`: what index_info.json records to check the folder (row counts, dimension, index type, each file's
+  SHA-256), and the checks `ImageTextIndex.load` runs before it answers;
+- `hub`: what an index publishes (no local path), its dataset card, the push, and the download of a repo id;
 - `query`: `ImageTextIndex`, which loads and searches an index (it needs only the `[search]` extra);
 - `render`: the hits as a text table or an HTML page;
 - `index_cli`: `hf-clip-index`;
@@ -49,21 +52,26 @@ from .ann import (
     import_faiss,
     search_faiss,
 )
+from .checks import CorruptIndexError, IndexLoadError, IndexNotFoundError, UnsupportedIndexError
+from .hub import dataset_card, public_index_info, push_index_to_hub
 from .layout import FORMAT_VERSION, INFO_FILE, model_fingerprint
-from .query import ImageTextIndex, ModelMismatchError, SearchResult, check_model_matches, push_index_to_hub
+from .query import ImageTextIndex, IndexModelNotFoundError, ModelMismatchError, SearchResult, check_model_matches
 from .render import cell_text, format_hits_table, query_label, render_html, thumbnail_source
 
 _BUILDING = {
     **dict.fromkeys(("index_main", "parse_index_args", "format_index_summary", "INDEX_ARGUMENT_CLASSES"), "index_cli"),
     **dict.fromkeys(("search_main", "main"), "cli"),
-    **dict.fromkeys(("build_search_index", "prepare_output_dir", "finish_index", "dataset_card"), "folder"),
+    **dict.fromkeys(("build_search_index", "prepare_output_dir", "finish_index", "NothingToIndexError",
+                     "FinishedIndexError", "ChangedSettingsError"), "folder"),
     **dict.fromkeys(("EmbeddingSettings", "embed_dataset", "merge_embedding_shards"), "embed"),
 }
 
 __all__ = ["INDEX_TYPES", "METRIC", "SEARCH_EXTRA", "TAIL_MARGIN", "TAIL_SHARE", "ApproximateSettings", "BuiltIndex",
     "RecallProbe", "RecallReport", "RowGather", "build_faiss_index", "build_index", "embedding_chunks", "exact_top_k",
-    "import_faiss", "search_faiss", "FORMAT_VERSION", "INFO_FILE", "model_fingerprint", "ImageTextIndex",
-    "ModelMismatchError", "SearchResult", "check_model_matches", "push_index_to_hub", "cell_text",
+    "import_faiss", "search_faiss", "CorruptIndexError", "IndexLoadError", "IndexNotFoundError",
+    "UnsupportedIndexError", "dataset_card", "public_index_info", "push_index_to_hub", "FORMAT_VERSION", "INFO_FILE",
+    "model_fingerprint", "ImageTextIndex", "IndexModelNotFoundError", "ModelMismatchError", "SearchResult",
+    "check_model_matches", "cell_text",
     "format_hits_table", "query_label", "render_html", "thumbnail_source", *_BUILDING]
 
 

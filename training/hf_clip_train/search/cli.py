@@ -9,6 +9,9 @@ import importlib
 import sys
 from pathlib import Path
 
+from hf_clip.cli import UsageError, run_cli
+
+from .checks import IndexLoadError
 from .query import ImageTextIndex, SearchResult
 from .render import format_hits_table, render_html
 
@@ -27,23 +30,39 @@ def search_main(argv: list[str] | None = None) -> list[SearchResult]:
                         help="Where the index's model is, when not where index_info.json says.")
     parser.add_argument("--revision", default=None, help="Revision of a Hub dataset repo.")
     parser.add_argument("--html", default=None, metavar="PAGE", help="Also write the hits as a static HTML page.")
+    parser.add_argument("--load_image_urls", action="store_true",
+                        help="In the --html page, show image URLs of kept columns as thumbnails, which the browser "
+                             "then fetches when the page is opened (by default they stay links, and the page loads "
+                             "nothing from outside itself).")
     args = parser.parse_args(argv)
     if not args.queries and not args.image:
         parser.error("give at least one text query or --image PATH.")
+    empty = [position for position, query in enumerate(args.queries, start=1) if not query.strip()]
+    if empty:
+        parser.error(f"text query {empty[0]} is empty: give words to search for, or --image PATH.")
     if args.k < 1:
         parser.error(f"-k must be at least 1, got {args.k}.")
     from hf_clip import to_rgb_image
 
     images = []
     for path in args.image:
-        image = to_rgb_image(path)
+        try:
+            image = to_rgb_image(path)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--image {path}: {error}") from error
         image.filename = path
         images.append(image)
-    index = ImageTextIndex.load(args.index, model_name_or_path=args.model_name_or_path, revision=args.revision)
+    try:
+        index = ImageTextIndex.load(args.index, model_name_or_path=args.model_name_or_path, revision=args.revision)
+    except IndexLoadError as error:
+        raise UsageError(str(error)) from error
+    if args.target == "text" and not index.has_text_embeddings:
+        raise UsageError(f"--target text: {args.index} holds no caption embeddings (it was built without "
+                         "--caption_column); search the image embeddings (--target image).")
     results = index.search([*args.queries, *images], k=args.k, target=args.target)
     print(format_hits_table(results, index.kept_features))
     if args.html:
-        Path(args.html).write_text(render_html(results, index))
+        Path(args.html).write_text(render_html(results, index, load_image_urls=args.load_image_urls))
         print(f"Wrote {args.html}")
     return results
 
@@ -54,9 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("index", "query"):
         sys.exit("usage: python -m hf_clip_train.search index [hf-clip-index flags] | query INDEX QUERY... [flags]")
     if argv[0] == "query":
-        search_main(argv[1:])
+        run_cli(search_main, argv[1:], prog="hf-clip-search")
     else:  # building imports what only the [train] extra has, so it is imported only to build
-        importlib.import_module(f"{__package__}.index_cli").index_main(argv[1:])
+        run_cli(importlib.import_module(f"{__package__}.index_cli").index_main, argv[1:], prog="hf-clip-index")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ shards (`search.embed`), merging them, indexing (`search.ann`), and the dataset 
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -16,7 +17,9 @@ from hf_clip import __version__ as hf_clip_version
 from ..data.batches import ProcessShare
 from ..runtime import process_state
 from .ann import METRIC, build_index, check_index_type, import_faiss
+from .checks import FILES_KEY, record_index_files
 from .embed import EmbeddingSettings, embed_dataset, merge_embedding_shards
+from .hub import dataset_card
 from .layout import (
     CARD_FILE,
     EMBEDDINGS_DIR,
@@ -32,6 +35,14 @@ from .layout import (
 logger = logging.getLogger(__name__)
 
 
+class FinishedIndexError(FileExistsError):
+    """An output folder that already holds a finished index (pass overwrite to rebuild it)."""
+
+
+class ChangedSettingsError(ValueError):
+    """Shards begun with other settings than the run that would resume them."""
+
+
 def prepare_output_dir(output_dir: Path, plan: dict[str, Any], overwrite: bool) -> None:
     """Start or resume: refuse a finished index (unless `overwrite`) and shards begun with other settings (`plan`:
     what decides the shards' contents)."""
@@ -42,7 +53,7 @@ def prepare_output_dir(output_dir: Path, plan: dict[str, Any], overwrite: bool) 
         for name in (FAISS_FILE, INFO_FILE, SKIPPED_FILE, CARD_FILE):
             (output_dir / name).unlink(missing_ok=True)
     if (output_dir / INFO_FILE).exists():
-        raise FileExistsError(f"{output_dir} already holds a finished index; pass --overwrite_output_dir "
+        raise FinishedIndexError(f"{output_dir} already holds a finished index; pass --overwrite_output_dir "
                               "(overwrite=True) to rebuild it, or choose another output folder.")
     plan_path = shard_dir / PLAN_FILE
     if plan_path.exists():
@@ -50,30 +61,42 @@ def prepare_output_dir(output_dir: Path, plan: dict[str, Any], overwrite: bool) 
         changed = [f"{key} {started.get(key)!r} (now {value!r})" for key, value in plan.items()
                    if started.get(key) != value]
         if changed:
-            raise ValueError(f"{shard_dir} holds shards of a run with other settings: {'; '.join(changed)}. Resume "
-                             "with the same settings, or pass --overwrite_output_dir (overwrite=True) to start over.")
+            raise ChangedSettingsError(
+                f"{shard_dir} holds shards of a run with other settings: {'; '.join(changed)}. Resume with the same "
+                "settings, or pass --overwrite_output_dir (overwrite=True) to start over.")
         logger.info("Resuming the shards in %s", shard_dir)
         return
     shard_dir.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(json.dumps(plan, indent=2))
 
 
-def dataset_card(info: dict[str, Any]) -> str:
-    """The README.md of an index folder, for the Hub."""
-    source = info["source"]
-    name = source.get("dataset_name") or "the hf_clip embedded shapes dataset"
-    split = f"the `{source['split']}` split of " if source.get("split") else ""
-    lines = ["---", "tags:", "- hf_clip", "- clip", "- embeddings", "- image-retrieval", "---", "",
-             f"# Search index of {name}", "",
-             f"CLIP embeddings of {split}{name} ({info['num_rows']} rows embedded, {info['num_skipped_rows']} "
-             f"skipped), made with `{info['model']['name_or_path']}` by hf_clip {info['hf_clip_version']}: "
-             "`image_embedding`" + (" and `text_embedding`" if info["text_embeddings"] else "")
-             + f" ({info['dimension']} dimensions, L2-normalised), the dataset's `row_id` and the kept columns "
-             + f"{info['kept_columns']}, with a {info['index_type']} index over the image embeddings.", "",
-             "```python", "from hf_clip_train.search import ImageTextIndex", "",
-             "index = ImageTextIndex.load(REPO_ID, model_name_or_path=MODEL)  # the model that built the index",
-             'print(index.search("a photo of a dog", k=5))', "```", ""]
-    return "\n".join(lines)
+class NothingToIndexError(ValueError):
+    """A dataset split with no row, or none that could be embedded."""
+
+
+def nothing_to_index(num_rows: int, skipped: list[dict[str, Any]], source: dict[str, Any], skipped_file: Path
+                     ) -> NothingToIndexError:
+    """The error for a build with no row to index: the split is empty, or every row was skipped."""
+    split = f"the {source['split']!r} split of " if source.get("split") else ""
+    name = f"{split}{source.get('dataset_name') or 'the embedded dataset'}"
+    if num_rows == 0:
+        return NothingToIndexError(f"{name} has no rows: there is nothing to index.")
+    first = skipped[0]
+    return NothingToIndexError(
+        f"No row of {name} could be embedded: all {num_rows} were skipped (listed in {skipped_file}; row "
+        f"{first['row_id']}: {first['error']}). Check --image_column and --caption_column, and that the images "
+        "decode.")
+
+
+def remove_unfinished_build(output_dir: Path, skipped: list[dict[str, Any]]) -> None:
+    """After a build that embedded no row: remove its shards and any file of an index, and list the skipped rows."""
+    shutil.rmtree(output_dir / SHARDS_DIR, ignore_errors=True)
+    shutil.rmtree(output_dir / EMBEDDINGS_DIR, ignore_errors=True)
+    for name in (FAISS_FILE, CARD_FILE, SKIPPED_FILE):
+        (output_dir / name).unlink(missing_ok=True)
+    if skipped:
+        with open(output_dir / SKIPPED_FILE, "w") as handle:
+            handle.writelines(json.dumps(item) + "\n" for item in skipped)
 
 
 def finish_index(output_dir: Path, num_rows: int, model_info: dict[str, Any], source: dict[str, Any],
@@ -82,6 +105,9 @@ def finish_index(output_dir: Path, num_rows: int, model_info: dict[str, Any], so
     index_info.json (its presence marks a finished index); the shards are then removed."""
     shard_dir = output_dir / SHARDS_DIR
     merged, skipped = merge_embedding_shards(shard_dir, num_rows)
+    if len(merged) == 0:
+        remove_unfinished_build(output_dir, skipped)
+        raise nothing_to_index(num_rows, skipped, source, output_dir / SKIPPED_FILE)
     shutil.rmtree(output_dir / EMBEDDINGS_DIR, ignore_errors=True)
     merged.save_to_disk(str(output_dir / EMBEDDINGS_DIR))
     embeddings = datasets.load_from_disk(str(output_dir / EMBEDDINGS_DIR))
@@ -97,8 +123,11 @@ def finish_index(output_dir: Path, num_rows: int, model_info: dict[str, Any], so
         "num_skipped_rows": len(skipped), "text_embeddings": "text_embedding" in embeddings.column_names,
         "kept_columns": list(keep_columns), "source": source, **built.info,
     }
+    info[FILES_KEY] = record_index_files(output_dir)
     (output_dir / CARD_FILE).write_text(dataset_card(info))
-    (output_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
+    temporary = output_dir / f"{INFO_FILE}.tmp-{os.getpid()}"
+    temporary.write_text(json.dumps(info, indent=2))
+    os.replace(temporary, output_dir / INFO_FILE)
     shutil.rmtree(shard_dir)
     return info
 
@@ -113,6 +142,8 @@ def build_search_index(model, processor, dataset: datasets.Dataset | datasets.It
     when resuming) describes the dataset; `model_name_or_path` (default: the model's own) is where
     `ImageTextIndex.load` finds the model again."""
     check_index_type(index_type)
+    if not isinstance(dataset, datasets.IterableDataset) and len(dataset) == 0:
+        raise nothing_to_index(0, [], source or {}, Path(output_dir) / SKIPPED_FILE)
     state = process_state()
     output_dir = Path(output_dir)
     model_info = describe_model(model, model_name_or_path or model.name_or_path)
@@ -131,9 +162,14 @@ def build_search_index(model, processor, dataset: datasets.Dataset | datasets.It
                              ProcessShare(state.process_index, state.num_processes))
     logger.info("Embedded this process's shards in %.1f s", time.perf_counter() - started)
     state.wait_for_everyone()
-    info = None
+    info, refused = None, None
     if state.is_main_process:
-        info = finish_index(output_dir, num_rows, model_info, source, settings.keep_columns, index_type,
-                            target_recall)
+        try:
+            info = finish_index(output_dir, num_rows, model_info, source, settings.keep_columns, index_type,
+                                target_recall)
+        except NothingToIndexError as error:
+            refused = error
     state.wait_for_everyone()
+    if refused is not None:
+        raise refused
     return info

@@ -12,12 +12,14 @@ from typing import Any
 
 from transformers import AutoModel, AutoProcessor
 
+from hf_clip.cli import UsageError
+
 from ..args import DatasetArguments, IndexArguments, LoaderArguments, ModelArguments, parse_with_config_file
 from ..data.batches import worker_count
 from ..data.sources import columns_of, load_train_split
 from ..runtime import process_state, setup_logging
 from .embed import EmbeddingSettings
-from .folder import build_search_index
+from .folder import ChangedSettingsError, FinishedIndexError, NothingToIndexError, build_search_index
 from .layout import SKIPPED_FILE
 from .query import push_index_to_hub
 
@@ -57,13 +59,17 @@ def index_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     settings = EmbeddingSettings(columns, index_args.keep_columns, index_args.shard_size,
                                  loader_args.per_device_eval_batch_size,
                                  worker_count(loader_args.dataloader_num_workers))
-    source = {"dataset_name": data_args.dataset_name, "dataset_config_name": data_args.dataset_config_name,
-              "split": data_args.train_split, "max_rows": data_args.max_train_samples,
+    source = {"dataset_name": local_path_or_name(data_args.dataset_name),
+              "dataset_config_name": data_args.dataset_config_name, "split": data_args.train_split,
+              "max_rows": data_args.max_train_samples,
               "embedded_num_train": data_args.embedded_num_train if data_args.dataset_name is None else None}
-    info = build_search_index(model, processor, dataset, index_args.output_dir, settings,
-                              index_type=index_args.index_type, target_recall=index_args.target_recall,
-                              overwrite=index_args.overwrite_output_dir, source=source,
-                              model_name_or_path=model_args.model_name_or_path)
+    try:
+        info = build_search_index(model, processor, dataset, index_args.output_dir, settings,
+                                  index_type=index_args.index_type, target_recall=index_args.target_recall,
+                                  overwrite=index_args.overwrite_output_dir, source=source,
+                                  model_name_or_path=model_args.model_name_or_path)
+    except (NothingToIndexError, FinishedIndexError, ChangedSettingsError) as error:
+        raise UsageError(str(error)) from error
 
     # 4. Report, and push.
     if info is not None:
@@ -73,6 +79,14 @@ def index_main(argv: list[str] | None = None) -> dict[str, Any] | None:
             print(f"Pushed to the Hub: {commit.commit_url}")
     state.wait_for_everyone()
     return info
+
+
+def local_path_or_name(name: str | None) -> str | None:
+    """A dataset name that is a local path (or glob) made absolute, so the index records which data it was; a Hub
+    id as it is."""
+    if name is None or "://" in name or not Path(name.split("*")[0] or ".").expanduser().exists():
+        return name
+    return str(Path(name).expanduser().absolute())
 
 
 def format_index_summary(output_dir: Path, info: dict[str, Any]) -> str:

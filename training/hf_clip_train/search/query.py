@@ -1,7 +1,6 @@
 """`ImageTextIndex`: an index folder (or a Hub dataset repo holding one) opened with the model that built it, and
 searched by text or image. Imports nothing that only training needs: `pip install "hf-clip[search]"` suffices."""
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,19 @@ from hf_clip.hub import is_hub_repo_id
 
 from ..data.transforms import image_transform_for
 from .ann import ApproximateSettings, RowGather, embedding_chunks, exact_top_k, import_faiss, search_faiss
-from .layout import EMBEDDINGS_DIR, FAISS_FILE, FORMAT_VERSION, INFO_FILE, SHARDS_DIR, model_fingerprint
+from .checks import (
+    REBUILD,
+    CorruptIndexError,
+    IndexLoadError,
+    IndexNotFoundError,
+    check_embeddings,
+    check_faiss_index,
+    check_index_files,
+    load_embeddings,
+    read_index_info,
+)
+from .hub import download_index, is_local_model_name, push_index_to_hub
+from .layout import FAISS_FILE, model_fingerprint
 
 
 @dataclass
@@ -33,8 +44,12 @@ class SearchResult:
         return len(self.row_ids)
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(IndexLoadError, ValueError):
     """A query model that is not the model an index was built with."""
+
+
+class IndexModelNotFoundError(IndexLoadError, OSError):
+    """The model an index was built with cannot be loaded from where index_info.json (or the caller) says."""
 
 
 class ImageTextIndex:
@@ -60,41 +75,44 @@ class ImageTextIndex:
 
     @classmethod
     def load(cls, path_or_repo_id: str | Path, model=None, processor=None, *, model_name_or_path: str | None = None,
-             revision: str | None = None, token: str | None = None) -> "ImageTextIndex":
+             revision: str | None = None, token: str | None = None, check_hashes: bool = True) -> "ImageTextIndex":
         """Open an index folder (or download a Hub dataset repo holding one) with the model it was built with: `model`
-        and `processor`, or `model_name_or_path`, or by default the model recorded in index_info.json. A model other
-        than the one that built the index (different weights) is refused with `ModelMismatchError`."""
+        and `processor`, or `model_name_or_path`, or by default the model recorded in index_info.json.
+
+        The folder is checked against index_info.json before it answers (`search.checks`): its files' sizes and
+        SHA-256 (`check_hashes=False` skips hashing, about a second per GB), the row counts, dimension and index type
+        of `embeddings/` and `image.faiss`. A damaged, stale or edited folder raises `CorruptIndexError` naming the
+        file; a missing one `IndexNotFoundError`; a model other than the one that built the index (different
+        weights) `ModelMismatchError`, and one that cannot be loaded `IndexModelNotFoundError`. All are
+        `IndexLoadError`s, the errors a command reports as the user's to fix."""
         path = Path(path_or_repo_id).expanduser()
         if not path.is_dir():
             if not is_hub_repo_id(str(path_or_repo_id)):
-                raise FileNotFoundError(f"{path_or_repo_id!r} is neither an index folder nor a Hub dataset repo id.")
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(str(path_or_repo_id), repo_type="dataset", revision=revision, token=token))
-        info_path = path / INFO_FILE
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{path} has no {INFO_FILE}: it is not an index written by hf-clip-index.")
-        info = json.loads(info_path.read_text())
-        if info.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{info_path}: format version {info.get('format_version')} is not supported by this "
-                             f"hf_clip ({FORMAT_VERSION}).")
+                raise IndexNotFoundError(f"No index folder at {path_or_repo_id!r} ({path.absolute()} does not exist), "
+                                         "and it is not a Hub dataset repo id ('name' or 'namespace/name').")
+            path = download_index(str(path_or_repo_id), revision=revision, token=token)
+        info = read_index_info(path)
+        check_index_files(path, info, hashes=check_hashes)
+        embeddings = load_embeddings(path)
+        check_embeddings(path, info, embeddings)
         if model is None:
-            source = model_name_or_path or info["model"]["name_or_path"]
-            try:
-                model = AutoModel.from_pretrained(source)
-                processor = processor or AutoProcessor.from_pretrained(source)
-            except OSError as error:
-                raise OSError(f"Cannot load the index's model {source!r} ({error}). Pass model_name_or_path= (or "
-                              "--model_name_or_path) naming where that model is now.") from error
+            model, processor = load_index_model(info, path, model_name_or_path, processor)
         elif processor is None:
             raise ValueError("Pass the processor with the model: ImageTextIndex.load(path, model, processor).")
         check_model_matches(model, info, path)
-        embeddings = datasets.load_from_disk(str(path / EMBEDDINGS_DIR))
         faiss_index = None
-        if (path / FAISS_FILE).is_file():
+        if info["backend"] == "faiss":
             faiss = import_faiss(None if info["index_type"] == "flat" else f"The {info['index_type']} index in {path}")
             if faiss is not None:
-                faiss_index = faiss.read_index(str(path / FAISS_FILE))
+                if not (path / FAISS_FILE).is_file():
+                    raise CorruptIndexError(f"{path}: {FAISS_FILE} is missing; index_info.json records a FAISS "
+                                            f"index. {REBUILD}")
+                try:
+                    faiss_index = faiss.read_index(str(path / FAISS_FILE))
+                except RuntimeError as error:
+                    raise CorruptIndexError(f"{path}: {FAISS_FILE} is not a FAISS index FAISS can read "
+                                            f"({str(error).splitlines()[-1][:200]}). {REBUILD}") from None
+                check_faiss_index(path, info, faiss_index, embeddings, faiss)
                 if info["index_type"] != "flat":
                     ApproximateSettings(info["nlist"], info["nprobe"], info["rerank"]).apply(faiss_index)
         return cls(path, embeddings, info, model, processor, faiss_index)
@@ -142,6 +160,9 @@ class ImageTextIndex:
         from hf_clip import to_rgb_image
 
         texts = [(i, q) for i, q in enumerate(queries) if isinstance(q, str)]
+        empty = [i for i, q in texts if not q.strip()]
+        if empty:
+            raise ValueError(f"Query {empty[0]} is an empty text: give words to search for, or an image.")
         images = [(i, q) for i, q in enumerate(queries) if not isinstance(q, str)]
         embeds = torch.empty(len(queries), self.info["dimension"])
         device, dtype = self.model.device, self.model.dtype
@@ -226,14 +247,19 @@ def check_model_matches(model, info: dict[str, Any], path: Path) -> None:
             "with the model the index was built with, or rebuild the index with this model (hf-clip-index).")
 
 
-def push_index_to_hub(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                      revision: str | None = None, commit_message: str = "Upload hf_clip search index"):
-    """Upload an index folder (without its shards/ working folder) to the Hub dataset repo `repo_id` in one commit."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
-    return api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", revision=revision,
-                             commit_message=commit_message, ignore_patterns=[f"{SHARDS_DIR}/*", "*.tmp-*"])
+def load_index_model(info: dict[str, Any], path: Path, model_name_or_path: str | None, processor=None):
+    """The model and processor of an index: from `model_name_or_path`, else where index_info.json says. An index
+    pushed from a local model names it "local model NAME"; `model_name_or_path` must then say where it is."""
+    recorded = info["model"]["name_or_path"]
+    source = model_name_or_path or recorded
+    if model_name_or_path is None and is_local_model_name(recorded):
+        raise IndexModelNotFoundError(
+            f"The index at {path} was built with a model from a local folder ({recorded!r}), which was not "
+            "published with it: pass model_name_or_path= (or --model_name_or_path) naming that model's folder or "
+            "Hub id.")
+    try:
+        return AutoModel.from_pretrained(source), processor or AutoProcessor.from_pretrained(source)
+    except OSError as error:
+        raise IndexModelNotFoundError(
+            f"Cannot load the index's model {source!r} ({' '.join(str(error).split())[:300]}). Pass "
+            "model_name_or_path= (or --model_name_or_path) naming where that model is now.") from error

@@ -1,14 +1,18 @@
-"""What `hf-clip-search` shows: the hits of each query as a text table, or as a static HTML page of thumbnails."""
+"""What `hf-clip-search` shows: the hits of each query as a text table, or as a static, self-contained HTML page of
+thumbnails."""
 
 import base64
 import html
 import io
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
 from PIL import Image
 
+from .hub import public_index_info
 from .query import ImageTextIndex, SearchResult
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
@@ -58,20 +62,57 @@ def _thumbnail_uri(image: Image.Image, size: int = 160) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def thumbnail_source(value: Any, base_dir: str | None) -> str | None:
-    """An <img src> for a kept cell that is an image, an image file path or an image URL; None for other cells."""
+def is_web_url(value: Any) -> bool:
+    return isinstance(value, str) and value.lower().startswith(("http://", "https://"))
+
+
+def file_under(value: str, base_dir: str | os.PathLike | None) -> Path | None:
+    """The file a relative path names inside `base_dir` (links resolved); None for an absolute path, a path that
+    leaves the folder (`../`), a missing file, or no `base_dir`."""
+    if base_dir is None or not Path(base_dir).is_dir() or Path(value).is_absolute() or value.startswith("~"):
+        return None
+    base = Path(base_dir).resolve()
+    path = (base / value).resolve()
+    return path if path.is_relative_to(base) and path.is_file() else None
+
+
+def thumbnail_source(value: Any, base_dir: str | os.PathLike | None, load_image_urls: bool = False) -> str | None:
+    """An <img src> for a kept cell that is one of the dataset's own images (a PIL image, encoded bytes) or an image
+    file under `base_dir` (the dataset's folder), as an embedded data URI; with `load_image_urls`, an image URL as
+    itself (the browser fetches it). None for anything else: other cells, absolute paths, paths out of the folder,
+    and URLs by default."""
     from hf_clip import to_rgb_image
 
-    if isinstance(value, str) and value.lower().startswith(("http://", "https://")):
-        return html.escape(value, quote=True) if value.lower().endswith(IMAGE_SUFFIXES) else None
-    if isinstance(value, str) and not value.lower().endswith(IMAGE_SUFFIXES):
-        return None
-    if not isinstance(value, (str, Image.Image, dict)):
+    if is_web_url(value):
+        return html.escape(value, quote=True) if load_image_urls and value.lower().endswith(IMAGE_SUFFIXES) else None
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        if not value.lower().endswith(IMAGE_SUFFIXES):
+            return None
+        value = file_under(value, base_dir)
+        if value is None:
+            return None
+    if not isinstance(value, (Path, bytes, Image.Image)):
         return None
     try:
-        return _thumbnail_uri(to_rgb_image(value, base_dir))
+        return _thumbnail_uri(to_rgb_image(str(value) if isinstance(value, Path) else value))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def cell_html(value: Any, feature: Any = None, width: int = 80) -> str:
+    """A kept cell as HTML text: `cell_text`, escaped; a web URL as a link to it (never loaded by the page)."""
+    text = html.escape(cell_text(value, feature, width))
+    if is_web_url(value):
+        return f'<a href="{html.escape(value, quote=True)}" rel="noreferrer noopener">{text}</a>'
+    return text
+
+
+def content_security_policy(load_image_urls: bool) -> str:
+    """The page's policy: it loads nothing but its own inline style and data: images, plus web images when asked."""
+    images = "data: http: https:" if load_image_urls else "data:"
+    return f"default-src 'none'; style-src 'unsafe-inline'; img-src {images}"
 
 
 HTML_STYLE = """
@@ -90,11 +131,14 @@ figcaption { font-size: 12px; line-height: 1.35; margin-top: 4px; word-break: br
 """
 
 
-def render_html(results: Sequence[SearchResult], index: ImageTextIndex) -> str:
-    """A static, self-contained page: per query, its hits as thumbnails (from the first kept column holding images,
-    image paths or image URLs) with rank, score, row id and the other kept columns."""
+def render_html(results: Sequence[SearchResult], index: ImageTextIndex, load_image_urls: bool = False) -> str:
+    """A static, self-contained page: per query, its hits as thumbnails (from the first kept column holding the
+    dataset's images or image files under its folder, `thumbnail_source`) with rank, score, row id and the other kept
+    columns, web URLs as links. The page loads nothing from outside itself (its Content-Security-Policy says so)
+    unless `load_image_urls`, which shows image URLs as thumbnails. Its header names the dataset and the model as
+    a published index does: no local path (`public_index_info`)."""
+    info = public_index_info(index.info)
     base_dir = index.info["source"].get("base_dir")
-    info = index.info
     sections = []
     for result in results:
         title = html.escape(query_label(result.query))
@@ -104,11 +148,11 @@ def render_html(results: Sequence[SearchResult], index: ImageTextIndex) -> str:
         for rank, (row_id, score, row) in enumerate(zip(result.row_ids, result.scores, result.rows), start=1):
             source, texts = None, []
             for name, feature in index.kept_features.items():
-                candidate = thumbnail_source(row[name], base_dir) if source is None else None
+                candidate = thumbnail_source(row[name], base_dir, load_image_urls) if source is None else None
                 if candidate is not None:
                     source = candidate
                 elif not isinstance(feature, datasets.Image):
-                    texts.append(f"{html.escape(name)}: {html.escape(cell_text(row[name], feature, 80))}")
+                    texts.append(f"{html.escape(name)}: {cell_html(row[name], feature)}")
             picture = (f'<img src="{source}" alt="row {row_id}">' if source
                        else '<div class="noimg">no image column kept</div>')
             caption = "<br>".join([f'<span class="score">#{rank} · {score:.3f}</span> '
@@ -120,6 +164,8 @@ def render_html(results: Sequence[SearchResult], index: ImageTextIndex) -> str:
     split = f" ({source['split']})" if source.get("split") else ""
     meta = html.escape(f"{info['num_rows']} rows of {name}{split} · model {info['model']['name_or_path']} · "
                        f"{info['index_type']} {info['metric']} index · cosine similarity")
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>hf_clip search</title>"
+    policy = content_security_policy(load_image_urls)
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{policy}\"><title>hf_clip search</title>"
             f"<style>{HTML_STYLE}</style></head><body><h1>hf_clip search</h1><div class=\"meta\">{meta}</div>"
             + "".join(sections) + "</body></html>\n")

@@ -98,9 +98,13 @@ def load(args: argparse.Namespace):
         if missing:
             sys.exit(f"hf-clip-serve --index needs the search extra, and {', '.join(missing)} is missing. Install "
                      'it with: pip install "hf-clip[serve,search]"')
-        from hf_clip_train.search import ImageTextIndex
+        from hf_clip.cli import UsageError
+        from hf_clip_train.search import ImageTextIndex, IndexLoadError
 
-        index = ImageTextIndex.load(args.index, model_name_or_path=args.model_name_or_path, revision=args.revision)
+        try:
+            index = ImageTextIndex.load(args.index, model_name_or_path=args.model_name_or_path, revision=args.revision)
+        except IndexLoadError as error:  # a missing, damaged or stale index, or another model: the user's to fix
+            raise UsageError(f"--index {args.index}: {error}") from error
         index.model.to(device)
         name = args.model_name_or_path or index.info["model"]["name_or_path"]
         return ServedModel(Embedder(index.model, index.processor, index.transform), name, index)
