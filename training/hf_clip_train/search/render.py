@@ -6,6 +6,7 @@ import html
 import io
 import os
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +123,7 @@ section { margin-bottom: 28px; }
 h2 { font-size: 16px; margin: 0 0 10px; display: flex; align-items: center; gap: 10px; }
 h2 img { width: 48px; height: 48px; image-rendering: pixelated; border-radius: 4px; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, 172px); gap: 12px; }
-figure { margin: 0; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 6px; }
-figure img { width: 160px; height: 160px; object-fit: contain; image-rendering: pixelated; background: #eee; }
-.noimg { width: 160px; height: 160px; background: #eee; display: flex; align-items: center; justify-content: center;
-         color: #999; font-size: 12px; }
-figcaption { font-size: 12px; line-height: 1.35; margin-top: 4px; word-break: break-word; }
-.score { font-weight: 600; } .row { color: #777; }
-"""
+""" + resources.files("hf_clip_train").joinpath("hits.css").read_text()
 
 
 def render_html(results: Sequence[SearchResult], index: ImageTextIndex, load_image_urls: bool = False) -> str:

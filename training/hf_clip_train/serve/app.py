@@ -373,7 +373,8 @@ def create_app(served: ServedModel, batching: BatchingSettings, limits: ServeLim
             | {"python": platform.python_version()},
         }, status_code=200 if ready else 503)
 
-    page = resources.files(__package__).joinpath("page.html").read_text()
+    hits_css = resources.files("hf_clip_train").joinpath("hits.css").read_text()
+    page = resources.files(__package__).joinpath("page.html").read_text().replace("/* HITS_CSS */\n", hits_css)
 
     @app.get("/", response_class=HTMLResponse, summary="The search page")
     async def search_page() -> HTMLResponse:
