@@ -13,6 +13,8 @@ import pytest
 import torch
 from filelock import FileLock
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Tests never touch the network: huggingface_hub reads these when first imported (test modules import it after
 # this file), and the subprocesses the tests start inherit them.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -216,6 +218,27 @@ def write_pickle_bomb(path, marker) -> None:
 collect_ignore = ["transformers_common"]
 
 
+def copy_package_sources(destination: Path) -> Path:
+    """What `pip install` reads of the repository (setup.cfg, pyproject.toml, README.md, the packages and the card
+    template), copied to `destination`, which it returns."""
+    destination.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, destination / name)
+    for name in ("hf_clip", "training", "model_cards"):
+        shutil.copytree(REPO / name, destination / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    return destination
+
+
+def assert_two_ranks_match_one_process(result: dict, model, batch: dict) -> None:
+    """The loss and every parameter's gradient that 2 ranks wrote (`run_two_ranks`) equal one process's on the whole
+    `batch`."""
+    loss = model(**batch, return_loss=True).loss
+    loss.backward()
+    torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-5, rtol=0)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(result[f"grad.{name}"], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1, for a test's own process group."""
     with socket.socket() as sock:
@@ -296,5 +319,5 @@ def _train_shapes_model(root: Path) -> None:
     output_dir = root / "trained"
     result = subprocess.run([sys.executable, "-m", "hf_clip_train.train", "--model_name_or_path", str(root / "initial"),
                              "--output_dir", str(output_dir), *SHAPES_MODEL_ARGS],
-                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=1800)
+                            cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-5000:]

@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import copy_package_sources
 
 from hf_clip_train import cli
 
@@ -18,12 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_installs_hf_clip_and_hf_clip_train_but_no_training_package(tmp_path):
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    for name in ("hf_clip", "training", "model_cards"):
-        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    source = copy_package_sources(tmp_path / "source")
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
     wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("hf_clip-*.whl")))

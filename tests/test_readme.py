@@ -13,14 +13,13 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ALICE_TOKEN, FAST_TRAINING_ARGS, hub_env, script_in_process, train_in_process
+from conftest import ALICE_TOKEN, FAST_TRAINING_ARGS, copy_package_sources, hub_env, script_in_process, train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -303,12 +302,7 @@ def test_pip_install_commands_resolve_in_this_environment(tmp_path):
     """Each `pip install` command, as written plus `--dry-run --no-index --no-build-isolation`, in a copy of the
     sources: every extra it names exists, and every package it needs is in the dev environment (so resolves
     without an index)."""
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    for name in ("hf_clip", "training", "model_cards"):
-        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    source = copy_package_sources(tmp_path / "source")
     commands = sorted({c for page in PAGES for c in shell_commands(page) if c.startswith("pip install ")})
     assert len(commands) >= 7 and 'pip install -e ".[train,search]"' in commands
     for command in commands:

@@ -534,7 +534,7 @@ def test_sentence_transformers_embeds_with_a_composed_folder(folders, tmp_path):
 def test_two_process_ddp_of_a_composed_model_matches_one_process(tmp_path):
     """2 gloo ranks under real DDP, each with half the batch: the loss and every parameter gradient of a ViT + BERT
     model (dropout off, so both runs draw the same network) equal one process's on the whole batch."""
-    from conftest import run_two_ranks
+    from conftest import assert_two_ranks_match_one_process, run_two_ranks
     from tiny_towers import wordpiece_tokenizer
 
     tokenizer = wordpiece_tokenizer(tmp_path / "vocab")
@@ -549,11 +549,7 @@ def test_two_process_ddp_of_a_composed_model_matches_one_process(tmp_path):
     features = {"image": F.normalize(torch.randn(8, 16), dim=-1), "text": F.normalize(torch.randn(8, 16), dim=-1),
                 "scale": torch.tensor(30.0)}
     result = run_two_ranks("ddp_contrastive_step", tmp_path, model, batch, extra_files={"features": features})
-    loss = model(**batch, return_loss=True).loss
-    loss.backward()
-    torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-5, rtol=0)
-    for name, parameter in model.named_parameters():
-        torch.testing.assert_close(result[f"grad.{name}"], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_two_ranks_match_one_process(result, model, batch)
 
 
 def test_the_model_card_of_a_composed_model_names_its_towers(folders):
