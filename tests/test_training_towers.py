@@ -74,6 +74,22 @@ def test_lit_run_through_the_cli_saves_the_locked_tower_bit_identical_and_the_pi
     assert sum(score["score"] for score in scores) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_resume_refuses_another_pretrained_tower_and_resumes_with_the_same(pretrained, tmp_path):
+    """The pretrained towers and --lock_image are part of the recipe a checkpoint fixes: a resume that names
+    another vision backbone is refused, naming the flag and both values; the same flags resume."""
+    out = tmp_path / "lit"
+    towers = ["--vision_model_name_or_path", pretrained["vision"], "--projection_dim", "16", "--lock_image"]
+    common = ["--output_dir", out, *FAST, "--max_steps", "2", "--save_steps", "1", "--eval_splits", "none"]
+    train_in_process([*common, *towers])
+    other = save_vision_folder(tmp_path, "vit", seed=1)
+    with pytest.raises(ValueError, match=f"--vision_model_name_or_path {str(pretrained['vision'])!r} in the "
+                                         f"checkpoint, {str(other)!r} now"):
+        train_in_process([*common, "--vision_model_name_or_path", other, "--projection_dim", "16", "--lock_image",
+                          "--resume_from_checkpoint", out / "checkpoint-1"])
+    train_in_process([*common, *towers, "--resume_from_checkpoint", out / "checkpoint-1"])
+    assert (out / "model.safetensors").exists()
+
+
 def test_training_path_gives_a_composed_vision_tower_the_pixels_of_its_own_image_processor(pretrained, tokenizer):
     """The evaluation transform and the training path (uint8 crop of the whole image, `normalize_pixels`) against the
     ViT's own image processor (the whole image resized to 16 x 16, bilinear, mean and std 0.5) on the same image."""

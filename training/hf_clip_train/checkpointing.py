@@ -154,7 +154,8 @@ RESUME_FIXED_FLAGS = (
     "learning_rate", "warmup_steps", "max_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
     "per_device_train_batch_size", "gradient_accumulation_steps", "num_processes", "seed", "dataset_name",
     "dataset_config_name", "train_split", "image_column", "caption_column", "max_train_samples", "streaming",
-    "shuffle_buffer_size", "embedded_num_train", "loss_type", "stream_workers",
+    "shuffle_buffer_size", "embedded_num_train", "loss_type", "stream_workers", "vision_model_name_or_path",
+    "vision_model_revision", "text_model_name_or_path", "text_model_revision", "lock_image",
 )
 # How a resume names the recipe keys that are not flags of their own.
 _RECIPE_KEY_NAMES = {
