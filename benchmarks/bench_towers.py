@@ -65,28 +65,47 @@ class Shapes:
     clock: str = "wall"
 
 
-_SIGLIP_TOKENS = {"pad_token_id": 1, "eos_token_id": 1, "bos_token_id": None}  # SigLIP's tokenizer: </s> pads
+SIGLIP_TOKENS = {"pad_token_id": 1, "eos_token_id": 1, "bos_token_id": None}  # SigLIP's tokenizer: </s> pads
 FULL = Shapes(
     vision={}, text={}, projection_dim=512,  # the configs' defaults: ViT-B/16 at 224 px, BERT-base
-    siglip_vision={}, siglip_text=dict(_SIGLIP_TOKENS), context=32, train_batch=8, lit_batch=32, images=32, prompts=24,
+    siglip_vision={}, siglip_text=dict(SIGLIP_TOKENS), context=32, train_batch=8, lit_batch=32, images=32, prompts=24,
     prompt_length=16, repeats=7, threads=2,
 )
 _TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 SMOKE = Shapes(
     vision={**_TINY, "image_size": 32, "patch_size": 8}, text={**_TINY, "vocab_size": 500}, projection_dim=16,
     siglip_vision={**_TINY, "image_size": 32, "patch_size": 8},
-    siglip_text={**_TINY, **_SIGLIP_TOKENS, "vocab_size": 500, "max_position_embeddings": 16}, context=12,
+    siglip_text={**_TINY, **SIGLIP_TOKENS, "vocab_size": 500, "max_position_embeddings": 16}, context=12,
     train_batch=4, lit_batch=8, images=4, prompts=3, prompt_length=8, repeats=2, threads=1,
 )
 
 
-def composed_model(shapes: Shapes) -> HFClipModel:
-    """ViT + BERT composed from configs, each pooled with its `pooler_output` (the families' default, and what
-    `VisionTextDualEncoderModel` does), linear projections."""
+def composed_model(vision: dict, text: dict, projection_dim: int) -> HFClipModel:
+    """ViT (`ViTConfig(**vision)`) + BERT (`BertConfig(**text)`) composed, each pooled with its `pooler_output` (the
+    families' default, and what `VisionTextDualEncoderModel` does), linear projections; seeded random init."""
     torch.manual_seed(0)
-    config = HFClipConfig(vision_config=ViTConfig(**shapes.vision), text_config=BertConfig(**shapes.text),
-                          projection_dim=shapes.projection_dim)
+    config = HFClipConfig(vision_config=ViTConfig(**vision), text_config=BertConfig(**text),
+                          projection_dim=projection_dim)
     return HFClipModel(config)
+
+
+def siglip_pair(vision: dict, text: dict) -> tuple[HFClipModel, SiglipModel]:
+    """A seeded random `SiglipModel` of these tower configs, and hf_clip's model loaded from its saved folder."""
+    torch.manual_seed(0)
+    reference = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        return HFClipModel.from_pretrained(folder), reference
+
+
+def siglip_batch(config: SiglipConfig, batch_size: int) -> dict[str, torch.Tensor]:
+    """Token ids filling SigLIP's context (padded to `max_length`, no mask, as SigLIP's tokenizer gives them) and
+    random images."""
+    text = config.text_config
+    generator = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, text.vocab_size, (batch_size, text.max_position_embeddings),
+                                       generator=generator),
+            "pixel_values": images(config.vision_config.image_size, batch_size)}
 
 
 CLS, SEP = 101, 102  # BERT's [CLS] and [SEP]
@@ -158,7 +177,7 @@ def ratio_row(measure: str, rates: dict[str, float], baseline: str, goal: str) -
 
 
 def bench_composed(shapes: Shapes) -> str:
-    ours = composed_model(shapes)
+    ours = composed_model(shapes.vision, shapes.text, shapes.projection_dim)
     theirs = transformers_from_composed(ours)
     inputs = composed_batch(ours, shapes.train_batch, shapes.context)
     with torch.no_grad():
@@ -171,16 +190,9 @@ def bench_composed(shapes: Shapes) -> str:
 
 
 def bench_siglip(shapes: Shapes) -> str:
-    torch.manual_seed(0)
-    reference = SiglipModel(SiglipConfig(vision_config=shapes.siglip_vision, text_config=shapes.siglip_text))
-    with tempfile.TemporaryDirectory() as folder:
-        reference.save_pretrained(folder)
-        ours = HFClipModel.from_pretrained(folder)
-    text_config = reference.config.text_config
-    context = text_config.max_position_embeddings
-    generator = torch.Generator().manual_seed(0)
-    inputs = {"input_ids": torch.randint(0, text_config.vocab_size, (shapes.train_batch, context), generator=generator),
-              "pixel_values": images(reference.config.vision_config.image_size, shapes.train_batch)}
+    ours, reference = siglip_pair(shapes.siglip_vision, shapes.siglip_text)
+    inputs = siglip_batch(reference.config, shapes.train_batch)
+    context = inputs["input_ids"].shape[1]
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(**inputs).logits_per_image,
                                    reference.eval()(**inputs).logits_per_image, atol=1e-4, rtol=1e-4)
@@ -191,7 +203,7 @@ def bench_siglip(shapes: Shapes) -> str:
 
 
 def bench_zero_shot(shapes: Shapes) -> str:
-    ours = composed_model(shapes)
+    ours = composed_model(shapes.vision, shapes.text, shapes.projection_dim)
     theirs = transformers_from_composed(ours)
     inputs = {**bert_captions(ours.config.text_config, shapes.prompts, shapes.prompt_length, seed=1),
               "pixel_values": images(ours.config.vision_config.image_size, shapes.images)}
@@ -202,7 +214,7 @@ def bench_zero_shot(shapes: Shapes) -> str:
 
 
 def lit_model(shapes: Shapes, locked: bool) -> HFClipModel:
-    model = composed_model(shapes)
+    model = composed_model(shapes.vision, shapes.text, shapes.projection_dim)
     if locked:
         model.lock_image_tower()
     return model
