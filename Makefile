@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_host_sync.py
+	$(PY) benchmarks/bench_towers.py  # ViT-B/16 + BERT-base train steps on the CPU
 	$(PY) benchmarks/bench_loss.py --cases infonce-4096 infonce-16384 sigmoid-16384  # add infonce-65536: 24 min here, under load
 
 freeze: $(STAMP)

@@ -14,7 +14,13 @@ Rows, each a ratio of two runs in this process, alternating step by step where b
    samples of realistic JPEGs, about 720 px on a side) with 8 and 16 DataLoader workers, against row 1's step rate.
 5. FlashAttention-2 against SDPA where `flash-attn` is installed: the step's speed, and the embeddings compared.
 6. Host syncs: `hf_clip_train.train.train_step`, right/left-padded, under `torch.cuda.set_sync_debug_mode("error")`.
-7. `compile_towers()` (`--torch_compile`, inductor) against eager, and the first compiled step's wall time.
+7. Composed towers: the train step of an hf_clip model composed from a ViT-B/16 and a BERT-base (random init from
+   configs, `pooler_output` poolings, linear projections) against `VisionTextDualEncoderModel` with the same weights,
+   32-token captions, batch 128, bf16 autocast. Goal >= 1.0x.
+8. SigLIP: the train step of a SigLIP-base `SiglipModel` saved and loaded with `HFClipModel.from_pretrained`
+   against `SiglipModel(return_loss=True)` with the same weights, 64-token text, batch 128, bf16. Goal >= 1.0x.
+9. `compile_towers()` (`--torch_compile`, inductor) against eager, and the first compiled step's wall time (last:
+   it is the longest row).
 
 Each row runs in its own try/except under a time budget (SIGALRM): a failure, an out-of-memory or an overrun is
 reported in its cell and the suite goes on; the whole suite stops starting rows after `--budget` seconds.
@@ -37,13 +43,14 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import bench_towers
 import torch
 from common import VOCAB, make_inputs, median_throughput
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from hf_clip import ContrastiveDataCollator, HFClipConfig, HFClipModel, HFClipProcessor, contrastive_loss
 from hf_clip.collators import padding_side_of
-from hf_clip.convert import transformers_from_hf_clip
+from hf_clip.convert import transformers_from_composed, transformers_from_hf_clip
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,13 +74,22 @@ class Shapes:
     compile_backend: str
     bf16: bool  # bf16 autocast in the train steps (fp32 in the smoke run: CPUs without AVX512-BF16 emulate bf16)
     row_budget: dict  # seconds per row
+    composed_vision: dict  # rows 8 and 9: ViTConfig / BertConfig / SiglipVisionConfig / SiglipTextConfig keywords
+    composed_text: dict
+    siglip_vision: dict
+    siglip_text: dict
+    towers_batch_size: int
+    towers_context: int  # row 8's caption tokens
 
 
 GPU = Shapes(
     preset="ViT-B-32", text={}, vision={}, projection_dim=None, batch_size=256, repeats=10,
     loss_sizes=(65_536, 262_144), loss_dim=512, loss_chunk_size=None, loss_repeats=2, workers=(8, 16),
     image_sides=(380, 1280), compile_backend="inductor", bf16=True,
-    row_budget={"step": 60, "patch_dropout": 45, "loss": 120, "data": 100, "flash": 45, "sync": 30, "compile": 240},
+    row_budget={"step": 60, "patch_dropout": 45, "loss": 120, "data": 100, "flash": 45, "sync": 30, "compile": 240,
+                "composed": 60, "siglip": 60},
+    composed_vision={}, composed_text={}, siglip_vision={}, siglip_text=dict(bench_towers.SIGLIP_TOKENS),
+    towers_batch_size=128, towers_context=32,
 )
 SMOKE_LAYER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 SMOKE = Shapes(
@@ -81,7 +97,11 @@ SMOKE = Shapes(
     vision={**SMOKE_LAYER, "image_size": 32, "patch_size": 8}, projection_dim=16, batch_size=8, repeats=3,
     loss_sizes=(128, 512), loss_dim=32, loss_chunk_size=64, loss_repeats=1, workers=(1, 2),
     image_sides=(48, 96), compile_backend="eager", bf16=False,
-    row_budget=dict.fromkeys(("step", "patch_dropout", "loss", "data", "flash", "sync", "compile"), 90),
+    row_budget=dict.fromkeys(("step", "patch_dropout", "loss", "data", "flash", "sync", "compile", "composed",
+                              "siglip"), 90),
+    composed_vision=bench_towers.SMOKE.vision, composed_text=bench_towers.SMOKE.text,
+    siglip_vision=bench_towers.SMOKE.siglip_vision, siglip_text=bench_towers.SMOKE.siglip_text,
+    towers_batch_size=8, towers_context=12,
 )
 
 
@@ -403,6 +423,32 @@ class Suite:
                     f"{rates['compiled']:,.0f} samples/s", f"eager {rates['eager']:,.0f} samples/s",
                     ratio(rates["compiled"], rates["eager"]), notes=f"first compiled step {first_call:.0f} s")]
 
+    def towers_rows(self, ours: HFClipModel, theirs: torch.nn.Module, inputs: dict, measure: str,
+                    baseline: str) -> list[Row]:
+        """hf_clip's train step against a Transformers model with the same weights, on the device."""
+        ours, theirs = ours.to(self.device).train(), theirs.to(self.device).train()
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}
+        steps = {"hf_clip": self.train_step(ours, inputs), baseline: self.train_step(theirs, inputs)}
+        rates = median_throughput(steps, self.shapes.towers_batch_size, self.shapes.repeats)
+        return [Row(f"{measure}, batch {self.shapes.towers_batch_size}, {self.precision}",
+                    f"hf_clip {rates['hf_clip']:,.0f} samples/s", f"{baseline} {rates[baseline]:,.0f} samples/s",
+                    ratio(rates["hf_clip"], rates[baseline]), notes=self.memory_note(steps))]
+
+    def composed_row(self) -> list[Row]:
+        shapes = self.shapes
+        ours = bench_towers.composed_model(shapes.composed_vision, shapes.composed_text,
+                                           shapes.projection_dim or 512)
+        inputs = bench_towers.composed_batch(ours, shapes.towers_batch_size, shapes.towers_context)
+        return self.towers_rows(ours, transformers_from_composed(ours), inputs,
+                                f"train step, composed ViT + BERT ({shapes.towers_context} tokens)",
+                                "VisionTextDualEncoderModel")
+
+    def siglip_row(self) -> list[Row]:
+        ours, reference = bench_towers.siglip_pair(self.shapes.siglip_vision, self.shapes.siglip_text)
+        inputs = bench_towers.siglip_batch(reference.config, self.shapes.towers_batch_size)
+        return self.towers_rows(ours, reference, inputs, "train step, SigLIP loaded with from_pretrained",
+                                "SiglipModel")
+
 
 def describe_loss(seconds: float, memory: float | None) -> str:
     return f"{seconds:.3f} s" + ("" if memory is None else f", {memory:.2f} GiB")
@@ -523,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     suite.run("data", "training data path vs the train step", ">= 1.0x", suite.data_rows)
     suite.run("flash", "flash attention vs sdpa", "", suite.flash_row)
     suite.run("sync", "no host sync in hf_clip_train.train's step", "passes", suite.sync_row)
+    suite.run("composed", "train step, composed ViT + BERT", ">= 1.0x", suite.composed_row)
+    suite.run("siglip", "train step, SigLIP loaded with from_pretrained", ">= 1.0x", suite.siglip_row)
     suite.run("compile", "compile_towers vs eager", "", suite.compile_row)
     text = f"{describe(device, args.smoke)}; {time.perf_counter() - suite.start:.0f} s\n\n{suite.table()}\n"
     print(text)

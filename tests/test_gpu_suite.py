@@ -17,7 +17,8 @@ import gpu_suite  # noqa: E402  (benchmarks/ is not a package)
 
 MEASURES = ("train step, tiny", "patch dropout", "InfoNCE forward + backward, N = 128",
             "InfoNCE forward + backward, N = 512", "training data path, 1 DataLoader",
-            "training data path, 2 DataLoader", "vs sdpa", "no host sync", "compile_towers")
+            "training data path, 2 DataLoader", "vs sdpa", "no host sync", "train step, composed ViT + BERT",
+            "train step, SigLIP loaded with from_pretrained", "compile_towers")
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -41,7 +42,7 @@ def test_smoke_run_gives_every_row(tmp_path):
         assert "samples/s" in value or " s" in value, (measure, value)
         assert baseline and ratio.endswith("x"), (measure, baseline, ratio)
     assert "eager stands in for it" in rows[6][5]  # no flash-attn on a CPU: the comparison still runs
-    assert "first compiled step" in rows[8][5]
+    assert "first compiled step" in rows[10][5]
 
 
 def _suite(budget: float = 100.0, row_seconds: float = 1.0) -> gpu_suite.Suite:
