@@ -313,8 +313,9 @@ class RunArguments:
         default=None,
         metadata={"help": "'latest' or a checkpoint directory to resume from. Flags the checkpoint fixes (the learning "
                           "rate and schedule, batch sizes and process count, seed, AdamW settings, training data, "
-                          "loss type, pretrained towers and --lock_image) must equal its values unless --allow_resume_changes; unset "
-                          "--per_device_train_batch_size and --loss_type take its values."},
+                          "loss type, pretrained towers and --lock_image) must equal its values unless "
+                          "--allow_resume_changes; unset --per_device_train_batch_size and --loss_type take its "
+                          "values."},
     )
     allow_resume_changes: bool = field(
         default=False,
