@@ -194,6 +194,10 @@ def test_docs_lit_commands_pretrain_a_backbone_and_run_lit_as_written(tmp_path, 
     finally:
         sys.path.remove(str(REPO / "examples"))
     monkeypatch.chdir(tmp_path)
+    readme_commands = (r"python examples/pretrain_vision\.py .*",
+                       r"python -m hf_clip_train\.train --output_dir outputs/lit .*")
+    for pattern in readme_commands:  # the README shows the same commands
+        assert command_in("README.md", pattern) == command_in("docs/towers.md", pattern)
     pretrain = shlex.split(command_in("docs/towers.md", r"python examples/pretrain_vision\.py .*"))
     lit = shlex.split(command_in("docs/towers.md", r"python -m hf_clip_train\.train --output_dir outputs/lit .*"))
     scratch = shlex.split(command_in("docs/towers.md",
