@@ -508,6 +508,14 @@ class HFClipPreTrainedModel(PreTrainedModel):
     # The contrastive loss is a batch mean, so the Trainer must not pass `num_items_in_batch` and skip its scaling.
     accepts_loss_kwargs = False
 
+    def post_init(self) -> None:
+        """`PreTrainedModel.post_init`, then `_no_split_modules` cut to the block classes this model holds: the
+        built-in ones and those a composed backbone brings (a ViT + BERT model holds no `HFClipEncoderLayer`), so that
+        Accelerate's FSDP auto-wrap, which refuses a name it cannot find, wraps every tower's blocks."""
+        super().post_init()
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed, so a
