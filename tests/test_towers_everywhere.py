@@ -1,7 +1,7 @@
 """What is built in, on a COMPOSED model (towers that are Transformers backbones, `HFClipModel.
 from_vision_text_pretrained`): `transformers.Trainer` fine-tuning (`hf_clip_train.finetune_trainer`), `hf_clip.
 push_to_hub` to the tests' Hub-protocol server and back, `hf-clip-index` search against a brute-force cosine search,
-and FSDP2 (`accelerate launch --use_fsdp`) against DDP."""
+and FSDP2 (`accelerate launch --use_fsdp`, auto-wrapping the model's `_no_split_modules`) against DDP."""
 
 import json
 from pathlib import Path
@@ -98,6 +98,7 @@ def test_push_to_hub_of_a_composed_model_pulls_back_equal_and_its_card_names_the
             assert str(folder).encode() not in content, (name, folder)
     config = json.loads(files["config.json"])
     assert (config["vision_config"]["model_type"], config["text_config"]["model_type"]) == ("vit", "bert")
+    assert config["tower_sources"]["vision"]["name_or_path"] == "local model vision-vit"
 
     report = run_worker("pull", {"repo_id": "alice/composed-clip", "out": str(tmp_path / "pulled.safetensors")},
                         hub_env(hub_server, tmp_path / "hf_home_pull"))
@@ -151,15 +152,15 @@ def _transformer_wrap_policy(model):
 
 def test_fsdp_auto_wrap_puts_each_backbone_block_of_a_composed_model_in_its_own_group(composed, pretrained,
                                                                                       tokenizer):
-    """`_no_split_modules` names the block classes the model holds: a composed ViT + BERT model's layers and
-    embeddings (Accelerate refuses a name it cannot find, as it did the built-in `HFClipEncoderLayer` here); a
-    built-in text tower beside a ViT keeps its `HFClipEncoderLayer`."""
+    """`_no_split_modules` names the block classes the model holds: a composed ViT + BERT model's layers and the
+    ViT's embeddings (Accelerate refuses a name it cannot find, as it did the built-in `HFClipEncoderLayer` here),
+    not the module holding the token embedding (Accelerate shards that embedding as a unit of its own, which fails
+    inside a sharded `BertEmbeddings`); a built-in text tower beside a ViT keeps its `HFClipEncoderLayer`."""
     model = HFClipModel.from_pretrained(composed)
-    assert model._no_split_modules == {"ViTEmbeddings", "ViTLayer", "BertEmbeddings", "BertLayer"}
+    assert model._no_split_modules == {"ViTEmbeddings", "ViTLayer", "BertLayer"}
     policy = _transformer_wrap_policy(model)
     wrapped = {name for name, module in model.named_modules() if policy(module)}
-    assert wrapped == {"vision_model.embeddings", "vision_model.layers.0", "text_model.embeddings",
-                       "text_model.encoder.layer.0"}
+    assert wrapped == {"vision_model.embeddings", "vision_model.layers.0", "text_model.encoder.layer.0"}
 
     from hf_clip import HFClipConfig
 
@@ -169,7 +170,7 @@ def test_fsdp_auto_wrap_puts_each_backbone_block_of_a_composed_model_in_its_own_
                                                          "num_hidden_layers": 1, "num_attention_heads": 2})
     config.text_config = builtin_text.text_config
     mixed = HFClipModel(config)
-    assert mixed._no_split_modules == {"ViTEmbeddings", "ViTLayer", "HFClipTextEmbeddings", "HFClipEncoderLayer"}
+    assert mixed._no_split_modules == {"ViTEmbeddings", "ViTLayer", "HFClipEncoderLayer"}
     wrapped = {name for name, module in mixed.named_modules() if _transformer_wrap_policy(mixed)(module)}
     assert "text_model.encoder.layers.0" in wrapped and "vision_model.layers.0" in wrapped
 
