@@ -6,6 +6,8 @@
 `hyperparameters.json`. `HF_ENDPOINT` chooses the Hub (huggingface.co when unset).
 """
 
+import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -14,7 +16,7 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -459,6 +461,27 @@ def check_push_access(repo_id: str, *, private: bool = False, token: str | None 
         raise clear from None
 
 
+@contextlib.contextmanager
+def _local_tower_paths_hidden(config) -> Iterator[None]:
+    """While the block runs, `config`'s tower sources (`tower_sources`) and its backbone configs' `_name_or_path`
+    name a local folder as "local model NAME" (`public_name`; a Hub id stays as it is), so that a pushed
+    `config.json` publishes no local path; the values are put back afterwards."""
+    towers = [tower for tower in (config.text_config, config.vision_config) if tower is not None]
+    sources, names = copy.deepcopy(config.tower_sources), [tower._name_or_path for tower in towers]
+    try:
+        if sources:
+            config.tower_sources = {modality: {**source, "name_or_path": public_name(source["name_or_path"], "model")}
+                                    for modality, source in sources.items()}
+        for tower, name in zip(towers, names):
+            if name:
+                tower._name_or_path = public_name(name, "model")
+        yield
+    finally:
+        config.tower_sources = sources
+        for tower, name in zip(towers, names):
+            tower._name_or_path = name
+
+
 def push_to_hub(
     model,
     processor,
@@ -482,7 +505,8 @@ def push_to_hub(
     `eval_results.json` and its hyper-parameters, as the card shows them, to `hyperparameters.json`. NaN or infinite
     metrics raise `ValueError`. The card's fields may still be passed one by one as keywords (deprecated).
     `state_dict` is saved instead of `model.state_dict()` (as `save_pretrained` takes it, e.g. gathered from a
-    sharded model). A push whose files equal the remote ones makes no commit and returns the current head.
+    sharded model). The pushed `config.json` names a composed model's local tower folders as "local model NAME", as
+    the card does. A push whose files equal the remote ones makes no commit and returns the current head.
     Transient failures are retried with backoff; a retried commit whose first attempt did land is detected as
     unchanged, so it never creates a duplicate commit.
 
@@ -504,8 +528,9 @@ def push_to_hub(
                           f"Creating branch {revision!r} of {repo_id}", max_retries, retry_base_delay)
         with tempfile.TemporaryDirectory(prefix="hf_clip_push_") as folder:
             # save_pretrained empties the state dict it is given; the caller's stays whole
-            model.save_pretrained(folder, max_shard_size=max_shard_size,
-                                  state_dict=None if state_dict is None else dict(state_dict))
+            with _local_tower_paths_hidden(model.config):
+                model.save_pretrained(folder, max_shard_size=max_shard_size,
+                                      state_dict=None if state_dict is None else dict(state_dict))
             processor.save_pretrained(folder)
             processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, for older tools
             render_model_card(model, repo_id, card).save(Path(folder) / "README.md")

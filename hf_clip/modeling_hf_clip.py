@@ -508,6 +508,22 @@ class HFClipPreTrainedModel(PreTrainedModel):
     # The contrastive loss is a batch mean, so the Trainer must not pass `num_items_in_batch` and skip its scaling.
     accepts_loss_kwargs = False
 
+    def post_init(self) -> None:
+        """`PreTrainedModel.post_init`, then `_no_split_modules` cut to the classes this model holds (the built-in
+        ones and those a composed backbone brings: a ViT + BERT model holds no `HFClipEncoderLayer`), less the one
+        that holds the token embedding, for Accelerate's FSDP2 auto-wrap: it refuses a name it cannot find, and it
+        shards the token embedding as a unit of its own, which fails inside an already sharded module."""
+        super().post_init()
+        token_embedding = self.get_input_embeddings() if hasattr(self, "text_model") else None
+        present, holding_token_embedding = set(), set()
+        for module in self.modules():
+            present.add(type(module).__name__)
+            if token_embedding is not None and module is not token_embedding and any(
+                    child is token_embedding for child in module.modules()):
+                holding_token_embedding.add(type(module).__name__)
+        self._no_split_modules = {name for name in self._no_split_modules
+                                  if name in present and name not in holding_token_embedding}
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed, so a
