@@ -512,8 +512,11 @@ class HFClipPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.post_init`, then `_no_split_modules` cut to the classes this model holds (the built-in
         ones and those a composed backbone brings: a ViT + BERT model holds no `HFClipEncoderLayer`), less the one
         that holds the token embedding, for Accelerate's FSDP2 auto-wrap: it refuses a name it cannot find, and it
-        shards the token embedding as a unit of its own, which fails inside an already sharded module."""
+        shards the token embedding as a unit of its own, which fails inside an already sharded module. A model of
+        built-in towers keeps Transformers CLIP's list (`device_map` placement relies on it)."""
         super().post_init()
+        if not getattr(self.config, "is_composed", False):
+            return
         token_embedding = self.get_input_embeddings() if hasattr(self, "text_model") else None
         present, holding_token_embedding = set(), set()
         for module in self.modules():

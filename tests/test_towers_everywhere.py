@@ -154,7 +154,8 @@ def test_fsdp_auto_wrap_puts_each_backbone_block_of_a_composed_model_in_its_own_
     """`_no_split_modules` names the block classes the model holds: a composed ViT + BERT model's layers and the
     ViT's embeddings (Accelerate refuses a name it cannot find, as it did the built-in `HFClipEncoderLayer` here),
     not the module holding the token embedding (Accelerate shards that embedding as a unit of its own, which fails
-    inside a sharded `BertEmbeddings`); a built-in text tower beside a ViT keeps its `HFClipEncoderLayer`."""
+    inside a sharded `BertEmbeddings`); a built-in text tower beside a ViT keeps its `HFClipEncoderLayer`, and a
+    model of built-in towers keeps Transformers CLIP's list."""
     model = HFClipModel.from_pretrained(composed)
     assert model._no_split_modules == {"ViTEmbeddings", "ViTLayer", "BertLayer"}
     policy = _transformer_wrap_policy(model)
@@ -172,6 +173,9 @@ def test_fsdp_auto_wrap_puts_each_backbone_block_of_a_composed_model_in_its_own_
     assert mixed._no_split_modules == {"ViTEmbeddings", "ViTLayer", "HFClipEncoderLayer"}
     wrapped = {name for name, module in mixed.named_modules() if _transformer_wrap_policy(mixed)(module)}
     assert "text_model.encoder.layers.0" in wrapped and "vision_model.layers.0" in wrapped
+
+    builtin = HFClipModel(builtin_text)  # built-in towers keep Transformers CLIP's list, which device_map relies on
+    assert set(builtin._no_split_modules) == {"HFClipTextEmbeddings", "HFClipEncoderLayer", "HFClipVisionEmbeddings"}
 
 
 def _accelerate_fsdp2_wrapping_no_split_modules() -> list[str]:
