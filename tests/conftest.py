@@ -218,6 +218,23 @@ def write_pickle_bomb(path, marker) -> None:
 collect_ignore = ["transformers_common"]
 
 
+def save_tiny_transformers_clip(folder: Path, tokenizer, num_hidden_layers: int) -> Path:
+    """A random Transformers `CLIPModel` (width 64, 32-pixel images in 8-pixel patches, projection 32) with a
+    `CLIPProcessor` of `tokenizer`, saved to `folder` as a stand-in for a Hub CLIP checkpoint; returns `folder`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    layer = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": num_hidden_layers,
+             "num_attention_heads": 2}
+    text = {**layer, "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    CLIPModel(CLIPConfig(text_config=text, vision_config={**layer, "image_size": 32, "patch_size": 8},
+                         projection_dim=32)).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 def copy_package_sources(destination: Path) -> Path:
     """What `pip install` reads of the repository (setup.cfg, pyproject.toml, README.md, the packages and the card
     template), copied to `destination`, which it returns."""

@@ -19,7 +19,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ALICE_TOKEN, FAST_TRAINING_ARGS, copy_package_sources, hub_env, script_in_process, train_in_process
+from conftest import (
+    ALICE_TOKEN,
+    FAST_TRAINING_ARGS,
+    copy_package_sources,
+    hub_env,
+    save_tiny_transformers_clip,
+    script_in_process,
+    train_in_process,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -463,8 +471,6 @@ def test_parquet_glob_command_streams_and_fine_tunes_a_clip_checkpoint_with_a_lo
     from datasets import Dataset, Features, Value
     from datasets import Image as ImageColumn
     from safetensors.torch import load_file
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
     command = command_in("docs/data.md", r"python -m hf_clip_train\.train --dataset_name \"data/\*\.parquet\" .*")
     rows = _image_rows(40)
     (tmp_path / "data").mkdir()
@@ -472,15 +478,7 @@ def test_parquet_glob_command_streams_and_fine_tunes_a_clip_checkpoint_with_a_lo
         Dataset.from_dict({"image": [row[0] for row in rows[part::2]], "caption": [row[1] for row in rows[part::2]]},
                           features=Features({"image": ImageColumn(), "caption": Value("string")}),
                           ).to_parquet(tmp_path / "data" / f"part-{part}.parquet")
-    layer = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2}
-    text = {**layer, "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
-            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
-    start = tmp_path / "clip-vit-base-patch32"
-    CLIPModel(CLIPConfig(text_config=text, vision_config={**layer, "image_size": 32, "patch_size": 8},
-                         projection_dim=32)).save_pretrained(start)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(start)
+    start = save_tiny_transformers_clip(tmp_path / "clip-vit-base-patch32", tokenizer, num_hidden_layers=3)
 
     args = shell_words(command, tmp_path)[3:]
     assert args[:2] == ["--dataset_name", "data/*.parquet"]

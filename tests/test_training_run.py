@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST_TRAINING_ARGS as FAST
-from conftest import script_in_process, train_in_process
+from conftest import save_tiny_transformers_clip, script_in_process, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -331,17 +331,7 @@ def test_torchrun_lit_on_a_composed_model_matches_one_process(tmp_path, tokenize
 
 def test_fine_tune_a_transformers_clip_checkpoint_with_locked_towers(tmp_path, tokenizer):
     """--model_name_or_path with a Transformers CLIP directory; locked weights stay put, unlocked ones move."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    layer = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
-    text = {**layer, "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
-            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
-    start = tmp_path / "clip"
-    CLIPModel(CLIPConfig(text_config=text, vision_config={**layer, "image_size": 32, "patch_size": 8},
-                         projection_dim=32)).save_pretrained(start)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(start)
+    start = save_tiny_transformers_clip(tmp_path / "clip", tokenizer, num_hidden_layers=2)
 
     out = tmp_path / "tuned"
     _train(out, "--model_name_or_path", str(start), "--max_steps", "2", "--lock_image",
