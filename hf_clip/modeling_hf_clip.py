@@ -742,6 +742,14 @@ class HFClipVisionModel(HFClipPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
 
 
+def _tower(config, pooling: str | None, builtin_class: type) -> tuple[int, nn.Module, nn.Module | None]:
+    """A tower of `HFClipModel`: (output width, the model, its pooling module), the pooling None for a built-in tower
+    (which pools itself), else a Transformers backbone built from `config` with `HFClipTowerPooling`."""
+    if is_builtin(config):
+        return config.hidden_size, builtin_class._from_config(config), None
+    return output_width(config, pooling), build_backbone(config, pooling), HFClipTowerPooling(config, pooling)
+
+
 class HFClipModel(HFClipPreTrainedModel):
     """Both towers, their projections, the learned temperature and the loss (`config.loss_type`: CLIP or SigLIP).
 
@@ -753,23 +761,12 @@ class HFClipModel(HFClipPreTrainedModel):
 
     def __init__(self, config: HFClipConfig):
         super().__init__(config)
-        self.text_pooling = self.vision_pooling = None
         self.locked_towers: set[str] = set()
         # Registration order (towers, then projections) fixes the state dict's order and the draws of initialisation.
-        if is_builtin(config.text_config):
-            self.text_embed_dim = config.text_config.hidden_size
-            self.text_model = HFClipTextModel._from_config(config.text_config)
-        else:
-            self.text_embed_dim = output_width(config.text_config, config.text_pooling)
-            self.text_model = build_backbone(config.text_config, config.text_pooling)
-            self.text_pooling = HFClipTowerPooling(config.text_config, config.text_pooling)
-        if is_builtin(config.vision_config):
-            self.vision_embed_dim = config.vision_config.hidden_size
-            self.vision_model = HFClipVisionModel._from_config(config.vision_config)
-        else:
-            self.vision_embed_dim = output_width(config.vision_config, config.vision_pooling)
-            self.vision_model = build_backbone(config.vision_config, config.vision_pooling)
-            self.vision_pooling = HFClipTowerPooling(config.vision_config, config.vision_pooling)
+        self.text_embed_dim, self.text_model, self.text_pooling = _tower(
+            config.text_config, config.text_pooling, HFClipTextModel)
+        self.vision_embed_dim, self.vision_model, self.vision_pooling = _tower(
+            config.vision_config, config.vision_pooling, HFClipVisionModel)
         text_projection_type = "linear" if is_builtin(config.text_config) else config.text_projection_type
         vision_projection_type = "linear" if is_builtin(config.vision_config) else config.vision_projection_type
         self.text_projection = build_projection(text_projection_type, self.text_embed_dim, config.projection_dim)
