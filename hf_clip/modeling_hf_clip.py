@@ -847,10 +847,14 @@ class HFClipModel(HFClipPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling | tuple:
         """Text tower output whose `pooler_output` is the projected (unnormalised) embedding (batch, proj_dim).
-        `padding_side`: as in `HFClipTextModel.forward`."""
+        `padding_side`: as in `HFClipTextModel.forward`. A SigLIP text tower reads the rows padded to its
+        `max_position_embeddings`, as it was trained (`towers`), unless `position_ids` are given."""
         if self.text_pooling is not None:
             if position_ids is not None:
                 kwargs["position_ids"] = position_ids
+            elif self.text_pooling.fixed_length is not None:
+                _check_context_length(input_ids, attention_mask, self.text_pooling.fixed_length)
+                input_ids, attention_mask = self.text_pooling.fixed_length_ids(input_ids, attention_mask), None
             with torch.no_grad() if "text" in self.locked_towers else contextlib.nullcontext():
                 text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
                                                **kwargs)

@@ -12,7 +12,13 @@ Poolings (`POOLINGS`):
 - "attention": a learned query attending over the tokens (`HFClipAttentionPooling`);
 - "pooler": the backbone's own `pooler_output` (BERT's dense+tanh over [CLS], CLIP's end-of-text token, SigLIP's
   attention head, ConvNeXt's normalised mean, ...).
+
+SigLIP's text head reads the last of `max_position_embeddings` positions: SigLIP was trained on text padded to that
+length with no mask (`padding="max_length"`). With that pooling the tower puts every batch in that layout itself
+(`HFClipTowerPooling.fixed_length_ids`), so text padded to the longest, masked or not, embeds as SigLIP embeds it.
 """
+
+import inspect
 
 import torch
 import transformers
@@ -67,6 +73,14 @@ def end_of_text_ids(config: PreTrainedConfig) -> list[int]:
     return list(token_id) if isinstance(token_id, (list, tuple)) else [token_id]
 
 
+def fixed_text_length(config: PreTrainedConfig, pooling: str) -> int | None:
+    """The length every text row is padded to before a backbone of `config` pooling with `pooling` reads it:
+    `max_position_embeddings` for SigLIP's head over the last position, None for every other tower."""
+    if config.model_type == "siglip_text_model" and pooling == "pooler" and config.pad_token_id is not None:
+        return config.max_position_embeddings
+    return None
+
+
 def output_width(config: PreTrainedConfig, pooling: str) -> int:
     """Width of the pooled vector a backbone of `config` gives with `pooling`."""
     if config.model_type == "convnext":
@@ -95,6 +109,7 @@ def check_tower(config: PreTrainedConfig, modality: str, pooling: str | None, pr
                 f"{pooling!r} and {projection_type!r}."
             )
         return
+    check_tower_inputs(config, modality)
     if modality == "vision" and getattr(config, "patch_dropout", 0):
         raise ValueError(
             f"HFClipConfig: patch dropout ({config.patch_dropout}) drops the patch tokens of hf_clip's built-in ViT; "
@@ -140,12 +155,12 @@ def _backbone_kwargs(config: PreTrainedConfig, pooling: str) -> dict:
     return {"add_pooling_layer": False} if config.model_type in _OPTIONAL_POOLER and pooling != "pooler" else {}
 
 
-def build_backbone(config: PreTrainedConfig, pooling: str) -> nn.Module:
-    """`AutoModel.from_config(config)` (without its optional pooler when `pooling` is not "pooler"); for a tower
-    config AutoModel does not map (`SiglipTextConfig`), the model class named after it (`SiglipTextModel`). An error
-    names the family when neither exists."""
+def backbone_class(config: PreTrainedConfig) -> type[nn.Module]:
+    """The model class `AutoModel` builds for `config`; for a tower config AutoModel does not map
+    (`SiglipTextConfig`), the model class named after it (`SiglipTextModel`). An error names the family when neither
+    exists."""
     if type(config) in AutoModel._model_mapping:
-        return AutoModel.from_config(config, **_backbone_kwargs(config, pooling))
+        return AutoModel._model_mapping[type(config)]
     model_class_name = type(config).__name__.removesuffix("Config") + "Model"
     model_class = getattr(transformers, model_class_name, None)
     if model_class is None:
@@ -154,7 +169,45 @@ def build_backbone(config: PreTrainedConfig, pooling: str) -> nn.Module:
             f"({type(config).__name__}), and Transformers has no {model_class_name}; pass a config of a vision or "
             "text model AutoModel knows (e.g. ViTConfig, BertConfig)."
         )
-    return model_class._from_config(config)
+    return model_class
+
+
+_TOWER_INPUT = {"vision": "pixel_values", "text": "input_ids"}
+
+
+def check_tower_inputs(config: PreTrainedConfig, modality: str) -> None:
+    """Raise `ValueError` unless the backbone of `config` reads a `modality` tower's input (`pixel_values` or
+    `input_ids`) and needs no other: a text model given as the vision tower, or SigLIP 2's vision tower (which
+    takes patches with their mask and spatial shapes), is refused before anything is built."""
+    model_class = backbone_class(config)
+    parameters = inspect.signature(model_class.forward).parameters
+    given = _TOWER_INPUT[modality]
+    if given not in parameters:
+        other = "text" if modality == "vision" else "vision"
+        raise ValueError(
+            f"HFClipConfig: the {modality} tower's backbone, {model_class.__name__} ({config.model_type!r}), takes "
+            f"no `{given}`: it is not a {modality} model"
+            f"{f' but a {other} model' if _TOWER_INPUT[other] in parameters else ''}."
+        )
+    required = [name for name, parameter in list(parameters.items())[1:] if name != given
+                and parameter.default is inspect.Parameter.empty
+                and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if required:
+        siglip2 = " (SigLIP 2 takes variable-resolution patches; a SigLIP vision tower works)"
+        raise ValueError(
+            f"HFClipConfig: the {modality} tower's backbone, {model_class.__name__} ({config.model_type!r}), needs "
+            f"{', '.join(f'`{name}`' for name in required)} beside `{given}`, which hf_clip's {modality} inputs do "
+            f"not carry; use a {modality} model that reads `{given}` alone"
+            f"{siglip2 if 'siglip2' in config.model_type else ''}."
+        )
+
+
+def build_backbone(config: PreTrainedConfig, pooling: str) -> nn.Module:
+    """The backbone `AutoModel.from_config(config)` builds (`backbone_class`), without its optional pooler when
+    `pooling` is not "pooler"."""
+    if type(config) in AutoModel._model_mapping:
+        return AutoModel.from_config(config, **_backbone_kwargs(config, pooling))
+    return backbone_class(config)._from_config(config)
 
 
 _BLOCK_LIST_NAMES = ("layer", "layers", "stages", "blocks", "block")
@@ -263,12 +316,25 @@ class HFClipTowerPooling(nn.Module):
         super().__init__()
         self.pooling = pooling
         self.end_of_text_ids = end_of_text_ids(config)
+        self.fixed_length = fixed_text_length(config, pooling)
+        self.pad_token_id = getattr(config, "pad_token_id", None)
         self.attention = None
         if pooling == "attention":
             width = output_width(config, pooling)
             heads = getattr(config, "num_attention_heads", None)
             heads = heads if isinstance(heads, int) and heads > 0 and width % heads == 0 else 1
             self.attention = HFClipAttentionPooling(width, heads)
+
+    def fixed_length_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(batch, seq) ids, `seq` <= `fixed_length`, padded on either side (per `attention_mask`) or not at all ->
+        (batch, fixed_length): each row's attended tokens first, in order, then the pad id, as
+        `tokenizer(..., padding="max_length")` lays it out; read with no mask."""
+        if attention_mask is not None:
+            attended = attention_mask.bool()
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            order = ((~attended).long() * input_ids.shape[1] + positions).argsort(dim=1)  # distinct keys: stable
+            input_ids = torch.where(attended.gather(1, order), input_ids.gather(1, order), self.pad_token_id)
+        return nn.functional.pad(input_ids, (0, self.fixed_length - input_ids.shape[1]), value=self.pad_token_id)
 
     def forward(self, outputs, attention_mask: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -89,12 +89,16 @@ def _reference(model: HFClipModel, vision_folder: Path, text_folder: Path):
     # DeBERTa-v2 and ModernBERT have no pooler_output and ConvNeXt no `hidden_size` (the dual encoder cannot hold
     # them), and SigLIP's text model has no AutoModel: each family's own model pooled as the family does (its
     # pooler_output, else the first token), and the projections as formulas.
+    # SigLIP's text model reads text as it was trained: padded to max_length, with no mask.
     text_class = SiglipTextModel if text_family == "siglip_text_model" else AutoModel
     text_model = text_class.from_pretrained(text_folder).eval()
     vision_model = AutoModel.from_pretrained(vision_folder).eval()
 
     def embeds(batch):
-        hidden = text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if text_family == "siglip_text_model":
+            hidden = text_model(input_ids=_siglip_ids(text_folder, TEXTS[:batch["input_ids"].shape[0]]))
+        else:
+            hidden = text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         pooled = hidden.pooler_output if model.config.text_pooling == "pooler" else hidden.last_hidden_state[:, 0]
         text_embeds = F.normalize(pooled @ model.text_projection.weight.T, dim=-1)
         image_pooled = vision_model(pixel_values=batch["pixel_values"]).pooler_output
@@ -102,6 +106,15 @@ def _reference(model: HFClipModel, vision_folder: Path, text_folder: Path):
         return text_embeds, image_embeds, model.logit_scale.exp() * image_embeds @ text_embeds.T
 
     return embeds
+
+
+def _siglip_ids(text_folder: Path, texts: list[str]) -> torch.Tensor:
+    """`texts` as SigLIP reads them: the folder's tokenizer, padding="max_length", no mask."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_folder)
+    return tokenizer(texts, padding="max_length", max_length=CONTEXT, truncation=True,
+                     return_tensors="pt")["input_ids"]
 
 
 def _train_step(model: HFClipModel, batch: dict) -> float:
@@ -220,9 +233,10 @@ def test_siglip_folder_loads_exactly_and_trains_with_the_sigmoid_loss_and_its_bi
     path, reference = _siglip_folder(folders, tmp_path)
     model = HFClipModel.from_pretrained(path).eval()
     assert model.config.loss_type == "siglip" and model.logit_bias.item() == -2.5
-    batch = _siglip_batch(folders)
-    batch.pop("attention_mask")  # SigLIP's text is padded to max_length with no mask
-    expected = reference(**batch, return_loss=True)
+    batch = _siglip_batch(folders)  # padded to the longest, with its mask, as hf_clip's collators pad
+    siglip_batch = {"input_ids": _siglip_ids(folders("siglip_text_model"), TEXTS),  # as SigLIP reads text
+                    "pixel_values": batch["pixel_values"]}
+    expected = reference(**siglip_batch, return_loss=True)
     outputs = model(**batch, return_loss=True)
     for key in ("text_embeds", "image_embeds"):
         torch.testing.assert_close(outputs[key], expected[key], atol=1e-5, rtol=1e-5)
@@ -243,8 +257,56 @@ def test_siglip_folder_loads_exactly_and_trains_with_the_sigmoid_loss_and_its_bi
                                atol=1e-5, rtol=1e-6)
     back = transformers_from_composed(reloaded).eval()
     assert type(back) is SiglipModel
-    torch.testing.assert_close(_outputs(back, batch).logits_per_image, expected.logits_per_image.detach(),
+    torch.testing.assert_close(_outputs(back, siglip_batch).logits_per_image, expected.logits_per_image.detach(),
                                atol=1e-5, rtol=1e-6)
+
+
+def test_siglip_text_embeds_as_siglip_reads_it_however_the_batch_is_padded(folders, tmp_path):
+    """SigLIP's head reads the last of max_length positions, as it was trained. Text padded to the longest (as
+    hf_clip's collators, search, serving and Transformers' zero-shot pipeline pad it), masked or not, on either side,
+    embeds as `SiglipModel` embeds the same text padded to max_length with no mask."""
+    path, reference = _siglip_folder(folders, tmp_path)
+    model = HFClipModel.from_pretrained(path).eval()
+    tokenizer = HFClipProcessor.from_vision_text_pretrained(str(folders("siglip_vision_model")),
+                                                            str(folders("siglip_text_model"))).tokenizer
+    with torch.no_grad():
+        texts = ["a red circle", "a photo of a big blue square on the left", "green"]
+        expected = reference.get_text_features(input_ids=_siglip_ids(folders("siglip_text_model"), texts))
+        expected = getattr(expected, "pooler_output", expected)
+        right = tokenizer(texts, padding=True, return_tensors="pt")
+        assert right["input_ids"].shape[1] < CONTEXT and not right["attention_mask"].all()
+        tokenizer.padding_side = "left"
+        left = tokenizer(texts, padding=True, return_tensors="pt")
+        for name, inputs in {"right, masked": dict(right), "right, no mask": {"input_ids": right["input_ids"]},
+                             "left, masked": dict(left)}.items():
+            features = model.get_text_features(**inputs)
+            assert features.last_hidden_state.shape[1] == CONTEXT, name
+            torch.testing.assert_close(features.pooler_output, expected, atol=1e-5, rtol=1e-5, msg=name)
+        with pytest.raises(ValueError, match=f"more than the model's context of {CONTEXT} tokens"):
+            model.get_text_features(input_ids=torch.ones(1, CONTEXT + 1, dtype=torch.long))
+
+
+def test_zero_shot_pipeline_on_a_loaded_siglip_ranks_with_siglips_logits(folders, tmp_path):
+    """Transformers' zero-shot pipeline pads the prompts to the longest: hf_clip still embeds them as SigLIP does,
+    so the scores are the softmax of `SiglipModel`'s logits on the prompts padded to max_length (the pipeline applies
+    a sigmoid only when model_type contains "siglip"; an hf_clip model's is "hf_clip")."""
+    path, reference = _siglip_folder(folders, tmp_path)
+    processor = HFClipProcessor.from_vision_text_pretrained(str(folders("siglip_vision_model")),
+                                                            str(folders("siglip_text_model")))
+    HFClipModel.from_pretrained(path).save_pretrained(tmp_path / "hf_clip")
+    processor.save_pretrained(tmp_path / "hf_clip")
+    result = pipeline("zero-shot-image-classification", model=str(tmp_path / "hf_clip"))(
+        probe_image(), candidate_labels=LABELS)
+    prompts = [f"This is a photo of {label}." for label in LABELS]
+    with torch.no_grad():
+        logits = reference(input_ids=processor.tokenizer(prompts, padding="max_length", max_length=CONTEXT,
+                                                         return_tensors="pt")["input_ids"],
+                           pixel_values=processor(images=probe_image(), return_tensors="pt")["pixel_values"]
+                           ).logits_per_image[0]
+    scores = {entry["label"]: entry["score"] for entry in result}
+    torch.testing.assert_close(torch.tensor([scores[label] for label in LABELS]), logits.softmax(-1), atol=1e-6,
+                               rtol=1e-5)
+    assert [entry["label"] for entry in result] == [LABELS[i] for i in logits.argsort(descending=True).tolist()]
 
 
 def test_siglip_folder_with_the_clip_loss_says_the_bias_is_dropped(folders, tmp_path, caplog):
@@ -360,6 +422,11 @@ def test_bad_compositions_say_what_is_wrong(folders, tmp_path):
         HFClipConfig(vision_config={**vision_config("convnext").to_dict(), "patch_dropout": 0.5})
     with pytest.raises(ValueError, match="does not know"):
         HFClipConfig(text_config={"model_type": "not_a_backbone"})
+    with pytest.raises(ValueError, match=r"text tower's backbone, ViTModel \('vit'\), takes no `input_ids`: it is "
+                                         "not a text model but a vision model"):
+        _compose(folders, "vit", "vit")
+    with pytest.raises(ValueError, match=r"vision tower's backbone, BertModel \('bert'\), takes no `pixel_values`"):
+        _compose(folders, "bert", "bert")
 
     bare_text = tmp_path / "bare_text"
     AutoModel.from_pretrained(folders("bert")).save_pretrained(bare_text)
@@ -380,6 +447,25 @@ def test_bad_compositions_say_what_is_wrong(folders, tmp_path):
         from hf_clip.convert import clip_config_from_hf_clip_config
 
         clip_config_from_hf_clip_config(model.config)
+
+
+def test_a_siglip2_folder_is_refused_with_what_its_vision_tower_needs(folders, tmp_path):
+    """SigLIP 2's vision tower reads variable-resolution patches with their mask and spatial shapes, which hf_clip's
+    image inputs do not carry: its folder, or its vision model as a tower, is refused with that, not with a load
+    report."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    layer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    siglip2 = Siglip2Model(Siglip2Config(text_config={"vocab_size": 64, "max_position_embeddings": 16, **layer},
+                                         vision_config={"num_patches": 16, "patch_size": 4, **layer}))
+    siglip2.save_pretrained(tmp_path / "siglip2")
+    siglip2.vision_model.save_pretrained(tmp_path / "siglip2_vision")
+    needs = r"Siglip2VisionModel \('siglip2_vision_model'\), needs `pixel_attention_mask`, `spatial_shapes`"
+    with pytest.raises(StrictDataclassClassValidationError, match=needs):
+        HFClipModel.from_pretrained(tmp_path / "siglip2")
+    with pytest.raises(ValueError, match=needs + ".*a SigLIP vision tower works"):
+        HFClipModel.from_vision_text_pretrained(str(tmp_path / "siglip2_vision"), str(folders("bert")),
+                                                projection_dim=PROJECTION_DIM)
 
 
 def test_context_length_and_inputs_come_from_the_text_model(folders):
@@ -495,15 +581,19 @@ def test_open_clip_model_with_an_hf_text_tower_converts_exactly(folders, tmp_pat
 
 
 @pytest.mark.slow
-def test_onnx_export_of_a_composed_model_matches_pytorch(folders, tmp_path):
+@pytest.mark.parametrize("text", ["bert", "siglip_text_model"])
+def test_onnx_export_of_a_composed_model_matches_pytorch(folders, text, tmp_path):
+    """Texts of unequal length, padded to the longest (SigLIP's tower lays them out to max_length in the graph)."""
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
     from hf_clip.export import export_onnx
 
-    model, processor = _compose(folders, "vit", "bert")
+    model, processor = _compose(folders, "vit", text)
     written = export_onnx(model, processor, tmp_path / "onnx")
-    tokens = processor.tokenizer(TEXTS, padding=True, return_tensors="np")
+    tokens = processor.tokenizer(["a red circle", *TEXTS, "a photo of a big blue square on the left"], padding=True,
+                                 return_tensors="np")
+    assert not tokens["attention_mask"].all()
     pixel_values = _batch(processor)["pixel_values"]
     text_session = onnxruntime.InferenceSession(str(written["text_model.onnx"]))
     vision_session = onnxruntime.InferenceSession(str(written["vision_model.onnx"]))
