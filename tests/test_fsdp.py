@@ -2,8 +2,10 @@
 
 import json
 import math
+import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -113,3 +115,35 @@ def test_fsdp2_on_two_cpu_processes_trains_clamps_saves_and_resumes_like_one_pro
     straight, again = load_file(sharded / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name, tensor in straight.items():
         assert torch.equal(again[name], tensor), name
+
+
+EXIT_PROBE = """
+import atexit, logging, sys
+from hf_clip_train.cli import run_script
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+atexit.register(print, "interpreter shutdown")
+
+def main(argv):
+    print("script done", end="")  # no newline: under a pipe it waits in stdout's buffer
+    logging.getLogger("probe").info("logged")
+    return {}
+
+run_script(main, "probe")
+"""
+
+
+@pytest.mark.parametrize(("env", "shuts_down"), [
+    ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, False),
+    ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "1"}, True),
+    ({"ACCELERATE_USE_FSDP": "false", "WORLD_SIZE": "2"}, True),
+])
+def test_a_process_of_a_multi_process_fsdp_run_ends_without_the_interpreter_shutdown(env, shuts_down):
+    """`hf_clip_train.cli.run_script` ends a process of a multi-process FSDP launch with `os._exit` once its script
+    returned (`exit_after_fsdp`: gloo's worker threads, kept alive by DTensor's caches, can abort the interpreter's
+    shutdown): status 0, the script's output and logs flushed, and no atexit handler run. Any other process shuts
+    down as usual."""
+    result = subprocess.run([sys.executable, "-c", EXIT_PROBE], env={**os.environ, **env}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("script done") and "logged" in result.stderr
+    assert ("interpreter shutdown" in result.stdout) is shuts_down

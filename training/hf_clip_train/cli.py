@@ -3,10 +3,14 @@ they check for the `[train]` extra before importing the scripts, which need it; 
 `[serve]` extra. Each runs its script through `hf_clip.cli.run_cli`: a user error (a `hf_clip.cli.UsageError`, such
 as `hf_clip_train.args.InputError` and `MissingInputError`, or a file that does not match its saved checksum) is one
 line "hf-clip-NAME: error: ..." on stderr and exit status 2, as argparse reports bad flags; any other exception is a
-bug and keeps its traceback."""
+bug and keeps its traceback. A process of a multi-process FSDP run ends without the interpreter's shutdown once its
+script has returned (`exit_after_fsdp` says why)."""
 
+import gc
 import importlib
 import importlib.util
+import logging
+import os
 import sys
 
 TRAIN_EXTRA = {"accelerate": "accelerate", "datasets": "datasets", "yaml": "pyyaml", "tqdm": "tqdm"}
@@ -43,11 +47,35 @@ def _run(script: str, name: str, function: str = "main") -> None:
 
 
 def run_script(main, name: str) -> None:
-    """`main()` of the script `hf-clip-{name}` (also what `python -m` runs) through `hf_clip.cli.run_cli`."""
+    """`main()` of the script `hf-clip-{name}` (also what `python -m` runs) through `hf_clip.cli.run_cli`; a
+    process of a multi-process FSDP run then ends at once (`exit_after_fsdp`)."""
     from hf_clip.cli import run_cli
     from hf_clip.integrity import CorruptFileError
 
     run_cli(main, None, prog=f"hf-clip-{name}", user_errors=(CorruptFileError,))
+    exit_after_fsdp()
+
+
+def exit_after_fsdp() -> None:
+    """In a process of a multi-process FSDP launch (`accelerate launch --use_fsdp`), whose script has returned:
+    collect garbage, flush the logs and the standard streams, and end the process with status 0 without the
+    interpreter's shutdown (`os._exit`). Elsewhere, return.
+
+    Under FSDP2, DTensor's caches and Accelerate's `device_mesh` keep gloo's process group alive past
+    `destroy_process_group`, so its worker threads outlive the script. One of them may still be releasing a finished
+    collective whose tensor Python has dropped, which takes the GIL. Once the interpreter is shutting down, CPython
+    ends a thread that takes the GIL with `pthread_exit`, and unwinding through that release's `noexcept` destructor
+    aborts the process ("terminate called without an active exception") after everything was saved. A core dump of
+    such a run shows it (`ProcessGroupGloo::runLoop` -> `~AsyncBarrierWork` -> `~AsyncAllreduceWork` ->
+    `decref_pyobject` -> `take_gil` -> `pthread_exit` -> `std::terminate`). With DDP, `destroy_process_group` frees
+    the group and joins its threads."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return
+    gc.collect()  # DataLoader workers and open files of the finished script are released as at a normal exit
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train() -> None:
