@@ -4,7 +4,6 @@ push_to_hub` to the tests' Hub-protocol server and back, `hf-clip-index` search 
 and FSDP2 (`accelerate launch --use_fsdp`, auto-wrapping the model's `_no_split_modules`) against DDP."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -191,10 +190,6 @@ def _accelerate_fsdp2_wrapping_no_split_modules() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("HF_CLIP_RUN_COMPOSED_FSDP") != "1", reason=(
-    "open bug: in 1 of 8 runs (CI of a fresh clone, 2 xdist workers) rank 1 of this FSDP2 LiT run died with SIGABRT "
-    "('terminate called without an active exception') at exit, after training and saving as DDP does; passed 7 "
-    "times alone and under load. Kept out of CI until fixed; HF_CLIP_RUN_COMPOSED_FSDP=1 runs it."))
 def test_fsdp2_lit_run_of_a_composed_model_trains_like_ddp_and_saves_a_folder_that_loads(pretrained, tmp_path):
     """`accelerate launch --use_fsdp --fsdp_version 2` on 2 CPU processes, LiT on a composed ViT + BERT model for 3
     steps of 8 rows each, against 2 DDP ranks (torchrun): the same losses, the same trained weights; the locked ViT
