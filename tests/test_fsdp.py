@@ -119,6 +119,7 @@ def test_fsdp2_on_two_cpu_processes_trains_clamps_saves_and_resumes_like_one_pro
 
 EXIT_PROBE = """
 import atexit, logging, sys
+import hf_clip_train.fsdp  # as the training script does
 from hf_clip_train.cli import run_script
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 atexit.register(print, "interpreter shutdown")

@@ -57,9 +57,9 @@ def run_script(main, name: str) -> None:
 
 
 def exit_after_fsdp() -> None:
-    """In a process of a multi-process FSDP launch (`accelerate launch --use_fsdp`), whose script has returned:
-    collect garbage, flush the logs and the standard streams, and end the process with status 0 without the
-    interpreter's shutdown (`os._exit`). Elsewhere, return.
+    """In a process of a multi-process FSDP launch (`accelerate launch --use_fsdp`) whose script, one that loaded
+    `hf_clip_train.fsdp`, has returned: collect garbage, flush the logs and the standard streams, and end the process
+    with status 0 without the interpreter's shutdown (`os._exit`). Elsewhere, return.
 
     Under FSDP2, DTensor's caches and Accelerate's `device_mesh` keep gloo's process group alive past
     `destroy_process_group`, so its worker threads outlive the script. One of them may still be releasing a finished
@@ -69,7 +69,8 @@ def exit_after_fsdp() -> None:
     such a run shows it (`ProcessGroupGloo::runLoop` -> `~AsyncBarrierWork` -> `~AsyncAllreduceWork` ->
     `decref_pyobject` -> `take_gil` -> `pthread_exit` -> `std::terminate`). With DDP, `destroy_process_group` frees
     the group and joins its threads."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    fsdp = sys.modules.get(f"{__package__}.fsdp")  # loaded by every script that can train with FSDP
+    if fsdp is None or not fsdp.fsdp_requested() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return
     gc.collect()  # DataLoader workers and open files of the finished script are released as at a normal exit
     logging.shutdown()
