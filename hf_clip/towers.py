@@ -24,6 +24,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
+from transformers.models.auto.auto_factory import _get_model_class
 
 BUILTIN_MODEL_TYPES = {"text": "hf_clip_text_model", "vision": "hf_clip_vision_model"}
 POOLINGS = ("cls", "mean", "eos", "last", "attention", "pooler")
@@ -159,8 +160,8 @@ def backbone_class(config: PreTrainedConfig) -> type[nn.Module]:
     """The model class `AutoModel` builds for `config`; for a tower config AutoModel does not map
     (`SiglipTextConfig`), the model class named after it (`SiglipTextModel`). An error names the family when neither
     exists."""
-    if type(config) in AutoModel._model_mapping:
-        return AutoModel._model_mapping[type(config)]
+    if type(config) in AutoModel._model_mapping:  # the class, or the one of several its `architectures` names
+        return _get_model_class(config, AutoModel._model_mapping)
     model_class_name = type(config).__name__.removesuffix("Config") + "Model"
     model_class = getattr(transformers, model_class_name, None)
     if model_class is None:

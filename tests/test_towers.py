@@ -449,6 +449,18 @@ def test_bad_compositions_say_what_is_wrong(folders, tmp_path):
         clip_config_from_hf_clip_config(model.config)
 
 
+def test_a_family_automodel_maps_to_several_classes_is_checked_and_built_as_its_architectures_say():
+    """AutoModel maps FunnelConfig to FunnelModel and FunnelBaseModel and picks by `architectures`; the tower's
+    input check reads the same class that is built."""
+    from transformers import FunnelConfig
+
+    funnel = FunnelConfig(vocab_size=64, d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1],
+                          architectures=["FunnelBaseModel"])
+    model = HFClipModel(HFClipConfig(vision_config=vision_config("vit"), text_config=funnel,
+                                     projection_dim=PROJECTION_DIM, text_pooling="cls"))
+    assert type(model.text_model).__name__ == "FunnelBaseModel"
+
+
 def test_a_siglip2_folder_is_refused_with_what_its_vision_tower_needs(folders, tmp_path):
     """SigLIP 2's vision tower reads variable-resolution patches with their mask and spatial shapes, which hf_clip's
     image inputs do not carry: its folder, or its vision model as a tower, is refused with that, not with a load
